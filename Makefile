@@ -1,0 +1,32 @@
+# vanishlab: `make train`, `make test`. Everything runs in .venv, made on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: train test bench tensorboard lint report clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+train: $(VENV)/.installed  ## the reference experiment (add ARGS="model.depth=8 ...")
+	$(PY) -m vanishlab.train $(ARGS)
+
+test: $(VENV)/.installed  ## all tests; the real-MNIST ones run when DATA_DIR has MNIST
+	$(PY) -m pytest $(ARGS)
+
+bench: $(VENV)/.installed  ## speed ratios against baselines measured in the same run
+	$(PY) bench/run.py $(ARGS)
+
+tensorboard: $(VENV)/.installed  ## serve outputs/ on http://127.0.0.1:6006
+	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1 --port 6006
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:  ## remove the environment and caches (runs under outputs/ are kept)
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,171 @@
+"""MNIST-family data held as normalised tensors on the training device.
+
+torchvision reads (or downloads) the IDX files once per process; batches are then slices of one
+tensor per split, taken by a shuffled index each epoch. This skips per-sample PIL conversion,
+transforms and worker processes, which would otherwise cost more than the small MLPs we train.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from vanishlab import ConfigError
+
+DATASETS: dict[str, type[datasets.MNIST]] = {
+    "mnist": datasets.MNIST,
+    "fashion_mnist": datasets.FashionMNIST,
+}
+TRAIN_SIZE = 60_000
+
+
+class TensorBatches:
+    """An iterable of `(x, y)` batches over tensors already on their device.
+
+    Lightning accepts any sized iterable as a dataloader. Under DDP each rank takes every
+    `world_size`-th batch of the same permutation, so ranks see disjoint data.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size / self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        else:
+            order = torch.arange(n, device=self.x.device)
+        for batch in order.split(self.batch_size)[self.rank :: self.world_size]:
+            yield self.x[batch], self.y[batch]
+
+
+@lru_cache(maxsize=8)
+def load_split(dataset: str, data_dir: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    """Read one split as uint8 images `(n, 28, 28)` and int64 labels, once per process."""
+    cls = DATASETS[dataset]
+    raw = Path(data_dir) / cls.__name__ / "raw"
+    prefix = "train" if train else "t10k"
+    files = f"{prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte"
+    try:
+        ds = cls(data_dir, train=train, download=download)
+    except RuntimeError as err:
+        if "not found" in str(err):
+            reason = "they are not there and data.download=false"
+        else:
+            reason = f"they are not there and downloading them failed ({str(err).strip()})"
+        raise ConfigError(
+            f"data.data_dir={data_dir!r} has no {cls.__name__} files: {reason}. The files must be "
+            f"at {raw}/ and are named {files} (uncompressed IDX, as torchvision stores them). "
+            f"Fix: set DATA_DIR (or data.data_dir=...) to the folder that holds {cls.__name__}/raw/, "
+            f"or set data.download=true on a machine with internet access."
+        ) from None
+    except (AssertionError, ValueError, TypeError) as err:
+        # torchvision asserts on a bad magic number or a size that does not match the header.
+        raise _corrupt(raw, files, err) from None
+    images, labels = ds.data, ds.targets
+    if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
+        raise _corrupt(raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
+    return images, labels
+
+
+def _corrupt(raw: Path, files: str, detail: object) -> ConfigError:
+    return ConfigError(
+        f"The IDX files {files} in {raw}/ are corrupt or truncated ({detail or 'bad header'}). "
+        f"Fix: delete them and run again with data.download=true, or copy intact files there."
+    )
+
+
+def split_train_val(n: int, val_size: int) -> tuple[Tensor, Tensor]:
+    """A fixed split (its own seed), so every run of a sweep validates on the same images."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[val_size:], order[:val_size]
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST or Fashion-MNIST, normalised, with an optional validation split from train.
+
+    `val_size=0` evaluates the test split each epoch instead, as the original course code did.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        dataset: str = "mnist",
+        batch_size: int = 200,
+        val_size: int = 5000,
+        download: bool = True,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.data_dir = str(Path(data_dir).expanduser().resolve())
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.download = download
+        self.mean, self.std = mean, std
+        self.seed = seed
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def prepare_data(self) -> None:
+        for train in (True, False):
+            load_split(self.dataset, self.data_dir, train, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train_x, train_y = self._normalised(train=True)
+        test_x, test_y = self._normalised(train=False)
+        self.splits["test"] = (test_x, test_y)
+        if self.val_size:
+            train_idx, val_idx = split_train_val(len(train_x), self.val_size)
+            self.splits["train"] = (train_x[train_idx], train_y[train_idx])
+            self.splits["val"] = (train_x[val_idx], train_y[val_idx])
+        else:
+            self.splits["train"] = (train_x, train_y)
+            self.splits["val"] = self.splits["test"]
+
+    def _normalised(self, train: bool) -> tuple[Tensor, Tensor]:
+        images, labels = load_split(self.dataset, self.data_dir, train, self.download)
+        x = (images.flatten(1).float() / 255 - self.mean) / self.std
+        return x, labels
+
+    def _batches(self, split: str, shuffle: bool) -> TensorBatches:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        x, y = (t.to(device) for t in self.splits[split])
+        self.splits[split] = (x, y)  # moved once, then reused every epoch
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, rank, world)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", shuffle=False)

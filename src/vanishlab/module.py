@@ -1,0 +1,58 @@
+"""The classifier: a network, a loss and an optimizer, trained by Lightning's own loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs.argmax(dim=1) == targets).float().mean()
+
+
+class Classifier(pl.LightningModule):
+    """Trains `net` on `loss_fn` with the optimizer that `optimizer` builds.
+
+    The training step stays lean: it logs only on the trainer's logging steps
+    (`log_every_n_steps`), because each `self.log` call costs about as much as a step of the
+    small MLPs we study.
+    """
+
+    def __init__(self, net: nn.Module, loss_fn: LossFn, optimizer: OptimizerFactory) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        outputs = self.net(x)
+        loss = self.loss_fn(outputs, y)
+        # Lightning writes on_step values when (global_step + 1) % log_every_n_steps == 0.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log_dict({"train/loss": loss, "train/acc": accuracy(outputs, y)}, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        outputs = self.net(x)
+        metrics = {f"{stage}/loss": self.loss_fn(outputs, y), f"{stage}/acc": accuracy(outputs, y)}
+        self.log_dict(metrics, batch_size=len(y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.parameters())
