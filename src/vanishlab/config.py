@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from vanishlab import ConfigError
@@ -64,4 +65,9 @@ def check_config(cfg: DictConfig) -> None:
     _require(
         data.dataset in DATASETS, "data.dataset", data.dataset,
         "it is not a known dataset", f"use data={' or data='.join(DATASETS)}",
+    )
+    _require(
+        cfg.trainer.accelerator != "gpu" or torch.cuda.is_available(), "trainer.accelerator",
+        cfg.trainer.accelerator, "torch sees no CUDA GPU on this machine",
+        "use trainer=default (accelerator auto picks the GPU when there is one) or trainer=cpu",
     )

@@ -1,0 +1,64 @@
+"""Test a checkpoint on its run's test split: `python -m vanishlab.eval ckpt_path=...`.
+
+The checkpoint's run directory holds the config it was trained with (`.hydra/config.yaml`);
+that config rebuilds the same data module and network, then Lightning restores the weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import rich
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vanishlab import ConfigError
+from vanishlab.config import CONFIG_DIR
+from vanishlab.train import build, scalars, write_json
+
+
+def run_config(ckpt_path: Path) -> DictConfig:
+    """The training config saved by Hydra in the checkpoint's run directory."""
+    for run_dir in ckpt_path.parents:
+        saved = run_dir / ".hydra" / "config.yaml"
+        if saved.is_file():
+            return OmegaConf.load(saved)
+    raise ConfigError(
+        f"ckpt_path={str(ckpt_path)!r} is not inside a vanishlab run directory: no .hydra/config.yaml "
+        f"was found above it. Fix: pass a checkpoint from outputs/runs/... or outputs/sweeps/..., "
+        f"e.g. ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt."
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
+    if not ckpt_path.is_file():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} does not exist. Fix: point ckpt_path at a run's "
+            f"checkpoints/last.ckpt or checkpoints/best.ckpt."
+        )
+    train_cfg = run_config(ckpt_path)
+    train_cfg.paths = cfg.paths  # this evaluation's own output directory
+    datamodule, module = build(train_cfg)
+    datamodule.prepare_data()
+    trainer = instantiate(train_cfg.trainer, devices=1, logger=False)
+    metrics = trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
+    return {"ckpt_path": str(ckpt_path), **scalars(metrics[0], "test/")}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        record = evaluate(cfg)
+    except ConfigError as err:
+        print(f"\nError: {err}\n", file=sys.stderr)
+        raise SystemExit(2) from None
+    write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
+    rich.print(record)
+
+
+if __name__ == "__main__":
+    main()
