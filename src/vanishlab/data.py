@@ -72,28 +72,35 @@ def load_split(dataset: str, data_dir: str, train: bool, download: bool) -> tupl
     try:
         ds = cls(data_dir, train=train, download=download)
     except RuntimeError as err:
-        if "not found" in str(err):
-            reason = "they are not there and data.download=false"
-        else:
-            reason = f"they are not there and downloading them failed ({str(err).strip()})"
-        raise ConfigError(
-            f"data.data_dir={data_dir!r} has no {cls.__name__} files: {reason}. The files must be "
-            f"at {raw}/ and are named {files} (uncompressed IDX, as torchvision stores them). "
-            f"Fix: set DATA_DIR (or data.data_dir=...) to the folder that holds {cls.__name__}/raw/, "
-            f"or set data.download=true on a machine with internet access."
-        ) from None
-    except (AssertionError, ValueError, TypeError) as err:
-        # torchvision asserts on a bad magic number or a size that does not match the header.
-        raise _corrupt(raw, files, err) from None
+        if "Dataset not found" in str(err):
+            raise _missing(data_dir, cls, raw, "data.download=false") from None
+        if "Error downloading" in str(err):
+            reason = f"downloading them failed: {' '.join(str(err).split())}"
+            raise _missing(data_dir, cls, raw, reason) from None
+        raise _corrupt(data_dir, raw, files, err) from None  # a payload that does not fit its header
+    except (AssertionError, ValueError, TypeError) as err:  # a bad magic number or dtype
+        raise _corrupt(data_dir, raw, files, err) from None
     images, labels = ds.data, ds.targets
     if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
-        raise _corrupt(raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
+        raise _corrupt(data_dir, raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
     return images, labels
 
 
-def _corrupt(raw: Path, files: str, detail: object) -> ConfigError:
+def _missing(data_dir: str, cls: type, raw: Path, reason: str) -> ConfigError:
     return ConfigError(
-        f"The IDX files {files} in {raw}/ are corrupt or truncated ({detail or 'bad header'}). "
+        f"data.data_dir={data_dir!r} has no {cls.__name__} files: they are not there and {reason}. "
+        f"The files must be at {raw}/ and are named train-images-idx3-ubyte, "
+        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+        f"(uncompressed IDX, as torchvision stores them). "
+        f"Fix: set DATA_DIR (or data.data_dir=...) to the folder that holds {cls.__name__}/raw/, "
+        f"or set data.download=true on a machine with internet access."
+    )
+
+
+def _corrupt(data_dir: str, raw: Path, files: str, detail: object) -> ConfigError:
+    return ConfigError(
+        f"data.data_dir={data_dir!r} holds corrupt or truncated IDX files: {files} in {raw}/ "
+        f"do not match their headers ({detail or 'bad magic number'}). "
         f"Fix: delete them and run again with data.download=true, or copy intact files there."
     )
 

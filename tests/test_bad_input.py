@@ -1,0 +1,94 @@
+"""Each bad input stops the run before training with one paragraph: key, value, fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from torchvision import datasets
+
+from conftest import FAST, compose_config, run_cli, write_tiny_mnist
+from vanishlab import ConfigError
+from vanishlab.train import fit_and_test
+
+BAD_VALUES = {
+    "model.depth=0": "model.depth=0",
+    "model.width=0": "model.width=0",
+    "optimizer.lr=0": "optimizer.lr=0",
+    "optimizer.lr=-0.1": "optimizer.lr=-0.1",
+    "data.batch_size=0": "data.batch_size=0",
+    "data.val_size=-1": "data.val_size=-1",
+    "data.val_size=60000": "data.val_size=60000",
+    "model.activation=swish": "model.activation='swish'",
+}
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_bad_value_names_key_value_and_fix(override, tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, override], tiny_data, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        fit_and_test(cfg)
+    message = str(err.value)
+    assert message.startswith(BAD_VALUES[override])
+    assert "Fix:" in message and "\n" not in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def data_error(data_dir, tmp_path, *overrides: str) -> str:
+    cfg = compose_config([*FAST, *overrides], data_dir, tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        fit_and_test(cfg)
+    return str(err.value)
+
+
+def test_missing_files_without_download_say_where_and_what(tmp_path) -> None:
+    message = data_error(tmp_path / "empty", tmp_path)
+    assert f"{tmp_path / 'empty'}/MNIST/raw/" in message
+    assert "train-images-idx3-ubyte" in message and "data.download=false" in message
+
+
+def test_failed_download_says_where_and_what(tmp_path, monkeypatch) -> None:
+    # Port 9 on loopback refuses at once, on any machine, with or without internet.
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    message = data_error(tmp_path / "empty", tmp_path, "data.download=true")
+    assert "downloading them failed" in message
+    assert f"{tmp_path / 'empty'}/MNIST/raw/" in message and "train-labels-idx1-ubyte" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bad_magic"])
+def test_corrupt_idx_file_is_named(damage, tmp_path) -> None:
+    data_dir = write_tiny_mnist(tmp_path / "data")
+    images = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    blob = images.read_bytes()
+    images.write_bytes(blob[: len(blob) // 2] if damage == "truncate" else b"\x00\x00\x09\x07" + blob[4:])
+    message = data_error(data_dir, tmp_path)
+    assert "corrupt or truncated" in message and "train-images-idx3-ubyte" in message
+
+
+def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data, tmp_path) -> None:
+    result = run_cli("vanishlab.train", *FAST, "model.depth=0", f"hydra.run.dir={tmp_path}",
+                     data_dir=tiny_data)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "model.depth=0 is not allowed" in result.stderr and "Fix:" in result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_cli_rejects_unknown_group_option(tiny_data, tmp_path) -> None:
+    result = run_cli("vanishlab.train", "init=nonsense", f"hydra.run.dir={tmp_path}",
+                     data_dir=tiny_data)
+    assert result.returncode != 0
+    assert "Could not find 'init/nonsense'" in result.stderr
+
+
+def test_a_second_run_never_writes_into_the_first_runs_directory(tiny_data, tmp_path) -> None:
+    shutil.rmtree(tmp_path)
+    runs = tmp_path / "outputs"
+    for _ in range(2):
+        result = run_cli("vanishlab.train", *FAST, f"paths.log_dir={runs}", data_dir=tiny_data)
+        assert result.returncode == 0, result.stderr[-2000:]
+    run_dirs = sorted(runs.glob("runs/*/*"))
+    assert len(run_dirs) == 2
+    assert all((d / "metrics.json").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
+               for d in run_dirs)
