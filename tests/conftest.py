@@ -32,7 +32,7 @@ def write_tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 60, (n, 28, 28))
-        for image, label in zip(images, labels):
+        for image, label in zip(images, labels, strict=True):
             image[2 * label + 3 : 2 * label + 6, 4:24] = 255
         for dataset in ("MNIST", "FashionMNIST"):
             raw = root / dataset / "raw"
@@ -66,12 +66,18 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
         )
 
 
-def run_cli(module: str, *args: str, data_dir: Path | str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, data_dir: Path | str | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` as a user would, from the project root."""
     env = dict(os.environ)
     if data_dir is not None:
         env["DATA_DIR"] = str(data_dir)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )

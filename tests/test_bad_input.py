@@ -61,14 +61,17 @@ def test_corrupt_idx_file_is_named(damage, tmp_path) -> None:
     data_dir = write_tiny_mnist(tmp_path / "data")
     images = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
     blob = images.read_bytes()
-    images.write_bytes(blob[: len(blob) // 2] if damage == "truncate" else b"\x00\x00\x09\x07" + blob[4:])
+    images.write_bytes(
+        blob[: len(blob) // 2] if damage == "truncate" else b"\x00\x00\x09\x07" + blob[4:]
+    )
     message = data_error(data_dir, tmp_path)
     assert "corrupt or truncated" in message and "train-images-idx3-ubyte" in message
 
 
 def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data, tmp_path) -> None:
-    result = run_cli("vanishlab.train", *FAST, "model.depth=0", f"hydra.run.dir={tmp_path}",
-                     data_dir=tiny_data)
+    result = run_cli(
+        "vanishlab.train", *FAST, "model.depth=0", f"hydra.run.dir={tmp_path}", data_dir=tiny_data
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "model.depth=0 is not allowed" in result.stderr and "Fix:" in result.stderr
@@ -76,8 +79,9 @@ def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data,
 
 
 def test_cli_rejects_unknown_group_option(tiny_data, tmp_path) -> None:
-    result = run_cli("vanishlab.train", "init=nonsense", f"hydra.run.dir={tmp_path}",
-                     data_dir=tiny_data)
+    result = run_cli(
+        "vanishlab.train", "init=nonsense", f"hydra.run.dir={tmp_path}", data_dir=tiny_data
+    )
     assert result.returncode != 0
     assert "Could not find 'init/nonsense'" in result.stderr
 
@@ -90,5 +94,7 @@ def test_a_second_run_never_writes_into_the_first_runs_directory(tiny_data, tmp_
         assert result.returncode == 0, result.stderr[-2000:]
     run_dirs = sorted(runs.glob("runs/*/*"))
     assert len(run_dirs) == 2
-    assert all((d / "metrics.json").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
-               for d in run_dirs)
+    assert all(
+        (d / "metrics.json").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
+        for d in run_dirs
+    )

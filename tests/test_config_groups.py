@@ -11,7 +11,9 @@ from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
 from vanishlab.train import build, build_trainer
 
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"hydra", "paths"})
+GROUPS = sorted(
+    p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"hydra", "paths"}
+)
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
 

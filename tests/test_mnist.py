@@ -18,8 +18,9 @@ ONE_EPOCH = ["trainer.max_epochs=1", "~callbacks.progress_bar", "data.download=f
 
 
 def run_real(experiment: str, tmp_path: Path, *overrides: str) -> dict:
-    cfg = compose_config([f"experiment={experiment}", *ONE_EPOCH, *overrides],
-                         Path(REAL_DATA_DIR), tmp_path)
+    cfg = compose_config(
+        [f"experiment={experiment}", *ONE_EPOCH, *overrides], Path(REAL_DATA_DIR), tmp_path
+    )
     return fit_and_test(cfg)
 
 

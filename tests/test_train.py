@@ -24,8 +24,9 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     # Evaluating the last checkpoint reproduces the run's own test figures.
     eval_dir = tmp_path / "eval"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = run_cli("vanishlab.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}",
-                     data_dir=tiny_data)
+    result = run_cli(
+        "vanishlab.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}", data_dir=tiny_data
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert abs(evaluated["test/acc"] - metrics["test/acc"]) < 1e-6

@@ -77,7 +77,9 @@ def load_split(dataset: str, data_dir: str, train: bool, download: bool) -> tupl
         if "Error downloading" in str(err):
             reason = f"downloading them failed: {' '.join(str(err).split())}"
             raise _missing(data_dir, cls, raw, reason) from None
-        raise _corrupt(data_dir, raw, files, err) from None  # a payload that does not fit its header
+        raise _corrupt(
+            data_dir, raw, files, err
+        ) from None  # a payload that does not fit its header
     except (AssertionError, ValueError, TypeError) as err:  # a bad magic number or dtype
         raise _corrupt(data_dir, raw, files, err) from None
     images, labels = ds.data, ds.targets
@@ -165,7 +167,9 @@ class MNISTDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         x, y = (t.to(device) for t in self.splits[split])
         self.splits[split] = (x, y)  # moved once, then reused every epoch
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
         return TensorBatches(x, y, self.batch_size, shuffle, self.seed, rank, world)
 
     def train_dataloader(self) -> TensorBatches:

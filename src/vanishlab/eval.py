@@ -27,9 +27,9 @@ def run_config(ckpt_path: Path) -> DictConfig:
         if saved.is_file():
             return OmegaConf.load(saved)
     raise ConfigError(
-        f"ckpt_path={str(ckpt_path)!r} is not inside a vanishlab run directory: no .hydra/config.yaml "
-        f"was found above it. Fix: pass a checkpoint from outputs/runs/... or outputs/sweeps/..., "
-        f"e.g. ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt."
+        f"ckpt_path={str(ckpt_path)!r} is not inside a vanishlab run directory: no "
+        f".hydra/config.yaml was found above it. Fix: pass a checkpoint from outputs/runs/... "
+        f"or outputs/sweeps/..., e.g. ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt."
     )
 
 

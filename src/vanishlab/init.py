@@ -32,7 +32,7 @@ def xavier_uniform(weight: Tensor) -> None:
 
 
 def normal(weight: Tensor, std: float = 0.01) -> None:
-    """N(0, std^2) whatever the layer size; std=1.0 is plain `torch.randn`, as the course code had."""
+    """N(0, std^2) whatever the layer size; std=1.0 is the course code's plain `torch.randn`."""
     nn.init.normal_(weight, mean=0.0, std=std)
 
 

@@ -39,7 +39,9 @@ class Classifier(pl.LightningModule):
         loss = self.loss_fn(outputs, y)
         # Lightning writes on_step values when (global_step + 1) % log_every_n_steps == 0.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict({"train/loss": loss, "train/acc": accuracy(outputs, y)}, batch_size=len(y))
+            self.log_dict(
+                {"train/loss": loss, "train/acc": accuracy(outputs, y)}, batch_size=len(y)
+            )
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -37,7 +37,7 @@ class MLP(nn.Module):
         self.activation = activation
         sizes = [in_features] + [width] * depth
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
         layers += [nn.Linear(sizes[-1], num_classes), OUTPUT_ACTIVATIONS[output_activation]()]
         self.layers = nn.Sequential(*layers)
