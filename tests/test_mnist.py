@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REAL_DATA_DIR, compose_config
 from vanishlab.train import fit_and_test
@@ -33,3 +34,33 @@ def test_seed_randn_stays_flat(tmp_path) -> None:
     record = run_real("seed_randn", tmp_path)
     assert 2.28 <= record["test/loss"] <= 2.33, record
     assert record["test/acc"] < 0.115, record
+
+
+def first_logged_ratio(run_dir: Path) -> float:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Scalars("grad_norm/first_over_last")[0].value
+
+
+SHORT = ["model.depth=8", "trainer.limit_train_batches=50", "trainer.limit_val_batches=5"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "low", "high", "expected"),
+    [
+        (["model.activation=sigmoid", "init=xavier_normal"], 0, 1e-2, "vanishing"),
+        (["model.activation=relu", "init=kaiming_normal"], 0.2, 5, "trained"),
+        (["model.activation=tanh", "init=normal", "init.std=1.0"], 100, float("inf"), "exploding"),
+    ],
+    ids=["sigmoid-xavier", "relu-kaiming", "tanh-randn"],
+)
+def test_gradient_ratio_and_verdict_at_depth_8(overrides, low, high, expected, tmp_path) -> None:
+    record = run_real("seed", tmp_path, *SHORT, *overrides)
+    ratio = first_logged_ratio(tmp_path)
+    assert low < ratio < high
+    assert record["verdict"] == expected, record
+
+
+def test_huge_learning_rate_is_diverged_not_a_crash(tmp_path) -> None:
+    record = run_real("seed", tmp_path, "optimizer.lr=1e4")
+    assert record["status"] == "diverged" and record["verdict"] == "diverged"

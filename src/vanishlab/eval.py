@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
-from vanishlab.train import build, scalars, write_json
+from vanishlab.results import write_json
+from vanishlab.train import build, scalars
 
 
 def run_config(ckpt_path: Path) -> DictConfig:

@@ -18,8 +18,8 @@ OUTPUT_ACTIVATIONS: dict[str | None, type[nn.Module]] = {None: nn.Identity, "rel
 class MLP(nn.Module):
     """`depth` hidden layers of `width` units, then a linear layer to the class logits.
 
-    Layers sit in one flat `nn.Sequential` (Linear, activation, Linear, activation, ..., Linear,
-    output activation) so diagnostics can find the Linear layers in input-to-output order.
+    Layers sit in one flat `nn.Sequential` (Linear, activation, ..., Linear, output activation),
+    so diagnostics can pair each Linear layer with its activation in input-to-output order.
     `output_activation="relu"` reproduces the historical course code, which applied a ReLU to
     the logits.
     """
@@ -35,6 +35,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.activation = activation
+        self.output_activation = output_activation
         sizes = [in_features] + [width] * depth
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
@@ -45,6 +46,6 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
 
-    def linears(self) -> list[nn.Linear]:
-        """The Linear layers, input side first."""
-        return [m for m in self.layers if isinstance(m, nn.Linear)]
+    def blocks(self) -> list[tuple[nn.Linear, nn.Module]]:
+        """Each Linear layer with the activation after it, input side first."""
+        return list(zip(self.layers[0::2], self.layers[1::2], strict=True))

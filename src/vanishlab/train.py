@@ -7,8 +7,6 @@ events, checkpoints, and `metrics.json`, the run's result record that sweeps and
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +16,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import rich
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
@@ -26,8 +25,10 @@ from rich.tree import Tree
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR, check_config
 from vanishlab.data import MNISTDataModule
+from vanishlab.diagnostics import GradientFlow, StopOnDivergence
 from vanishlab.init import initialise
 from vanishlab.module import Classifier
+from vanishlab.results import log_hparams, verdict, write_json
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
@@ -60,15 +61,8 @@ def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Write atomically (temp file, then rename), so a killed run never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one run; return its result record."""
+    """Train and test one run; return its result record (what `metrics.json` holds)."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.prepare_data()  # missing or corrupt data fails here, before the trainer exists
@@ -81,8 +75,40 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(time.perf_counter() - start, 3),
         **scalars(trainer.callback_metrics, "val/"),
     }
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopOnDivergence) and callback.diverged_at:
+            step, epoch = callback.diverged_at["step"], callback.diverged_at["epoch"]
+            record.update(status="diverged", epochs=epoch, diverged_at_step=step,
+                          diverged_at_epoch=epoch)
+        if isinstance(callback, GradientFlow):
+            record.update(gradient_evidence(callback))
     record.update(scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/"))
+    record["evidence/classes_predicted"] = classes_predicted(module, datamodule)
+    record["verdict"] = verdict(record)
+    log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
     return record
+
+
+def gradient_evidence(flow: GradientFlow) -> dict[str, Any]:
+    """What the gradient-flow callback saw, for the verdict and the sweep report."""
+    first, last = flow.at_first_step, flow.at_last_step
+    if not first:
+        return {}
+    return {
+        "grad_norm/first_over_last": last["first_over_last"],
+        "evidence/first_over_last_at_start": first["first_over_last"],
+        "evidence/max_dead_frac": last["max_dead_frac"],
+        "evidence/max_saturated_frac": last["max_saturated_frac"],
+        "evidence/dead_outputs": last["dead_outputs"],
+        "grad_norms_at_start": first["grad_norms"],
+    }
+
+
+@torch.no_grad()
+def classes_predicted(module: Classifier, datamodule: MNISTDataModule) -> int:
+    """How many classes the network predicts over the whole test split (1 = stuck)."""
+    predicted = torch.cat([module(x).argmax(dim=1) for x, _ in datamodule.test_dataloader()])
+    return predicted.unique().numel()
 
 
 def print_config(cfg: DictConfig) -> None:
@@ -104,7 +130,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\nError: {err}\n", file=sys.stderr)
         raise SystemExit(2) from None
     write_json(metrics_path, record)
-    rich.print(record)
+    rich.print({k: v for k, v in record.items() if k != "grad_norms_at_start"})
     return record.get(cfg.optimized_metric)
 
 

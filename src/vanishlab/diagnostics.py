@@ -1,0 +1,208 @@
+"""Gradient-flow diagnostics: the per-layer figures that show why a network does or does not learn.
+
+`GradientFlow` measures each Linear layer every `every_n_steps` training steps and writes the
+figures to every logger (tags below, `layer_00` = input side). Between those steps it does
+nothing: no hooks, no copies, no host-device syncs, so training runs at full speed.
+
+- `grad_norm/layer_XX`      L2 norm of the weight gradient, after backward and before the step
+- `weight_norm/layer_XX`    L2 norm of the weight
+- `update_ratio/layer_XX`   norm of the applied update / weight norm (any optimizer)
+- `act_mean/`, `act_std/`   the layer's post-activation output over the batch
+- `dead_frac/layer_XX`      ReLU-family hidden layers: units that are <= 0 for every example
+- `saturated_frac/layer_XX` sigmoid/tanh hidden layers: outputs within 2% of their bounds
+- `grad_norm/first_over_last`  first layer's gradient norm over the last layer's
+- `dead_outputs`            with an output ReLU: classes whose output is 0 for every example
+
+Each `histograms_every_n_epochs` epochs it also writes histograms of weights, gradients and
+activations (TensorBoard), and a gradient-flow image: per-layer gradient norm, one line per epoch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.linalg import vector_norm
+
+RELU_FAMILY = {"relu", "leaky_relu", "gelu"}
+BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+SATURATION_MARGIN = 0.02  # of the output range
+
+
+def layer_tag(family: str, index: int) -> str:
+    return f"{family}/layer_{index:02d}"
+
+
+class GradientFlow(pl.Callback):
+    """Logs per-layer gradient flow; keeps the figures the run's verdict needs.
+
+    After fit, `at_first_step` holds the per-layer gradient norms and their first-over-last
+    ratio at the first logged step (the network as initialised), and `at_last_step` the
+    dead/saturated fractions and dead outputs at the last logged step.
+    """
+
+    def __init__(self, every_n_steps: int = 25, histograms_every_n_epochs: int = 1) -> None:
+        self.every_n_steps = every_n_steps
+        self.histograms_every_n_epochs = histograms_every_n_epochs
+        self.at_first_step: dict[str, Any] = {}
+        self.at_last_step: dict[str, float] = {}
+        self.epoch_profiles: dict[int, list[float]] = {}  # mean grad norm per layer, per epoch
+        self._logging = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module.net
+        self.blocks: list[tuple[nn.Linear, nn.Module]] = net.blocks()
+        self.activation: str = net.activation
+        self.output_relu = net.output_activation == "relu"
+        self._profiles_this_epoch: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._step = trainer.global_step
+        self._logging = self._step % self.every_n_steps == 0
+        if not self._logging:
+            return
+        self._histograms = (
+            trainer.current_epoch % self.histograms_every_n_epochs == 0
+            and not self._profiles_this_epoch
+        )
+        self._activations: list[Tensor] = [torch.empty(0)] * len(self.blocks)
+        self._hooks = [
+            activation.register_forward_hook(partial(self._capture, index))
+            for index, (_, activation) in enumerate(self.blocks)
+        ]
+
+    def _capture(self, index: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self._activations[index] = output.detach()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        if not self._logging:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        weights = [linear.weight for linear, _ in self.blocks]
+        self._grad_norms = torch.stack([vector_norm(w.grad) for w in weights])
+        self._weights_before = [w.detach().clone() for w in weights]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._logging:
+            return
+        self._logging = False
+        params = [linear.weight for linear, _ in self.blocks]
+        metrics = self._measure([p.detach() for p in params])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._step)
+        n = len(self.blocks)
+        profile = [metrics[layer_tag("grad_norm", i)] for i in range(n)]
+        self._profiles_this_epoch.append(profile)
+        if not self.at_first_step:
+            ratio = metrics["grad_norm/first_over_last"]
+            self.at_first_step = {"grad_norms": profile, "first_over_last": ratio}
+        self.at_last_step = {
+            "first_over_last": metrics["grad_norm/first_over_last"],
+            "max_dead_frac": _max_of_family(metrics, "dead_frac"),
+            "max_saturated_frac": _max_of_family(metrics, "saturated_frac"),
+            "dead_outputs": metrics.get("dead_outputs", 0.0),
+        }
+        if self._histograms:
+            self._write_histograms(trainer, params)
+
+    def _measure(self, weights: list[Tensor]) -> dict[str, float]:
+        """All figures of one logging step, computed on the device and synced once."""
+        activations, hidden = self._activations, self._activations[:-1]
+        weight_norms = torch.stack([vector_norm(w) for w in weights])
+        update_norms = torch.stack(
+            [vector_norm(w - b) for w, b in zip(weights, self._weights_before, strict=True)]
+        )
+        per_layer = {
+            "grad_norm": self._grad_norms,
+            "weight_norm": weight_norms,
+            "update_ratio": update_norms / weight_norms,
+            "act_mean": torch.stack([a.mean() for a in activations]),
+            "act_std": torch.stack([a.std() for a in activations]),
+        }
+        if self.activation in RELU_FAMILY:
+            per_layer["dead_frac"] = torch.stack([(a <= 0).all(0).float().mean() for a in hidden])
+        if self.activation in BOUNDS:
+            low, high = BOUNDS[self.activation]
+            margin = SATURATION_MARGIN * (high - low)
+            per_layer["saturated_frac"] = torch.stack(
+                [((a < low + margin) | (a > high - margin)).float().mean() for a in hidden]
+            )
+        single = {"grad_norm/first_over_last": self._grad_norms[0] / self._grad_norms[-1]}
+        if self.output_relu:
+            single["dead_outputs"] = (activations[-1] <= 0).all(0).sum().float()
+        values = torch.cat([*per_layer.values(), torch.stack(list(single.values()))]).tolist()
+        names = [layer_tag(f, i) for f, t in per_layer.items() for i in range(len(t))]
+        return dict(zip([*names, *single], values, strict=True))
+
+    def _write_histograms(self, trainer: pl.Trainer, params: list[nn.Parameter]) -> None:
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            for i, (param, activation) in enumerate(zip(params, self._activations, strict=True)):
+                logger.experiment.add_histogram(layer_tag("weights", i), param.detach(), self._step)
+                logger.experiment.add_histogram(layer_tag("grads", i), param.grad, self._step)
+                logger.experiment.add_histogram(layer_tag("activations", i), activation, self._step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._profiles_this_epoch:
+            return
+        layers = zip(*self._profiles_this_epoch, strict=True)
+        self.epoch_profiles[trainer.current_epoch] = [sum(v) / len(v) for v in layers]
+        self._profiles_this_epoch = []
+        if trainer.current_epoch % self.histograms_every_n_epochs:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                figure = gradient_flow_figure(self.epoch_profiles)
+                logger.experiment.add_figure("gradient_flow", figure, trainer.global_step)
+
+
+def _max_of_family(metrics: dict[str, float], family: str) -> float:
+    return max((v for k, v in metrics.items() if k.startswith(f"{family}/")), default=0.0)
+
+
+def gradient_flow_figure(epoch_profiles: dict[int, list[float]]) -> Figure:
+    """Per-layer weight-gradient norm on a log axis, one line per epoch: a line that falls
+    toward layer 0 is a vanishing gradient, one that rises is an exploding gradient."""
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.add_subplot()
+    for epoch, norms in epoch_profiles.items():
+        axes.plot(range(len(norms)), norms, marker="o", label=f"epoch {epoch}")
+    axes.set_yscale("log")
+    axes.set_xlabel("layer (0 = input side)")
+    axes.set_ylabel("weight-gradient L2 norm")
+    axes.set_title("gradient flow")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+class StopOnDivergence(pl.Callback):
+    """Stops training at the first step whose loss or gradient is not finite.
+
+    The bad update is dropped (the gradients are cleared before the optimizer step), so the
+    weights, and the last checkpoint, stay those of the last good step, and the run ends as
+    `diverged` rather than training on NaNs. The check costs one host-device sync per step,
+    which is free on the CPU.
+    """
+
+    def __init__(self) -> None:
+        self.diverged_at: dict[str, int] | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module, loss: Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        total = self._loss + torch.stack([vector_norm(g) for g in grads]).sum()
+        if torch.isfinite(total):
+            return
+        optimizer.zero_grad(set_to_none=True)
+        trainer.should_stop = True
+        self.diverged_at = {"step": trainer.global_step, "epoch": trainer.current_epoch}

@@ -1,0 +1,105 @@
+"""Gradient-flow logging, divergence handling, verdicts and the HParams row, read back with
+TensorBoard's own event reader."""
+
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import FAST, compose_config
+from vanishlab.results import HPARAM_METRICS, hparams, verdict
+from vanishlab.train import fit_and_test
+
+
+def read_events(run_dir) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def hparams_row(events: EventAccumulator) -> dict:
+    """The hyperparameter values of the run's HParams session, as TensorBoard stores them."""
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tmp_path) -> None:
+    cfg = compose_config(
+        [*FAST, "model.depth=3", "model.output_activation=relu", "trainer.max_epochs=2",
+         "callbacks.gradient_flow.every_n_steps=4"],
+        tiny_data, tmp_path,
+    )
+    record = fit_and_test(cfg)
+    events = read_events(tmp_path)
+    tags = events.Tags()
+    for family in ("grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std"):
+        assert {f"{family}/layer_{i:02d}" for i in range(4)} <= set(tags["scalars"]), family
+    assert {f"dead_frac/layer_{i:02d}" for i in range(3)} <= set(tags["scalars"])
+    for tag in ("grad_norm/first_over_last", "dead_outputs", "train/loss", "train/acc",
+                "val/loss", "val/acc", "test/loss", "test/acc", "lr-SGD"):
+        assert tag in tags["scalars"], tag
+    for family in ("weights", "grads", "activations"):
+        assert f"{family}/layer_03" in tags["histograms"]
+    assert "gradient_flow" in tags["images"]
+
+    # 10 steps per epoch, logged every 4 steps: 0, 4, 8, 12, 16 and nothing between.
+    assert [e.step for e in events.Scalars("grad_norm/layer_00")] == [0, 4, 8, 12, 16]
+    ratios = [e.value for e in events.Scalars("grad_norm/first_over_last")]
+    norms = [events.Scalars(f"grad_norm/layer_{i:02d}")[0].value for i in (0, 3)]
+    assert ratios[0] == pytest.approx(norms[0] / norms[1], rel=1e-5)
+    assert record["evidence/first_over_last_at_start"] == pytest.approx(ratios[0], rel=1e-5)
+    assert record["grad_norms_at_start"][0] == pytest.approx(norms[0], rel=1e-5)
+
+    row = hparams_row(events)
+    assert row == {**hparams(cfg), "status": "completed", "verdict": record["verdict"]} | {
+        "output_activation": "relu", "init": "kaiming_normal", "loss": "cross_entropy",
+        "optimizer": "sgd(momentum=0.0, weight_decay=0.0)"}
+    assert {"val/acc", "test/acc", "evidence/classes_predicted"} <= set(HPARAM_METRICS)
+
+
+def test_update_ratio_is_measured_from_the_applied_update(tiny_data, tmp_path) -> None:
+    # Plain SGD: the update is lr * grad, so update_ratio = lr * grad_norm / weight_norm_after.
+    cfg = compose_config([*FAST, "optimizer.lr=0.05"], tiny_data, tmp_path)
+    fit_and_test(cfg)
+    events = read_events(tmp_path)
+    grad, weight, ratio = (events.Scalars(f"{f}/layer_01")[0].value
+                           for f in ("grad_norm", "weight_norm", "update_ratio"))
+    assert ratio == pytest.approx(0.05 * grad / weight, rel=1e-4)
+
+
+def test_saturation_is_logged_for_sigmoid(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "model.activation=sigmoid", "init=normal", "init.std=1.0"],
+                         tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    events = read_events(tmp_path)
+    assert "saturated_frac/layer_00" in events.Tags()["scalars"]
+    assert "dead_frac/layer_00" not in events.Tags()["scalars"]
+    assert record["evidence/max_saturated_frac"] > 0.3  # randn weights on 784 inputs saturate
+
+
+def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "optimizer.lr=1e4", "trainer.max_epochs=3"], tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    assert record["status"] == "diverged" and record["verdict"] == "diverged"
+    assert record["diverged_at_epoch"] == 0 and 0 < record["diverged_at_step"] < 10
+    assert record["epochs"] == 0  # stopped in its first epoch, not trained on NaNs for 3
+    assert record["test/loss"] == record["test/loss"]  # the kept weights are finite: not NaN
+
+
+@pytest.mark.parametrize(
+    ("evidence", "expected"),
+    [
+        ({"status": "diverged", "evidence/first_over_last_at_start": 1.0}, "diverged"),
+        ({"evidence/dead_outputs": 1.0, "evidence/first_over_last_at_start": 1e5}, "dead"),
+        ({"evidence/max_dead_frac": 1.0}, "dead"),
+        ({"evidence/first_over_last_at_start": 101.0}, "exploding"),
+        ({"evidence/first_over_last_at_start": 0.009, "evidence/classes_predicted": 1}, "vanishing"),
+        ({"evidence/first_over_last_at_start": 1.0, "evidence/classes_predicted": 1}, "dead"),
+        ({"evidence/first_over_last_at_start": 0.011, "evidence/classes_predicted": 10}, "trained"),
+        ({"evidence/first_over_last_at_start": 99.0, "evidence/max_dead_frac": 0.99}, "trained"),
+    ],
+)
+def test_verdict_rules_in_order(evidence, expected) -> None:
+    assert verdict({"status": "completed", **evidence}) == expected
