@@ -22,14 +22,23 @@ def hparams_row(events: EventAccumulator) -> dict:
     """The hyperparameter values of the run's HParams session, as TensorBoard stores them."""
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    return {
+        k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+        for k, v in info.hparams.items()
+    }
 
 
 def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tmp_path) -> None:
     cfg = compose_config(
-        [*FAST, "model.depth=3", "model.output_activation=relu", "trainer.max_epochs=2",
-         "callbacks.gradient_flow.every_n_steps=4"],
-        tiny_data, tmp_path,
+        [
+            *FAST,
+            "model.depth=3",
+            "model.output_activation=relu",
+            "trainer.max_epochs=2",
+            "callbacks.gradient_flow.every_n_steps=4",
+        ],
+        tiny_data,
+        tmp_path,
     )
     record = fit_and_test(cfg)
     events = read_events(tmp_path)
@@ -37,8 +46,17 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
     for family in ("grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std"):
         assert {f"{family}/layer_{i:02d}" for i in range(4)} <= set(tags["scalars"]), family
     assert {f"dead_frac/layer_{i:02d}" for i in range(3)} <= set(tags["scalars"])
-    for tag in ("grad_norm/first_over_last", "dead_outputs", "train/loss", "train/acc",
-                "val/loss", "val/acc", "test/loss", "test/acc", "lr-SGD"):
+    for tag in (
+        "grad_norm/first_over_last",
+        "dead_outputs",
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "lr-SGD",
+    ):
         assert tag in tags["scalars"], tag
     for family in ("weights", "grads", "activations"):
         assert f"{family}/layer_03" in tags["histograms"]
@@ -54,8 +72,11 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
 
     row = hparams_row(events)
     assert row == {**hparams(cfg), "status": "completed", "verdict": record["verdict"]} | {
-        "output_activation": "relu", "init": "kaiming_normal", "loss": "cross_entropy",
-        "optimizer": "sgd(momentum=0.0, weight_decay=0.0)"}
+        "output_activation": "relu",
+        "init": "kaiming_normal",
+        "loss": "cross_entropy",
+        "optimizer": "sgd(momentum=0.0, weight_decay=0.0)",
+    }
     assert {"val/acc", "test/acc", "evidence/classes_predicted"} <= set(HPARAM_METRICS)
 
 
@@ -64,14 +85,17 @@ def test_update_ratio_is_measured_from_the_applied_update(tiny_data, tmp_path) -
     cfg = compose_config([*FAST, "optimizer.lr=0.05"], tiny_data, tmp_path)
     fit_and_test(cfg)
     events = read_events(tmp_path)
-    grad, weight, ratio = (events.Scalars(f"{f}/layer_01")[0].value
-                           for f in ("grad_norm", "weight_norm", "update_ratio"))
+    grad, weight, ratio = (
+        events.Scalars(f"{f}/layer_01")[0].value
+        for f in ("grad_norm", "weight_norm", "update_ratio")
+    )
     assert ratio == pytest.approx(0.05 * grad / weight, rel=1e-4)
 
 
 def test_saturation_is_logged_for_sigmoid(tiny_data, tmp_path) -> None:
-    cfg = compose_config([*FAST, "model.activation=sigmoid", "init=normal", "init.std=1.0"],
-                         tiny_data, tmp_path)
+    cfg = compose_config(
+        [*FAST, "model.activation=sigmoid", "init=normal", "init.std=1.0"], tiny_data, tmp_path
+    )
     record = fit_and_test(cfg)
     events = read_events(tmp_path)
     assert "saturated_frac/layer_00" in events.Tags()["scalars"]
@@ -95,7 +119,10 @@ def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_pat
         ({"evidence/dead_outputs": 1.0, "evidence/first_over_last_at_start": 1e5}, "dead"),
         ({"evidence/max_dead_frac": 1.0}, "dead"),
         ({"evidence/first_over_last_at_start": 101.0}, "exploding"),
-        ({"evidence/first_over_last_at_start": 0.009, "evidence/classes_predicted": 1}, "vanishing"),
+        (
+            {"evidence/first_over_last_at_start": 0.009, "evidence/classes_predicted": 1},
+            "vanishing",
+        ),
         ({"evidence/first_over_last_at_start": 1.0, "evidence/classes_predicted": 1}, "dead"),
         ({"evidence/first_over_last_at_start": 0.011, "evidence/classes_predicted": 10}, "trained"),
         ({"evidence/first_over_last_at_start": 99.0, "evidence/max_dead_frac": 0.99}, "trained"),

@@ -78,8 +78,9 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     for callback in trainer.callbacks:
         if isinstance(callback, StopOnDivergence) and callback.diverged_at:
             step, epoch = callback.diverged_at["step"], callback.diverged_at["epoch"]
-            record.update(status="diverged", epochs=epoch, diverged_at_step=step,
-                          diverged_at_epoch=epoch)
+            record.update(
+                status="diverged", epochs=epoch, diverged_at_step=step, diverged_at_epoch=epoch
+            )
         if isinstance(callback, GradientFlow):
             record.update(gradient_evidence(callback))
     record.update(scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/"))
