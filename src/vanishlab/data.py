@@ -62,9 +62,14 @@ class TensorBatches:
             yield self.x[batch], self.y[batch]
 
 
-@lru_cache(maxsize=8)
-def load_split(dataset: str, data_dir: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
-    """Read one split as uint8 images `(n, 28, 28)` and int64 labels, once per process."""
+@lru_cache(maxsize=4)
+def load_split(
+    dataset: str, data_dir: str, train: bool, download: bool, mean: float, std: float
+) -> tuple[Tensor, Tensor]:
+    """One split as normalised float images `(n, 784)` and int64 labels.
+
+    Cached, so the jobs of a sweep that run in one process decode and normalise it only once.
+    """
     cls = DATASETS[dataset]
     raw = Path(data_dir) / cls.__name__ / "raw"
     prefix = "train" if train else "t10k"
@@ -85,7 +90,7 @@ def load_split(dataset: str, data_dir: str, train: bool, download: bool) -> tupl
     images, labels = ds.data, ds.targets
     if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
         raise _corrupt(data_dir, raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
-    return images, labels
+    return (images.flatten(1).float() / 255 - mean) / std, labels
 
 
 def _missing(data_dir: str, cls: type, raw: Path, reason: str) -> ConfigError:
@@ -142,14 +147,13 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         for train in (True, False):
-            load_split(self.dataset, self.data_dir, train, self.download)
+            self._load(train)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train_x, train_y = self._normalised(train=True)
-        test_x, test_y = self._normalised(train=False)
-        self.splits["test"] = (test_x, test_y)
+        train_x, train_y = self._load(train=True)
+        self.splits["test"] = self._load(train=False)
         if self.val_size:
             train_idx, val_idx = split_train_val(len(train_x), self.val_size)
             self.splits["train"] = (train_x[train_idx], train_y[train_idx])
@@ -158,10 +162,8 @@ class MNISTDataModule(pl.LightningDataModule):
             self.splits["train"] = (train_x, train_y)
             self.splits["val"] = self.splits["test"]
 
-    def _normalised(self, train: bool) -> tuple[Tensor, Tensor]:
-        images, labels = load_split(self.dataset, self.data_dir, train, self.download)
-        x = (images.flatten(1).float() / 255 - self.mean) / self.std
-        return x, labels
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        return load_split(self.dataset, self.data_dir, train, self.download, self.mean, self.std)
 
     def _batches(self, split: str, shuffle: bool) -> TensorBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")

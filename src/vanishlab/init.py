@@ -31,7 +31,7 @@ def xavier_uniform(weight: Tensor) -> None:
     nn.init.xavier_uniform_(weight)
 
 
-def normal(weight: Tensor, std: float = 0.01) -> None:
+def normal(weight: Tensor, std: float = 1.0) -> None:
     """N(0, std^2) whatever the layer size; std=1.0 is the course code's plain `torch.randn`."""
     nn.init.normal_(weight, mean=0.0, std=std)
 

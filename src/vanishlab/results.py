@@ -15,17 +15,23 @@ and the first that matches names the run:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
+
+log = logging.getLogger(__name__)
 
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
 VERDICTS = ("trained", "vanishing", "exploding", "diverged", "dead")
+FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 
 # Numbers shown beside each run in the HParams table: final metrics and the verdict's evidence.
 HPARAM_METRICS = (
@@ -55,6 +61,11 @@ def verdict(record: dict[str, Any]) -> str:
     if record.get("evidence/classes_predicted", 10) <= 1:
         return "dead"
     return "trained"
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A run's `metrics.json`, or {} while the run has not finished."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -99,3 +110,21 @@ def log_hparams(loggers: list[Logger], cfg: DictConfig, record: dict[str, Any], 
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics, step=step)
             logger.finalize("success")
+
+
+class SweepExitCode(Callback):
+    """Hydra callback: after a sweep, count its jobs by status and exit 1 if any failed.
+
+    A job that raises is recorded and returns normally, so the sweep goes on to the next job;
+    this restores the signal that something failed, for the shell or a CI job.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = {p.parent.name: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
+        counts = Counter(record.get("status", "unknown") for record in records.values())
+        log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
+        failed = [name for name, record in records.items() if record.get("status") == "failed"]
+        if failed:
+            log.error("%d job(s) failed (see their metrics.json): %s", len(failed), failed)
+            raise SystemExit(1)

@@ -7,6 +7,9 @@ events, checkpoints, and `metrics.json`, the run's result record that sweeps and
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +20,8 @@ import hydra
 import pytorch_lightning as pl
 import rich
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
@@ -28,7 +33,9 @@ from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import GradientFlow, StopOnDivergence
 from vanishlab.init import initialise
 from vanishlab.module import Classifier
-from vanishlab.results import log_hparams, verdict, write_json
+from vanishlab.results import FINISHED, log_hparams, read_record, verdict, write_json
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
@@ -61,17 +68,20 @@ def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one run; return its result record (what `metrics.json` holds)."""
+def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train (from scratch, or on from the checkpoint `resume_from`) and test one run; return
+    its result record (what `metrics.json` holds)."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.prepare_data()  # missing or corrupt data fails here, before the trainer exists
     trainer = build_trainer(cfg)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     record: dict[str, Any] = {
         "status": "completed",
+        **({"resumed_from": str(resume_from)} if resume_from else {}),
         "epochs": trainer.current_epoch,
+        "world_size": trainer.world_size,
         "train_seconds": round(time.perf_counter() - start, 3),
         **scalars(trainer.callback_metrics, "val/"),
     }
@@ -120,19 +130,50 @@ def print_config(cfg: DictConfig) -> None:
     rich.print(tree)
 
 
+def torch_threads(cfg: DictConfig) -> int:
+    """`threads` if set, else the cores shared out among the jobs that run at once, so that
+    jobs x threads never oversubscribes the machine (joblib runs `n_jobs` jobs in parallel)."""
+    if cfg.get("threads"):
+        return cfg.threads
+    cores = os.cpu_count() or 1
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
+    parallel = launcher.get("n_jobs", 1) if "joblib" in launcher.get("_target_", "") else 1
+    if parallel < 0:  # joblib counts back from the number of cores: -1 = all of them
+        parallel = cores + 1 + parallel
+    return max(1, cores // parallel)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
+    """Run one job. In a sweep, a job that raises is recorded as `failed` and the sweep goes on;
+    re-running a sweep into its own directory skips finished jobs and resumes interrupted ones."""
+    output_dir = Path(cfg.paths.output_dir)
+    metrics_path = output_dir / "metrics.json"
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    previous = read_record(metrics_path)
+    if in_sweep and previous.get("status") in FINISHED:
+        log.info("Skipping %s: already %s", output_dir.name, previous["status"])
+        return previous.get(cfg.optimized_metric, math.nan)
+
     print_config(cfg)
-    metrics_path = Path(cfg.paths.output_dir) / "metrics.json"
+    torch.set_num_threads(torch_threads(cfg))
+    log.info("torch threads: %d", torch.get_num_threads())
+    last_ckpt = output_dir / "checkpoints" / "last.ckpt"
+    resume_from = last_ckpt if in_sweep and last_ckpt.is_file() else None
     try:
-        record = fit_and_test(cfg)
-    except ConfigError as err:
-        write_json(metrics_path, {"status": "failed", "error": f"ConfigError: {err}"})
-        print(f"\nError: {err}\n", file=sys.stderr)
-        raise SystemExit(2) from None
+        record = fit_and_test(cfg, resume_from)
+    except Exception as err:
+        write_json(metrics_path, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        if in_sweep:
+            log.exception("Job %s failed; the sweep goes on", output_dir.name)
+            return math.nan
+        if isinstance(err, ConfigError):
+            print(f"\nError: {err}\n", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
     write_json(metrics_path, record)
     rich.print({k: v for k, v in record.items() if k != "grad_norms_at_start"})
-    return record.get(cfg.optimized_metric)
+    return record.get(cfg.optimized_metric, math.nan)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""Sweeps as users run them: launchers, failing jobs, kill-and-resume, DDP and Optuna."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import FAST, PROJECT_ROOT, run_cli
+
+
+def sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return run_cli(
+        "vanishlab.train",
+        "-m",
+        *FAST,
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        data_dir=data_dir,
+    )
+
+
+def records(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def job(records_by_name: dict[str, dict], *overrides: str) -> dict:
+    """The one job whose directory name has all of `overrides`."""
+    (name,) = [n for n in records_by_name if all(o in n.split(",") for o in overrides)]
+    return records_by_name[name]
+
+
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path) -> None:
+    result = sweep(tmp_path, tiny_data, "trainer.accelerator=tpu,cpu", "optimizer.lr=1e4,0.1")
+    assert result.returncode == 1, result.stderr[-2000:]  # the exit code says a job failed
+    by_name = records(tmp_path)
+    assert len(by_name) == 4  # the jobs after the failing ones still ran
+    for name, record in by_name.items():
+        if "accelerator=tpu" in name:
+            assert record["status"] == "failed"
+            assert (
+                record["error"].startswith("InstantiationException")
+                and "torch_xla" in record["error"]
+            )
+    assert job(by_name, "trainer.accelerator=cpu", "optimizer.lr=10000.0")["status"] == "diverged"
+    assert job(by_name, "trainer.accelerator=cpu", "optimizer.lr=0.1")["status"] == "completed"
+
+
+def test_bad_value_in_one_job_fails_only_that_job(tiny_data, tmp_path) -> None:
+    result = sweep(tmp_path, tiny_data, "model.depth=0,1")
+    assert result.returncode == 1
+    by_name = records(tmp_path)
+    assert job(by_name, "model.depth=0")["error"].startswith("ConfigError: model.depth=0")
+    assert job(by_name, "model.depth=1")["status"] == "completed"
+
+
+def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_path) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "vanishlab.train",
+        "-m",
+        *FAST,
+        "seed=0,1,2",
+        "trainer.max_epochs=6",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    env = {**os.environ, "DATA_DIR": str(tiny_data)}
+    process = subprocess.Popen(
+        args,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    second_ckpt = None
+    deadline = time.time() + 300
+    while time.time() < deadline and second_ckpt is None:
+        second_ckpt = next(tmp_path.glob("*seed=1*/checkpoints/last.ckpt"), None)
+        time.sleep(0.02)
+    assert second_ckpt is not None and process.poll() is None, "the second job never checkpointed"
+    os.killpg(process.pid, signal.SIGKILL)  # in the middle of the second job
+    process.wait()
+    first = next(tmp_path.glob("*seed=0*"))
+    first_metrics = (first / "metrics.json").read_text()
+    first_events = sorted(p.name for p in first.glob("events.*"))
+    assert not list(tmp_path.glob("*seed=1*/metrics.json"))
+
+    result = sweep(tmp_path, tiny_data, "seed=0,1,2", "trainer.max_epochs=6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_name = records(tmp_path)
+    assert len(by_name) == 3 and all(r["status"] == "completed" for r in by_name.values())
+    assert all(r["epochs"] == 6 for r in by_name.values())
+    # The finished job was skipped: same record, no new TensorBoard events.
+    assert (first / "metrics.json").read_text() == first_metrics
+    assert sorted(p.name for p in first.glob("events.*")) == first_events
+    # The interrupted job went on from its checkpoint and kept its first-step evidence.
+    resumed = job(by_name, "seed=1")
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    assert resumed["evidence/first_over_last_at_start"] > 0
+    assert "resumed_from" not in job(by_name, "seed=2")
+
+
+def test_joblib_runs_jobs_in_parallel_processes_with_one_thread_each(tiny_data, tmp_path) -> None:
+    result = sweep(
+        tmp_path, tiny_data, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(records(tmp_path)) == 2
+    logs = [p.read_text() for p in tmp_path.glob("*/train.log")]
+    assert all("torch threads: 1" in log for log in logs), logs
+
+
+def test_submitit_local_launcher_runs_two_jobs(tiny_data, tmp_path) -> None:
+    result = sweep(
+        tmp_path,
+        tiny_data,
+        "seed=0,1",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_name = records(tmp_path)
+    assert len(by_name) == 2 and all(r["status"] == "completed" for r in by_name.values())
+    assert list(tmp_path.glob(".submitit/*/*_log.out"))
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tiny_data, tmp_path) -> None:
+    result = sweep(tmp_path, tiny_data, "hparams_search=optuna_lr", "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_name = records(tmp_path)
+    assert len(by_name) == 2 and all(r["status"] == "completed" for r in by_name.values())
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "optimizer.lr" in best and "best_value" in best
+
+
+def test_ddp_trains_one_run_on_two_cpu_processes(tiny_data, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "vanishlab.train",
+        *FAST,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={run_dir}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["world_size"] == 2
