@@ -20,6 +20,9 @@ test: $(VENV)/.installed  ## all tests; the real-MNIST ones run when DATA_DIR ha
 bench: $(VENV)/.installed  ## speed ratios against baselines measured in the same run
 	$(PY) bench/run.py $(ARGS)
 
+report: $(VENV)/.installed  ## report on the newest sweep (or ARGS=<sweep dir>)
+	$(PY) -m vanishlab.report $(ARGS)
+
 tensorboard: $(VENV)/.installed  ## serve outputs/ on http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1 --port 6006
 

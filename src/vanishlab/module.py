@@ -54,7 +54,7 @@ class Classifier(pl.LightningModule):
         x, y = batch
         outputs = self.net(x)
         metrics = {f"{stage}/loss": self.loss_fn(outputs, y), f"{stage}/acc": accuracy(outputs, y)}
-        self.log_dict(metrics, batch_size=len(y))
+        self.log_dict(metrics, batch_size=len(y), sync_dist=True)  # DDP: mean over all ranks
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.parameters())

@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
 
@@ -171,6 +172,8 @@ def main(cfg: DictConfig) -> float:
             print(f"\nError: {err}\n", file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    if rank_zero_only.rank != 0:  # under DDP, every process runs this; one writes the record
+        return math.nan
     write_json(metrics_path, record)
     rich.print({k: v for k, v in record.items() if k != "grad_norms_at_start"})
     return record.get(cfg.optimized_metric, math.nan)

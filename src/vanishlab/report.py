@@ -1,0 +1,470 @@
+"""Summarise a sweep: `python -m vanishlab.report [sweep dir]` (default: the newest sweep under
+outputs/sweeps/) writes `<sweep>/report/`: `results.csv`, the figures, and `report.md` showing both.
+
+The report reads only what the jobs left on disk (`.hydra/config.yaml`, `metrics.json`, the
+TensorBoard events), so it works on any sweep, one still running or with failed jobs included:
+a job with `.hydra/` but no `metrics.json` is `unfinished`.
+
+What varied is found from the saved configs, not from the command line: every dotted config key
+whose value differs between jobs, or that only some jobs have (`init.std` exists for `init=normal`
+only). The configs stay unresolved (`${paths.output_dir}` reads the same in every job); keys
+under `paths.` and `hydra` and the directories each job writes to (`output_dir`, `dirpath`,
+`save_dir`, `default_root_dir`) are left out. A key's column is its shortest dotted suffix that
+no other config key ends with: `model.depth` -> `depth`, `optimizer.lr` -> `lr`, but `init.std`
+stays `init.std` because `data.std` exists, so a name never hides which key it is. An option's
+`_target_` is named after its group and holds the function or class name, lowercased as in the
+HParams table: `init._target_` -> `init` = `xavier_normal`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import struct
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from omegaconf import OmegaConf
+from tensorboard.compat.proto.event_pb2 import Event
+
+from vanishlab import ConfigError
+from vanishlab.config import PROJECT_ROOT
+from vanishlab.results import read_record
+
+# results.csv's columns after the varied keys, and the metrics.json key each one comes from.
+RESULTS = {
+    "status": "status",
+    "verdict": "verdict",
+    "val/acc": "val/acc",
+    "test/acc": "test/acc",
+    "test/loss": "test/loss",
+    "grad_norm/first_over_last": "grad_norm/first_over_last",
+    "first_over_last_at_start": "evidence/first_over_last_at_start",
+    "train_seconds": "train_seconds",
+    "error": "error",
+}
+PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
+LOSS_TAGS = ("train/loss", "val/loss")
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's jobs: the subdirectories where Hydra saved a composed config."""
+    return sorted(path.parents[1] for path in sweep_dir.glob("*/.hydra/config.yaml"))
+
+
+def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def job_config(job_dir: Path) -> dict[str, Any]:
+    """The job's config as dotted keys, unresolved: `${hydra:...}` only resolves inside Hydra."""
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    return flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def job_record(job_dir: Path) -> dict[str, Any]:
+    """The job's `metrics.json`; a job that has not written one yet is `unfinished`."""
+    return read_record(job_dir / "metrics.json") or {"status": "unfinished"}
+
+
+def varied_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Dotted keys whose value differs between jobs (a missing key counts as a value), in config
+    order, without the keys that differ only because each job has its own directory."""
+    keys = dict.fromkeys(key for config in configs for key in config)
+    return [
+        key
+        for key in keys
+        if key.split(".")[0] not in ("paths", "hydra")
+        and not any(part in key for part in PER_JOB_DIRS)
+        and len({repr(config.get(key, ...)) for config in configs}) > 1
+    ]
+
+
+def column_names(keys: list[str], all_keys: Iterable[str]) -> dict[str, str]:
+    """Each key's column name (rules: module docstring)."""
+    all_keys = set(all_keys)
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[-1] == "_target_":
+            names[key] = ".".join(parts[:-1])
+            continue
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if not any(other != key and f".{other}".endswith(f".{name}") for other in all_keys):
+                break
+        names[key] = name
+    return names
+
+
+def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per job: `job`, the varied keys, the `RESULTS` columns, and `grad_norms_at_start`
+    for the figures; best test accuracy first, so failed and unfinished jobs (no accuracy) come
+    last. Also returns each varied key's column name."""
+    jobs = job_dirs(sweep_dir)
+    if not jobs:
+        raise ConfigError(not_a_sweep(sweep_dir))
+    configs = [job_config(job) for job in jobs]
+    keys = varied_keys(configs)
+    varied = column_names(keys, (key for config in configs for key in config))
+    rows = []
+    for job, config in zip(jobs, configs, strict=True):
+        record = job_record(job)
+        row: dict[str, Any] = {"job": job.name}
+        for key, column in varied.items():
+            value = config.get(key)
+            is_target = key.endswith("._target_") and value is not None
+            row[column] = str(value).rsplit(".", 1)[-1].lower() if is_target else value
+        row.update({column: record.get(source) for column, source in RESULTS.items()})
+        row["grad_norms_at_start"] = record.get("grad_norms_at_start")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    numbers = [c for c in RESULTS if c not in ("status", "verdict", "error")]
+    table[numbers] = table[numbers].apply(pd.to_numeric)
+    table = table.sort_values("test/acc", ascending=False, na_position="last", kind="stable")
+    return table.reset_index(drop=True), varied
+
+
+def not_a_sweep(path: Path) -> str:
+    if not path.exists():
+        why = "it does not exist"
+    elif (path / ".hydra" / "config.yaml").is_file():
+        why = "it is a single run, not a sweep"
+    else:
+        why = "no subdirectory holds a job's .hydra/config.yaml"
+    return (
+        f"{path} is not a sweep directory: {why}. Fix: pass the directory a multirun wrote "
+        f"(`python -m vanishlab.train -m ...`), e.g. outputs/sweeps/<date>/<time>, or no "
+        f"argument for the newest sweep under outputs/sweeps/."
+    )
+
+
+def newest_sweep() -> Path:
+    """The newest sweep under outputs/sweeps/: `<date>/<time>` names sort by time, and Hydra
+    writes `multirun.yaml` as a sweep starts (a sweep.dir named by hand is not a candidate)."""
+    root = PROJECT_ROOT / "outputs" / "sweeps"
+    sweeps = sorted(path.parent for path in root.glob("*/*/multirun.yaml"))
+    if not sweeps:
+        raise ConfigError(
+            f"there is no sweep under {root}. Fix: run one (`python -m vanishlab.train -m "
+            f"model.depth=2,8`), or pass a sweep directory: python -m vanishlab.report <dir>."
+        )
+    return sweeps[-1]
+
+
+def absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def labels(table: pd.DataFrame, varied: dict[str, str], keys: Iterable[str]) -> pd.Series:
+    """Each job's values of the varied `keys` as one label, e.g. `normal, init.std=1.0, lr=0.1`
+    (an option's name stands alone; keys the job does not have are left out)."""
+
+    def label(row: dict[str, Any]) -> str:
+        parts = [
+            str(row[varied[key]])
+            if key.endswith("._target_")
+            else f"{varied[key]}={row[varied[key]]}"
+            for key in keys
+            if not absent(row[varied[key]])
+        ]
+        return ", ".join(parts)
+
+    return pd.Series([label(row) for row in table.to_dict("records")], index=table.index)
+
+
+def numeric_columns(table: pd.DataFrame, varied: dict[str, str]) -> list[str]:
+    """Varied columns with numbers and at least two distinct values: each gets an accuracy plot."""
+    return [
+        column
+        for column in varied.values()
+        if pd.api.types.is_numeric_dtype(table[column])
+        and not pd.api.types.is_bool_dtype(table[column])
+        and table[column].nunique() >= 2
+    ]
+
+
+def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> Figure | None:
+    others = [key for key, name in varied.items() if name != column]
+    table = table.assign(label=labels(table, varied, others))
+    done = table.dropna(subset=[column, "test/acc"])
+    if done.empty:
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    colours = palette(done["label"])
+    for label, group in done.groupby("label", sort=True):
+        group = group.sort_values(column)
+        ax.plot(group[column], group["test/acc"], "o-", color=colours[label], label=label or None)
+    low, high = done[column].min(), done[column].max()
+    if low > 0 and high / low > 100:  # lr-like: spans more than two decades
+        ax.set_xscale("log")
+    elif done[column].nunique() <= 12:
+        ax.set_xticks(sorted(done[column].unique()))
+    ax.set(xlabel=column, ylabel="test accuracy", ylim=(-0.02, 1.02))
+    ax.set_title(f"final test accuracy vs {column}")
+    ax.grid(alpha=0.3)
+    if others:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
+    """log10 gradient ratio at the start: depth (rows) x init (columns), a panel per activation."""
+    depth, activation = varied.get("model.depth"), varied.get("model.activation")
+    init_keys = [key for key in varied if key.split(".")[0] == "init"]
+    ratio = table["first_over_last_at_start"]
+    table = table.assign(
+        log_ratio=np.log10(ratio.where(np.isfinite(ratio) & (ratio > 0))),
+        row=table[depth] if depth else "",
+        init=labels(table, varied, init_keys) if init_keys else "",
+        panel=table[activation] if activation else "",
+    )
+    if not (depth or init_keys) or table["log_ratio"].isna().all():
+        return None
+    rows, columns = sorted(table["row"].unique()), sorted(table["init"].unique())
+    panels = sorted(table["panel"].unique())
+    limit = max(1.0, table["log_ratio"].abs().max())
+    fig = Figure(
+        figsize=(len(panels) * (1.2 * len(columns) + 1.5) + 1, 0.45 * len(rows) + 2),
+        layout="constrained",
+    )
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = colormaps["RdBu_r"].with_extremes(bad="lightgrey")
+    for ax, panel in zip(axes, panels, strict=True):
+        cells = (
+            table[table["panel"] == panel]
+            .pivot_table(index="row", columns="init", values="log_ratio", aggfunc="median")
+            .reindex(index=rows, columns=columns)
+        )
+        image = ax.imshow(
+            np.ma.masked_invalid(cells.to_numpy(dtype=float)),
+            cmap=cmap,
+            vmin=-limit,
+            vmax=limit,
+            aspect="auto",
+        )
+        for (i, j), value in np.ndenumerate(cells.to_numpy(dtype=float)):
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set(xlabel="init", ylabel=depth or "")
+        ax.set_title(f"{activation}={panel}" if activation else "")
+    fig.colorbar(image, ax=axes, label="log10(first / last layer grad norm) at start")
+    return fig
+
+
+def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
+    """Per-layer gradient norms at the first logged step: a panel per activation, a colour per
+    setting of the other keys but depth (a line's length already shows its depth)."""
+    activation = varied.get("model.activation")
+    others = [key for key in varied if key not in ("model.activation", "model.depth")]
+    table = table.assign(
+        label=labels(table, varied, others),
+        panel=table[activation] if activation else "",
+    )
+    table = table[table["grad_norms_at_start"].map(lambda norms: isinstance(norms, list))]
+    if table.empty:
+        return None
+    panels = sorted(table["panel"].unique())
+    colours = palette(table["label"])
+    fig = Figure(figsize=(4.5 * len(panels) + 1.5, 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for job in table[table["panel"] == panel].itertuples():
+            ax.plot(job.grad_norms_at_start, marker=".", color=colours[job.label], alpha=0.8)
+        ax.set_yscale("log")
+        ax.set(xlabel="layer (0 = input side)", title=f"{activation}={panel}" if activation else "")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("weight-gradient norm at start")
+    if len(colours) > 1:
+        legend(axes[-1], colours)
+    return fig
+
+
+def palette(names: Iterable[str]) -> dict[str, Any]:
+    """A distinct colour per name: tab10, tab20 beyond 10 names, a continuous map beyond 20."""
+    names = sorted(set(names))
+    if len(names) > 20:
+        return {name: colormaps["turbo"](i / (len(names) - 1)) for i, name in enumerate(names)}
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i) for i, name in enumerate(names)}
+
+
+def legend(ax: Axes, colours: dict[str, Any]) -> None:
+    """One entry per colour, beside the last panel (the panels share the colours)."""
+    handles = [Line2D([], [], color=colour, label=name) for name, colour in colours.items()]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The job's `LOSS_TAGS` as (steps, values), read straight from its TensorBoard event files.
+
+    Each file is a run of records: the length (8 bytes), its CRC (4), an `Event`, its CRC (4).
+    The CRCs are not checked: without TensorFlow, tensorboard's `EventAccumulator` checks them in
+    pure Python at about 3 MB/s, minutes for a real sweep whose events hold histograms and images.
+    A record cut short (the job is still writing) ends the file.
+    """
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for path in sorted(job_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            if pos + 16 + length > len(data):
+                break
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            for value in event.summary.value:  # Lightning logs scalars as `simple_value`
+                if value.tag in LOSS_TAGS and value.WhichOneof("value") == "simple_value":
+                    steps, values = curves.setdefault(value.tag, ([], []))
+                    steps.append(event.step)
+                    values.append(value.simple_value)
+    return curves
+
+
+def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
+    """Train and val loss against step, one line per job, coloured by verdict (or status)."""
+    outcome = table["verdict"].fillna(table["status"])
+    colours = palette(outcome)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = dict(zip(LOSS_TAGS, fig.subplots(1, len(LOSS_TAGS)), strict=True))
+    plotted = set()
+    for job, name in zip(table["job"], outcome, strict=True):
+        for tag, (steps, values) in loss_curves(sweep_dir / job).items():
+            values = np.asarray(values, dtype=float)
+            ok = np.isfinite(values) & (values > 0)  # a diverged loss ends the line
+            if ok.any():
+                axes[tag].plot(np.asarray(steps)[ok], values[ok], ".-", color=colours[name])
+                plotted.add(name)
+    if not plotted:
+        return None
+    for tag, ax in axes.items():
+        ax.set(xlabel="step", ylabel=tag, title=tag)
+        ax.grid(alpha=0.3)
+        if not ax.has_data():  # e.g. train/loss when an epoch is shorter than log_every_n_steps
+            ax.text(0.5, 0.5, f"no {tag} logged", transform=ax.transAxes, ha="center")
+        elif ax.dataLim.y1 > 10 * ax.dataLim.y0:  # exploding losses span decades
+            ax.set_yscale("log")
+    legend(ax, {name: colour for name, colour in colours.items() if name in plotted})
+    return fig
+
+
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def counts(column: pd.Series) -> str:
+    return ", ".join(f"{n} {name}" for name, n in column.value_counts().items()) or "none"
+
+
+def figure_name(column: str) -> str:
+    return "accuracy_vs_" + re.sub(r"[^\w.=-]", "_", column) + ".png"
+
+
+def write_report(sweep_dir: Path) -> Path:
+    """Write `results.csv`, the figures and `report.md` into `<sweep_dir>/report/`; return the
+    path of `report.md`. Figures that do not apply to this sweep are left out."""
+    table, varied = load_sweep(sweep_dir)
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    columns = ["job", *varied.values(), *RESULTS]
+    table[columns].to_csv(out / "results.csv", index=False)
+
+    figures = {
+        figure_name(column): (
+            plot_accuracy(table, varied, column),
+            f"Final test accuracy against `{column}`, one line per setting of the other varied "
+            f"keys: a line near 0.1 (chance) is a setting that did not learn.",
+        )
+        for column in numeric_columns(table, varied)
+    }
+    figures["grad_ratio_heatmap.png"] = (
+        plot_grad_ratio_heatmap(table, varied),
+        "log10 of the first-layer over last-layer gradient norm as initialised (first logged "
+        "step; median over a cell's jobs): 0 is balanced, strongly negative means the "
+        "input-side layers get vanishing gradients, strongly positive exploding ones; grey "
+        "cells have no data.",
+    )
+    figures["grad_profiles.png"] = (
+        plot_grad_profiles(table, varied),
+        "Each line is one job's weight-gradient norm per layer at the first logged step (layer 0 "
+        "is the input side, log scale): a line rising steeply to the right means the gradient "
+        "vanishes on its way back to the input, one falling to the right means it explodes.",
+    )
+    figures["loss_curves.png"] = (
+        plot_loss_curves(table, sweep_dir),
+        "Training and validation loss against the training step, one line per job coloured by "
+        "its verdict: a flat line did not learn, a line that stops early diverged.",
+    )
+    for stale in out.glob("*.png"):  # a figure that no longer applies must not linger
+        stale.unlink()
+    shown = []
+    for name, (fig, caption) in figures.items():
+        if fig is not None:
+            fig.savefig(out / name, dpi=100)
+            shown.append(f"![{name}]({name})\n\n{caption}\n")
+
+    md = out / "report.md"
+    md.write_text(
+        "\n".join(
+            [
+                f"# Sweep report: {sweep_dir.name}\n",
+                f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table['status'])}; "
+                f"verdict: {counts(table['verdict'])}. Varied: "
+                f"{', '.join(f'`{c}`' for c in varied.values()) or 'nothing'}.\n",
+                "Best test accuracy first; failed and unfinished jobs last. All rows: "
+                "[results.csv](results.csv).\n",
+                markdown_table(table[[*columns[1:], "job"]]) + "\n",
+                "## Figures\n",
+                *shown,
+            ]
+        )
+    )
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vanishlab.report",
+        description="Write a sweep's results table, figures and report.md into <sweep>/report/.",
+    )
+    parser.add_argument(
+        "sweep_dir",
+        nargs="?",
+        type=Path,
+        help="a sweep directory (default: the newest one under outputs/sweeps/)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.sweep_dir or newest_sweep()))
+    except ConfigError as err:
+        print(f"\nError: {err}\n", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The sweep report on a hand-made sweep: real composed configs, written metrics.json files
+(one failed and one unfinished job among them), and one job with real TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+import vanishlab.report
+from conftest import compose_config
+from vanishlab.report import (
+    column_names,
+    load_sweep,
+    loss_curves,
+    main,
+    plot_accuracy,
+    plot_grad_ratio_heatmap,
+    varied_keys,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
+
+
+def finished(verdict: str, acc: float, ratio: float, depth: int, **extra) -> dict:
+    """A metrics.json as `train` writes it, with a gradient profile that falls by `ratio`."""
+    return {
+        "status": "completed",
+        "epochs": 1,
+        "train_seconds": 1.5,
+        "val/loss": 0.5,
+        "val/acc": acc,
+        "grad_norm/first_over_last": ratio,
+        "evidence/first_over_last_at_start": ratio,
+        "evidence/max_dead_frac": 0.0,
+        "evidence/max_saturated_frac": 0.0,
+        "evidence/dead_outputs": 0.0,
+        "grad_norms_at_start": np.geomspace(ratio, 1.0, depth + 1).tolist(),
+        "test/loss": 0.5,
+        "test/acc": acc,
+        "evidence/classes_predicted": 10,
+        "verdict": verdict,
+        **extra,
+    }
+
+
+def add_job(sweep: Path, overrides: list[str], record: dict | None) -> Path:
+    """A job directory as a multirun leaves it; `record` None: started, not finished."""
+    job = sweep / ",".join(overrides)
+    cfg = compose_config(overrides, sweep / "data", output_dir=sweep)
+    cfg.paths.output_dir = "${hydra:runtime.output_dir}"  # as Hydra saves it
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, job / ".hydra" / "config.yaml", resolve=False)
+    (job / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides))
+    if record is not None:
+        (job / "metrics.json").write_text(json.dumps(record))
+    return job
+
+
+def write_losses(job: Path) -> None:
+    writer = SummaryWriter(log_dir=str(job))
+    for step, loss in enumerate(TRAIN_LOSS):
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("grad_norm/layer_00", 1.0, step)
+    writer.add_scalar("val/loss", 0.5, len(TRAIN_LOSS) - 1)
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Depth x activation x init, with one job of each status; the report is written once."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    write_losses(
+        add_job(sweep, ["init=kaiming_normal", "model.depth=2"], finished("trained", 0.9, 1.2, 2))
+    )
+    add_job(sweep, ["init=kaiming_normal", "model.depth=8"], finished("trained", 0.95, 0.8, 8))
+    add_job(
+        sweep,
+        ["init=normal", "model.activation=sigmoid", "model.depth=2"],
+        finished("vanishing", 0.3, 1e-3, 2),
+    )
+    add_job(
+        sweep,
+        ["init=normal", "model.activation=sigmoid", "model.depth=8"],
+        finished("diverged", 0.1, 1e-6, 8, status="diverged", diverged_at_step=3),
+    )
+    add_job(
+        sweep,
+        ["init=kaiming_normal", "model.depth=4"],
+        {"status": "failed", "error": "ConfigError: optimizer.lr=0 is not allowed"},
+    )
+    add_job(sweep, ["init=normal", "model.activation=sigmoid", "model.depth=4"], None)
+    write_report(sweep)
+    return sweep
+
+
+def test_varied_keys_are_the_ones_that_differ(sweep) -> None:
+    results = pd.read_csv(sweep / "report" / "results.csv")
+    varied = list(results.columns[1 : results.columns.get_loc("status")])
+    # init=normal brings a key (std) that kaiming_normal does not have.
+    assert sorted(varied) == ["activation", "depth", "init", "init.std"]
+    assert set(results["init"]) == {"kaiming_normal", "normal"}
+
+
+def test_varied_keys_skip_job_directories_and_count_missing_keys() -> None:
+    a = {"paths.output_dir": "/s/a", "callbacks.ckpt.dirpath": "/s/a/c", "seed": 0, "lr": 0.1}
+    b = {"paths.output_dir": "/s/b", "callbacks.ckpt.dirpath": "/s/b/c", "seed": 0, "lr": 0.1}
+    c = {**b, "init.std": 1.0}
+    assert varied_keys([a, b]) == []
+    assert varied_keys([a, c]) == ["init.std"]
+    assert varied_keys([a, {**b, "lr": 1.0}]) == ["lr"]
+
+
+def test_column_names_are_short_unless_ambiguous() -> None:
+    keys = ["model.depth", "init._target_", "init.std", "seed"]
+    all_keys = [*keys, "data.std", "data.seed", "model.width"]
+    assert column_names(keys, all_keys) == {
+        "model.depth": "depth",
+        "init._target_": "init",
+        "init.std": "init.std",
+        "seed": "seed",
+    }
+
+
+def test_results_csv_has_every_job_with_its_status_and_verdict(sweep) -> None:
+    results = pd.read_csv(sweep / "report" / "results.csv")
+    assert len(results) == 6
+    got = {
+        (row.depth, row.activation, row.status, str(row.verdict))
+        for row in results.itertuples(index=False)
+    }
+    assert got == {
+        (2, "relu", "completed", "trained"),
+        (8, "relu", "completed", "trained"),
+        (2, "sigmoid", "completed", "vanishing"),
+        (8, "sigmoid", "diverged", "diverged"),
+        (4, "relu", "failed", "nan"),
+        (4, "sigmoid", "unfinished", "nan"),
+    }
+    failed = results[results["status"] == "failed"].iloc[0]
+    assert failed["error"].startswith("ConfigError: optimizer.lr=0")
+
+
+def table_rows(report_md: str) -> list[dict[str, str]]:
+    lines = [line for line in report_md.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_report_table_is_sorted_with_failed_and_unfinished_last(sweep) -> None:
+    report_md = (sweep / "report" / "report.md").read_text()
+    assert "6 jobs" in report_md and "1 failed" in report_md and "1 unfinished" in report_md
+    rows = table_rows(report_md)
+    assert [row["status"] for row in rows[-2:]] == ["failed", "unfinished"]
+    accuracies = [float(row["test/acc"]) for row in rows[:-2]]
+    assert accuracies == sorted(accuracies, reverse=True) == [0.95, 0.9, 0.3, 0.1]
+
+
+def test_figures_are_valid_pngs_embedded_in_the_report(sweep) -> None:
+    report_md = (sweep / "report" / "report.md").read_text()
+    # depth is the only numeric key with two values: init.std is 1.0 or absent.
+    expected = ["accuracy_vs_depth", "grad_ratio_heatmap", "grad_profiles", "loss_curves"]
+    assert sorted(p.stem for p in (sweep / "report").glob("*.png")) == sorted(expected)
+    for name in expected:
+        png = sweep / "report" / f"{name}.png"
+        assert png.read_bytes().startswith(PNG_MAGIC)
+        assert matplotlib.image.imread(png).shape[0] > 100
+        assert f"]({name}.png)" in report_md
+
+
+def test_heatmap_has_a_panel_per_activation_and_names_init_with_its_keys(sweep) -> None:
+    table, varied = load_sweep(sweep)
+    fig = plot_grad_ratio_heatmap(table, varied)
+    relu, sigmoid = (ax for ax in fig.axes if ax.get_title())
+    assert (relu.get_title(), sigmoid.get_title()) == ("activation=relu", "activation=sigmoid")
+    std = table["init.std"].dropna().iloc[0]
+    inits = ["kaiming_normal", f"normal, init.std={std}"]
+    assert [label.get_text() for label in relu.get_xticklabels()] == inits
+    assert [label.get_text() for label in relu.get_yticklabels()] == ["2", "4", "8"]
+    # log10 of the ratios at the start; the failed and unfinished jobs' cells stay empty.
+    assert sorted(text.get_text() for text in relu.texts) == ["-0.1", "0.1"]
+    assert sorted(text.get_text() for text in sigmoid.texts) == ["-3.0", "-6.0"]
+
+
+def test_loss_curves_read_the_events_and_survive_a_cut_record(sweep, tmp_path) -> None:
+    job = shutil.copytree(sweep / "init=kaiming_normal,model.depth=2", tmp_path / "job")
+    events = next(job.glob("events.out.tfevents.*"))
+    with events.open("ab") as f:  # a record whose writer was killed mid-way
+        f.write((1000).to_bytes(8, "little") + b"\0" * 20)
+    curves = loss_curves(job)
+    assert set(curves) == {"train/loss", "val/loss"}
+    steps, values = curves["train/loss"]
+    assert steps == list(range(len(TRAIN_LOSS)))
+    assert values == pytest.approx(TRAIN_LOSS)
+    assert loss_curves(sweep / "init=kaiming_normal,model.depth=4") == {}
+
+
+def test_sweep_over_lr_only_has_no_heatmap_and_a_log_axis(tmp_path) -> None:
+    for lr, acc in ((1.0, 0.1), (0.01, 0.9), (0.001, 0.6)):
+        add_job(tmp_path, [f"optimizer.lr={lr}"], finished("trained", acc, 1.0, 2))
+    write_report(tmp_path)
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["accuracy_vs_lr.png", "grad_profiles.png"]
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert list(results["lr"]) == [0.01, 0.001, 1.0]
+    fig = plot_accuracy(results, {"optimizer.lr": "lr"}, "lr")
+    assert fig.axes[0].get_xscale() == "log"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "single run"])
+def test_cli_names_a_non_sweep_directory_and_exits_2(kind, tmp_path, capsys) -> None:
+    path = tmp_path / "dir"
+    if kind != "missing":
+        path.mkdir()
+    if kind == "single run":
+        (path / ".hydra").mkdir()
+        (path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not a sweep directory" in err and "Fix:" in err
+    assert not (path / "report").exists()
+
+
+def test_cli_without_argument_reports_the_newest_sweep(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(vanishlab.report, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "no sweep under" in capsys.readouterr().err
+    sweeps = tmp_path / "outputs" / "sweeps"
+    for name in ("2026-01-01/23-00-00-000000", "2026-01-02/01-00-00-000000"):
+        add_job(sweeps / name, ["model.depth=2"], finished("trained", 0.9, 1.0, 2))
+        (sweeps / name / "multirun.yaml").write_text("hydra: {}\n")
+    # A sweep.dir named by hand (hydra.sweep.dir=outputs/sweeps/mine): its jobs are not sweeps.
+    add_job(sweeps / "mine", ["model.depth=2"], finished("trained", 0.9, 1.0, 2))
+    main([])
+    newest = sweeps / "2026-01-02/01-00-00-000000" / "report" / "report.md"
+    assert capsys.readouterr().out.strip() == str(newest)
+    assert newest.is_file() and not (sweeps / "2026-01-01").joinpath("report").exists()
