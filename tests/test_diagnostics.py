@@ -112,20 +112,20 @@ def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_pat
     assert record["test/loss"] == record["test/loss"]  # the kept weights are finite: not NaN
 
 
+START = "evidence/first_over_last_at_start"
+
+
 @pytest.mark.parametrize(
     ("evidence", "expected"),
     [
-        ({"status": "diverged", "evidence/first_over_last_at_start": 1.0}, "diverged"),
-        ({"evidence/dead_outputs": 1.0, "evidence/first_over_last_at_start": 1e5}, "dead"),
+        ({"status": "diverged", START: 1.0}, "diverged"),
+        ({"evidence/dead_classes": 1, START: 1e5}, "dead"),
         ({"evidence/max_dead_frac": 1.0}, "dead"),
-        ({"evidence/first_over_last_at_start": 101.0}, "exploding"),
-        (
-            {"evidence/first_over_last_at_start": 0.009, "evidence/classes_predicted": 1},
-            "vanishing",
-        ),
-        ({"evidence/first_over_last_at_start": 1.0, "evidence/classes_predicted": 1}, "dead"),
-        ({"evidence/first_over_last_at_start": 0.011, "evidence/classes_predicted": 10}, "trained"),
-        ({"evidence/first_over_last_at_start": 99.0, "evidence/max_dead_frac": 0.99}, "trained"),
+        ({START: 101.0}, "exploding"),
+        ({START: 0.009, "evidence/classes_predicted": 1}, "vanishing"),
+        ({START: 1.0, "evidence/classes_predicted": 9}, "dead"),
+        ({START: 0.011, "evidence/classes_predicted": 10}, "trained"),
+        ({START: 99.0, "evidence/max_dead_frac": 0.99}, "trained"),
     ],
 )
 def test_verdict_rules_in_order(evidence, expected) -> None:

@@ -43,7 +43,7 @@ def finished(verdict: str, acc: float, ratio: float, depth: int, **extra) -> dic
         "evidence/first_over_last_at_start": ratio,
         "evidence/max_dead_frac": 0.0,
         "evidence/max_saturated_frac": 0.0,
-        "evidence/dead_outputs": 0.0,
+        "evidence/dead_classes": 0,
         "grad_norms_at_start": np.geomspace(ratio, 1.0, depth + 1).tolist(),
         "test/loss": 0.5,
         "test/acc": acc,

@@ -43,7 +43,7 @@ class GradientFlow(pl.Callback):
 
     After fit, `at_first_step` holds the per-layer gradient norms and their first-over-last
     ratio at the first logged step (the network as initialised), and `at_last_step` the
-    dead/saturated fractions and dead outputs at the last logged step.
+    ratio and the largest dead and saturated fractions at the last logged step.
     """
 
     def __init__(self, every_n_steps: int = 25, histograms_every_n_epochs: int = 1) -> None:
@@ -114,7 +114,6 @@ class GradientFlow(pl.Callback):
             "first_over_last": metrics["grad_norm/first_over_last"],
             "max_dead_frac": _max_of_family(metrics, "dead_frac"),
             "max_saturated_frac": _max_of_family(metrics, "saturated_frac"),
-            "dead_outputs": metrics.get("dead_outputs", 0.0),
         }
         if self._histograms:
             self._write_histograms(trainer, params)

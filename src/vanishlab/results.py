@@ -4,11 +4,11 @@ The verdict rules live here and only here; the README quotes them. They are chec
 and the first that matches names the run:
 
 1. `diverged`   the loss or a gradient became non-finite (training stopped at that step)
-2. `dead`       a hidden ReLU-family layer had every unit dead, or (output ReLU) a class's output
-                was 0 for every example of the batch, at the last logged step
+2. `dead`       a hidden ReLU-family layer had every unit dead at the last logged step, or a
+                class's output is 0 for every test image (an output ReLU that died)
 3. `exploding`  first-layer / last-layer weight-gradient norm above 1e2 at the first logged step
 4. `vanishing`  that ratio below 1e-2
-5. `dead`       the trained network predicts at most one class on the whole test split
+5. `dead`       the trained network never predicts some class on the test split (stuck)
 6. `trained`    none of the above
 """
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
 VERDICTS = ("trained", "vanishing", "exploding", "diverged", "dead")
+CLASSES = 10  # MNIST and Fashion-MNIST
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 
 # Numbers shown beside each run in the HParams table: final metrics and the verdict's evidence.
@@ -41,7 +42,7 @@ HPARAM_METRICS = (
     "grad_norm/first_over_last",
     "evidence/first_over_last_at_start",
     "evidence/max_dead_frac",
-    "evidence/dead_outputs",
+    "evidence/dead_classes",
     "evidence/max_saturated_frac",
     "evidence/classes_predicted",
 )
@@ -52,13 +53,13 @@ def verdict(record: dict[str, Any]) -> str:
     ratio = record.get("evidence/first_over_last_at_start", math.nan)
     if record["status"] == "diverged":
         return "diverged"
-    if record.get("evidence/max_dead_frac", 0) >= 1 or record.get("evidence/dead_outputs", 0) >= 1:
+    if record.get("evidence/max_dead_frac", 0) >= 1 or record.get("evidence/dead_classes", 0) >= 1:
         return "dead"
     if ratio > EXPLODING_ABOVE:
         return "exploding"
     if ratio < VANISHING_BELOW:
         return "vanishing"
-    if record.get("evidence/classes_predicted", 10) <= 1:
+    if record.get("evidence/classes_predicted", CLASSES) < CLASSES:
         return "dead"
     return "trained"
 

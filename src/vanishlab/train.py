@@ -95,7 +95,7 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
         if isinstance(callback, GradientFlow):
             record.update(gradient_evidence(callback))
     record.update(scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/"))
-    record["evidence/classes_predicted"] = classes_predicted(module, datamodule)
+    record.update(test_split_evidence(module, datamodule))
     record["verdict"] = verdict(record)
     log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
     return record
@@ -111,16 +111,19 @@ def gradient_evidence(flow: GradientFlow) -> dict[str, Any]:
         "evidence/first_over_last_at_start": first["first_over_last"],
         "evidence/max_dead_frac": last["max_dead_frac"],
         "evidence/max_saturated_frac": last["max_saturated_frac"],
-        "evidence/dead_outputs": last["dead_outputs"],
         "grad_norms_at_start": first["grad_norms"],
     }
 
 
 @torch.no_grad()
-def classes_predicted(module: Classifier, datamodule: MNISTDataModule) -> int:
-    """How many classes the network predicts over the whole test split (1 = stuck)."""
-    predicted = torch.cat([module(x).argmax(dim=1) for x, _ in datamodule.test_dataloader()])
-    return predicted.unique().numel()
+def test_split_evidence(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
+    """How many classes the trained network predicts on the test split, and how many it cannot
+    predict at all: a class whose output is 0 for every test image (its output ReLU died)."""
+    outputs = torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+    return {
+        "evidence/classes_predicted": outputs.argmax(dim=1).unique().numel(),
+        "evidence/dead_classes": int((outputs == 0).all(dim=0).sum()),
+    }
 
 
 def print_config(cfg: DictConfig) -> None:
