@@ -94,7 +94,9 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
             )
         if isinstance(callback, GradientFlow):
             record.update(gradient_evidence(callback))
+    start = time.perf_counter()
     record.update(scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/"))
+    record["test_seconds"] = round(time.perf_counter() - start, 3)
     record.update(test_split_evidence(module, datamodule))
     record["verdict"] = verdict(record)
     log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
