@@ -177,7 +177,7 @@ def _max_of_family(metrics: dict[str, float], family: str) -> float:
 def gradient_flow_figure(epoch_profiles: dict[int, list[float]]) -> Figure:
     """Per-layer weight-gradient norm on a log axis, one line per epoch: a line that falls
     toward layer 0 is a vanishing gradient, one that rises is an exploding gradient."""
-    figure = Figure(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(5, 3.5), dpi=80)
     axes = figure.add_subplot()
     for epoch, norms in epoch_profiles.items():
         axes.plot(range(len(norms)), norms, marker="o", label=f"epoch {epoch}")
