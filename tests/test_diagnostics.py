@@ -130,3 +130,12 @@ START = "evidence/first_over_last_at_start"
 )
 def test_verdict_rules_in_order(evidence, expected) -> None:
     assert verdict({"status": "completed", **evidence}) == expected
+
+
+def test_zero_gradients_and_zero_weights_are_logged_without_failing(tiny_data, tmp_path) -> None:
+    # init=zeros: every hidden gradient is exactly 0 (log10 undefined), histograms of constants.
+    cfg = compose_config([*FAST, "init=zeros", "trainer.max_epochs=2"], tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    assert record["status"] == "completed"
+    assert record["grad_norms_at_start"][0] == 0.0
+    assert "gradient_flow" in read_events(tmp_path).Tags()["images"]
