@@ -176,11 +176,14 @@ class GradientFlow(pl.Callback):
 
 
 def add_histogram(
-    writer: SummaryWriter, tag: str, values: Tensor, step: int, bins: int = 64
+    writer: SummaryWriter, tag: str, values: Tensor | None, step: int, bins: int = 64
 ) -> None:
     """A TensorBoard histogram binned on the device with `torch.histc`: 10x cheaper than
     `add_histogram`'s numpy binning into ~1500 exponential buckets. Non-finite values (an
-    overflowing activation) are left out rather than failing the run."""
+    overflowing activation) are left out rather than failing the run; so are cleared gradients
+    (`None`, a step StopOnDivergence dropped)."""
+    if values is None:
+        return
     values = values.detach().float().flatten()
     values = values[torch.isfinite(values)]
     if not len(values):
