@@ -178,10 +178,11 @@ class GradientFlow(pl.Callback):
 def add_histogram(
     writer: SummaryWriter, tag: str, values: Tensor | None, step: int, bins: int = 64
 ) -> None:
-    """A TensorBoard histogram binned on the device with `torch.histc`: 10x cheaper than
-    `add_histogram`'s numpy binning into ~1500 exponential buckets. Non-finite values (an
-    overflowing activation) are left out rather than failing the run; so are cleared gradients
-    (`None`, a step StopOnDivergence dropped)."""
+    """A TensorBoard histogram binned on the device by `torch.histc` into `bins` equal buckets.
+
+    Unlike `add_histogram`, which fails on them, non-finite values (an overflowing activation)
+    are left out; so are cleared gradients (`None`, a step that StopOnDivergence dropped).
+    """
     if values is None:
         return
     values = values.detach().float().flatten()
