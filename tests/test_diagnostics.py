@@ -124,6 +124,8 @@ START = "evidence/first_over_last_at_start"
         ({START: 101.0}, "exploding"),
         ({START: 0.009, "evidence/classes_predicted": 1}, "vanishing"),
         ({START: 1.0, "evidence/classes_predicted": 9}, "dead"),
+        ({START: 1.0, "evidence/max_saturated_frac": 0.5}, "vanishing"),
+        ({START: 101.0, "evidence/max_saturated_frac": 0.9}, "exploding"),
         ({START: 0.011, "evidence/classes_predicted": 10}, "trained"),
         ({START: 99.0, "evidence/max_dead_frac": 0.99}, "trained"),
     ],

@@ -7,7 +7,8 @@ and the first that matches names the run:
 2. `dead`       a hidden ReLU-family layer had every unit dead at the last logged step, or a
                 class's output is 0 for every test image (an output ReLU that died)
 3. `exploding`  first-layer / last-layer weight-gradient norm above 1e2 at the first logged step
-4. `vanishing`  that ratio below 1e-2
+4. `vanishing`  that ratio below 1e-2, or at the last logged step half or more of a sigmoid/tanh
+                layer's outputs saturated (their derivative is ~0: no gradient passes)
 5. `dead`       the trained network never predicts some class on the test split (stuck)
 6. `trained`    none of the above
 """
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
+SATURATED_FROM = 0.5
 VERDICTS = ("trained", "vanishing", "exploding", "diverged", "dead")
 CLASSES = 10  # MNIST and Fashion-MNIST
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
@@ -57,7 +59,7 @@ def verdict(record: dict[str, Any]) -> str:
         return "dead"
     if ratio > EXPLODING_ABOVE:
         return "exploding"
-    if ratio < VANISHING_BELOW:
+    if ratio < VANISHING_BELOW or record.get("evidence/max_saturated_frac", 0) >= SATURATED_FROM:
         return "vanishing"
     if record.get("evidence/classes_predicted", CLASSES) < CLASSES:
         return "dead"
