@@ -339,7 +339,9 @@ def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
-    """Train and val loss against step, one line per job, coloured by verdict (or status)."""
+    """Train and val loss against step, one line per job, coloured by verdict (or status).
+    Diverged jobs are left out: their loss, 1e20 and beyond, would flatten every other line."""
+    table = table[table["status"] != "diverged"]
     outcome = table["verdict"].fillna(table["status"])
     colours = palette(outcome)
     fig = Figure(figsize=(11, 4), layout="constrained")
@@ -418,7 +420,7 @@ def write_report(sweep_dir: Path) -> Path:
     figures["loss_curves.png"] = (
         plot_loss_curves(table, sweep_dir),
         "Training and validation loss against the training step, one line per job coloured by "
-        "its verdict: a flat line did not learn, a line that stops early diverged.",
+        "its verdict (diverged jobs left out): a flat line did not learn.",
     )
     for stale in out.glob("*.png"):  # a figure that no longer applies must not linger
         stale.unlink()
