@@ -35,7 +35,7 @@ from vanishlab.config import CONFIG_DIR, PROJECT_ROOT
 from vanishlab.train import build, build_trainer
 
 DATA_DIR = os.environ.get("DATA_DIR", str(PROJECT_ROOT / "data"))
-EPOCHS = 3  # per run; the first is a warm-up and is dropped
+EPOCHS = 4  # per run; the first is a warm-up and is dropped
 ROUNDS = 3
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
