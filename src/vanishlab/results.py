@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
 SATURATED_FROM = 0.5
-VERDICTS = ("trained", "vanishing", "exploding", "diverged", "dead")
 CLASSES = 10  # MNIST and Fashion-MNIST
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 
