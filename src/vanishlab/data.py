@@ -30,7 +30,8 @@ class TensorBatches:
     """An iterable of `(x, y)` batches over tensors already on their device.
 
     Lightning accepts any sized iterable as a dataloader. Under DDP each rank takes every
-    `world_size`-th batch of the same permutation, so ranks see disjoint data.
+    `world_size`-th batch of the same permutation, so ranks see disjoint data, and the batches
+    left over are dropped so every rank runs the same number of steps (else DDP hangs).
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class TensorBatches:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size / self.world_size)
+        return math.ceil(len(self.x) / self.batch_size) // self.world_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.x)
@@ -58,7 +59,8 @@ class TensorBatches:
             order = torch.randperm(n, generator=self.generator).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
-        for batch in order.split(self.batch_size)[self.rank :: self.world_size]:
+        batches = order.split(self.batch_size)[: len(self) * self.world_size]
+        for batch in batches[self.rank :: self.world_size]:
             yield self.x[batch], self.y[batch]
 
 
