@@ -6,7 +6,6 @@ that config rebuilds the same data module and network, then Lightning restores t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import rich
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vanishlab import ConfigError
+from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR
 from vanishlab.results import write_json
 from vanishlab.train import build, scalars
@@ -55,8 +54,7 @@ def main(cfg: DictConfig) -> None:
     try:
         record = evaluate(cfg)
     except ConfigError as err:
-        print(f"\nError: {err}\n", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
     write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
     rich.print(record)
 

@@ -22,7 +22,6 @@ import argparse
 import math
 import re
 import struct
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event
 
-from vanishlab import ConfigError
+from vanishlab import ConfigError, exit_with
 from vanishlab.config import PROJECT_ROOT
 from vanishlab.results import read_record
 
@@ -464,8 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(write_report(args.sweep_dir or newest_sweep()))
     except ConfigError as err:
-        print(f"\nError: {err}\n", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
 
 
 if __name__ == "__main__":

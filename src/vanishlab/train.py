@@ -10,7 +10,6 @@ import functools
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from vanishlab import ConfigError
+from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_config
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import GradientFlow, StopOnDivergence
@@ -174,8 +173,7 @@ def main(cfg: DictConfig) -> float:
             log.exception("Job %s failed; the sweep goes on", output_dir.name)
             return math.nan
         if isinstance(err, ConfigError):
-            print(f"\nError: {err}\n", file=sys.stderr)
-            raise SystemExit(2) from None
+            exit_with(err)
         raise
     if rank_zero_only.rank != 0:  # under DDP, every process runs this; one writes the record
         return math.nan
