@@ -60,7 +60,8 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
         assert tag in tags["scalars"], tag
     for family in ("weights", "grads", "activations"):
         assert f"{family}/layer_03" in tags["histograms"]
-    assert "gradient_flow" in tags["images"]
+    # One image per epoch (at its last global step), the same figure redrawn with a line more.
+    assert [e.step for e in events.Images("gradient_flow")] == [10, 20]
 
     # 10 steps per epoch, logged every 4 steps: 0, 4, 8, 12, 16 and nothing between.
     assert [e.step for e in events.Scalars("grad_norm/layer_00")] == [0, 4, 8, 12, 16]
