@@ -3,11 +3,17 @@ TensorBoard's own event reader."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch import nn
 
 from conftest import FAST, compose_config
+from vanishlab.diagnostics import StopOnDivergence
 from vanishlab.results import HPARAM_METRICS, hparams, verdict
 from vanishlab.train import fit_and_test
 
@@ -111,6 +117,35 @@ def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_pat
     assert record["diverged_at_epoch"] == 0 and 0 < record["diverged_at_step"] < 10
     assert record["epochs"] == 0  # stopped in its first epoch, not trained on NaNs for 3
     assert record["test/loss"] == record["test/loss"]  # the kept weights are finite: not NaN
+
+
+def check_divergence(bad_entry: float | None) -> tuple:
+    """(trainer, callback, net) after one StopOnDivergence check that saw a finite loss and
+    gradients of 1e3, one entry of which is `bad_entry` (none if None)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    trainer = SimpleNamespace(global_step=7, current_epoch=1, should_stop=False)
+    stop = StopOnDivergence()
+    stop.on_fit_start(trainer, net)
+    stop.on_before_backward(trainer, net, torch.tensor(0.5))
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    if bad_entry is not None:
+        net[0].weight.grad[2, 1] = bad_entry
+    stop.on_before_optimizer_step(trainer, net, torch.optim.SGD(net.parameters(), lr=0.1))
+    return trainer, stop, net
+
+
+@pytest.mark.parametrize("bad_entry", [math.inf, -math.inf, math.nan])
+def test_one_non_finite_gradient_entry_stops_the_run_and_drops_the_step(bad_entry) -> None:
+    trainer, stop, net = check_divergence(bad_entry)
+    assert trainer.should_stop and stop.diverged_at == {"step": 7, "epoch": 1}
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_finite_gradients_do_not_stop_the_run() -> None:
+    trainer, stop, net = check_divergence(None)
+    assert not trainer.should_stop and stop.diverged_at is None
+    assert all(p.grad is not None for p in net.parameters())
 
 
 START = "evidence/first_over_last_at_start"

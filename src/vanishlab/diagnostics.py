@@ -253,8 +253,9 @@ class StopOnDivergence(pl.Callback):
 
     The bad update is dropped (the gradients are cleared before the optimizer step), so the
     weights, and the last checkpoint, stay those of the last good step, and the run ends as
-    `diverged` rather than training on NaNs. The check costs one host-device sync per step,
-    which is free on the CPU.
+    `diverged` rather than training on NaNs. A gradient whose norm overflows (a sum of squares
+    past float32's 3e38) counts as divergence too: such a step would overflow the weights. The check
+    costs one host-device sync per step, which is free on the CPU.
     """
 
     def __init__(self) -> None:
