@@ -6,7 +6,7 @@ Needs the real MNIST files (DATA_DIR, default <project>/data). Ratios, with thei
 3. epoch with the GradientFlow callback at its defaults / without it                (<= 1.10)
    measured inside each epoch: its whole time over that time less the time spent in
    GradientFlow's hooks, so host noise hits both sides alike (3a, two separate runs, is
-   printed as a cross-check; only Lightning's dispatch of the hooks, ~2 us each, is left out)
+   printed as a cross-check; only Lightning's dispatch of the hooks, a few us each, is left out)
 4. per-job overhead of the basic launcher: wall time beyond fit + test, per job      (<= 1.5 s)
 5. joblib (2 jobs x 1 thread) / basic launcher wall time, 8-job 1-epoch sweep        (<= 0.8)
 
@@ -14,7 +14,7 @@ Two more lines are the floors those targets meet on this machine, printed for re
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
     / the plain loop: the least ratio 1 can be while training stays Lightning's.
 5a. joblib's fit+test seconds over two workers / basic's fit+test seconds: ratio 5 if the
-    workers started for free; on 2 cores, torch's two intra-op threads already use both.
+    workers started for free.
 
 Timings drift on a shared machine (here, epochs of one run vary by up to 50% with the host's
 load), so compared runs alternate (ROUNDS), the first (warm-up) epoch of each run is dropped,
@@ -52,14 +52,9 @@ DATA_DIR = os.environ.get("DATA_DIR", str(PROJECT_ROOT / "data"))
 EPOCHS = 4  # per run; the first is a warm-up and is not counted
 ROUNDS = 5
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-# Every GradientFlow method Lightning or a forward hook calls during training.
-GRADIENT_FLOW_HOOKS = (
-    "on_train_batch_start",
-    "_capture",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_train_epoch_end",
-)
+# Every GradientFlow method called during training: the Lightning hooks it overrides, and the
+# forward hook it registers on logging steps.
+GRADIENT_FLOW_HOOKS = [name for name in vars(GradientFlow) if name.startswith("on_")] + ["_capture"]
 BARE_LIGHTNING = (
     "~callbacks",
     "~logger",

@@ -125,7 +125,6 @@ def check_divergence(bad_entry: float | None) -> tuple:
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     trainer = SimpleNamespace(global_step=7, current_epoch=1, should_stop=False)
     stop = StopOnDivergence()
-    stop.on_fit_start(trainer, net)
     stop.on_before_backward(trainer, net, torch.tensor(0.5))
     for p in net.parameters():
         p.grad = torch.full_like(p, 1e3)

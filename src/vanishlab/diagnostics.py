@@ -71,7 +71,7 @@ class GradientFlow(pl.Callback):
         self.activation: str = net.activation
         self.output_relu = net.output_activation == "relu"
         self._profiles_this_epoch: list[list[float]] = []
-        self._figure: GradientFlowFigure | None = None
+        self._figure = GradientFlowFigure(len(self.blocks))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         self._step = trainer.global_step
@@ -174,8 +174,6 @@ class GradientFlow(pl.Callback):
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return
-        if self._figure is None:
-            self._figure = GradientFlowFigure(len(self.blocks))
         figure = self._figure.update(self.epoch_profiles)
         for writer in writers:
             writer.add_figure("gradient_flow", figure, trainer.global_step, close=False)
@@ -220,10 +218,9 @@ class GradientFlowFigure:
     (last): a line that falls toward layer 0 is a vanishing gradient, one that rises an
     exploding one.
 
-    It is drawn every epoch, so it is kept cheap: one figure is kept and redrawn (building it
-    anew costs about as much as drawing it), log10 values on a linear axis, colours instead of
-    a legend, and a fixed title position (log-scale ticks, a legend, automatic title placement
-    and `tight_layout` each cost a third or more)."""
+    It is drawn every epoch, so it is kept cheap: one figure is kept and redrawn (about 42 ms
+    here, against 54 ms to build and draw a new one), and colours stand in for a legend (a
+    legend costs half as much again, `tight_layout` a quarter)."""
 
     def __init__(self, n_layers: int) -> None:
         self.figure = Figure(figsize=(5, 3.5), dpi=80)
@@ -231,7 +228,7 @@ class GradientFlowFigure:
         self.axes.set_xticks(range(n_layers))
         self.axes.set_xlabel("layer (0 = input side)")
         self.axes.set_ylabel("log10 weight-gradient L2 norm")
-        self.title = self.axes.set_title("", y=1.0)
+        self.title = self.axes.set_title("")
         self.figure.subplots_adjust(left=0.15, bottom=0.13)  # room for the labels
 
     def update(self, epoch_profiles: dict[int, list[float]]) -> Figure:
@@ -254,8 +251,9 @@ class StopOnDivergence(pl.Callback):
     The bad update is dropped (the gradients are cleared before the optimizer step), so the
     weights, and the last checkpoint, stay those of the last good step, and the run ends as
     `diverged` rather than training on NaNs. A gradient whose norm overflows (a sum of squares
-    past float32's 3e38) counts as divergence too: such a step would overflow the weights. The check
-    costs one host-device sync per step, which is free on the CPU.
+    past float32's 3e38) counts as divergence too: checking sums instead let the lr=1e4 test's
+    next step turn the weights non-finite. The check costs one host-device sync per step, which
+    is free on the CPU.
     """
 
     def __init__(self) -> None:
