@@ -54,7 +54,7 @@ FAST = [
     "data.download=false",
     "trainer.max_epochs=1",
     "trainer.log_every_n_steps=1",
-    "~callbacks.progress_bar",
+    "++callbacks.progress_bar=null",
 ]
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import FAST, compose_config
 from vanishlab.diagnostics import StopOnDivergence
-from vanishlab.results import HPARAM_METRICS, hparams, verdict
+from vanishlab.results import FULL_EPOCHS, HPARAM_METRICS, START, hparams, verdict
 from vanishlab.train import fit_and_test
 
 
@@ -147,25 +147,32 @@ def test_finite_gradients_do_not_stop_the_run() -> None:
     assert all(p.grad is not None for p in net.parameters())
 
 
-START = "evidence/first_over_last_at_start"
+TRAINED = {FULL_EPOCHS: 1}  # one full pass over the training split
 
 
 @pytest.mark.parametrize(
     ("evidence", "expected"),
     [
         ({"status": "diverged", START: 1.0}, "diverged"),
-        ({"evidence/dead_classes": 1, START: 1e5}, "dead"),
-        ({"evidence/max_dead_frac": 1.0}, "dead"),
+        ({"test/loss": math.nan, **TRAINED}, "diverged"),  # no StopOnDivergence (callbacks=none)
+        ({"evidence/dead_classes": 1, START: 1e5, **TRAINED}, "dead"),
+        ({"evidence/max_dead_frac": 1.0, START: 1.0}, "dead"),
         ({START: 101.0}, "exploding"),
-        ({START: 0.009, "evidence/classes_predicted": 1}, "vanishing"),
-        ({START: 1.0, "evidence/classes_predicted": 9}, "dead"),
+        ({START: 0.009, "evidence/classes_predicted": 1, **TRAINED}, "vanishing"),
+        ({START: 1.0, "evidence/classes_predicted": 9, **TRAINED}, "dead"),
         ({START: 1.0, "evidence/max_saturated_frac": 0.5}, "vanishing"),
         ({START: 101.0, "evidence/max_saturated_frac": 0.9}, "exploding"),
-        ({START: 0.011, "evidence/classes_predicted": 10}, "trained"),
-        ({START: 99.0, "evidence/max_dead_frac": 0.99}, "trained"),
+        ({START: 0.011, "evidence/classes_predicted": 10, **TRAINED}, "trained"),
+        ({START: 99.0, "evidence/max_dead_frac": 0.99, **TRAINED}, "trained"),
+        ({"evidence/classes_predicted": 10, **TRAINED}, "trained"),  # no GradientFlow
+        # Without the evidence a rule needs, it does not fire:
+        ({}, "too_short"),  # max_epochs=0: nothing measured, no full pass
+        ({START: 1.0, "evidence/classes_predicted": 1}, "too_short"),  # fast_dev_run
+        ({"evidence/dead_classes": 3, "evidence/classes_predicted": 2}, "too_short"),
+        ({"evidence/max_dead_frac": 1.0, **TRAINED}, "trained"),  # dead_frac needs a measurement
     ],
 )
-def test_verdict_rules_in_order(evidence, expected) -> None:
+def test_verdict_rules_in_order_and_the_evidence_each_needs(evidence, expected) -> None:
     assert verdict({"status": "completed", **evidence}) == expected
 
 

@@ -2,18 +2,24 @@
 
 Hydra rejects unknown group options itself; `check_config` catches bad values of known keys
 before anything is built, so no run starts (or writes checkpoints) on a setting that cannot work.
+Each checked key is one `Domain` row below; a key a config does not have (`init.std` exists for
+`init=normal` only, `callbacks.gradient_flow` not under `callbacks=none`) is not checked.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
-from vanishlab.data import DATASETS, TRAIN_SIZE
+from vanishlab.data import DATASETS, TEST_SIZE, TRAIN_SIZE
 from vanishlab.nets import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
 # The configs live beside the package (`conf/`), so vanishlab is installed editable.
@@ -23,74 +29,180 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
-def _require(ok: bool, key: str, value: object, why: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {why}. Fix: {fix}.")
+def integer(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def number(low: float, high: float = float("inf"), *, low_open: bool = False) -> Callable:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return False
+        return (low < v if low_open else low <= v) and v < high
+
+    return ok
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values `key` may take: `ok(value)` says; `why` and `fix` finish the paragraph."""
+
+    key: str
+    ok: Callable[[Any], bool]
+    why: str
+    fix: str
+
+
+DOMAINS = (
+    Domain(
+        "model.depth",
+        integer(1),
+        "the MLP needs at least one hidden layer",
+        "an integer >= 1, e.g. 2",
+    ),
+    Domain(
+        "model.width",
+        integer(1),
+        "a hidden layer needs at least one unit",
+        "an integer >= 1, e.g. 200",
+    ),
+    Domain(
+        "model.activation",
+        lambda v: v in ACTIVATIONS,
+        "it is not a known activation",
+        f"one of {', '.join(ACTIVATIONS)}",
+    ),
+    Domain(
+        "model.output_activation",
+        lambda v: v in OUTPUT_ACTIVATIONS,
+        "it is not a known output activation",
+        "null (raw logits) or relu",
+    ),
+    Domain(
+        "init.std", number(0), "a standard deviation cannot be negative", "a number >= 0, e.g. 1.0"
+    ),
+    Domain(
+        "init.gain",
+        number(0, low_open=True),
+        "the gain scales the weights",
+        "a number > 0, e.g. 1.0",
+    ),
+    Domain(
+        "optimizer.lr",
+        number(0, low_open=True),
+        "the learning rate must be positive",
+        "a number > 0, e.g. 0.01",
+    ),
+    Domain(
+        "optimizer.momentum",
+        number(0, 1),
+        "momentum is a decay factor in [0, 1)",
+        "a number in [0, 1), e.g. 0.9",
+    ),
+    Domain(
+        "optimizer.weight_decay",
+        number(0),
+        "weight decay cannot be negative",
+        "a number >= 0, e.g. 0.0",
+    ),
+    Domain(
+        "data.batch_size",
+        integer(1),
+        "a batch needs at least one example",
+        "an integer >= 1, e.g. 200",
+    ),
+    Domain(
+        "data.val_size",
+        lambda v: integer(0)(v) and v < TRAIN_SIZE,
+        f"the validation split is taken from the {TRAIN_SIZE} training images",
+        f"an integer in [0, {TRAIN_SIZE}), e.g. 5000 (0 = validate on test)",
+    ),
+    Domain(
+        "data.dataset", lambda v: v in DATASETS, "it is not a known dataset", " or ".join(DATASETS)
+    ),
+    Domain("trainer.max_epochs", integer(0), "it counts epochs", "an integer >= 0, e.g. 10"),
+    Domain(
+        "trainer.accelerator",
+        lambda v: v != "gpu" or torch.cuda.is_available(),
+        "torch sees no CUDA GPU on this machine",
+        "auto (trainer=default picks the GPU when there is one) or cpu",
+    ),
+    Domain(
+        "callbacks.gradient_flow.every_n_steps",
+        integer(1),
+        "GradientFlow measures every n-th optimizer step",
+        "an integer >= 1, e.g. 25",
+    ),
+    Domain(
+        "callbacks.gradient_flow.histograms_every_n_epochs",
+        integer(1),
+        "GradientFlow writes histograms every n-th epoch",
+        "an integer >= 1, e.g. 1",
+    ),
+)
+ABSENT = object()
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` for the first bad value of the keys users set most often."""
-    model, data = cfg.model, cfg.data
-    _require(
-        isinstance(model.depth, int) and model.depth >= 1,
-        "model.depth",
-        model.depth,
-        "the MLP needs at least one hidden layer",
-        "set model.depth to an integer >= 1, e.g. 2",
-    )
-    _require(
-        isinstance(model.width, int) and model.width >= 1,
-        "model.width",
-        model.width,
-        "a hidden layer needs at least one unit",
-        "set model.width to an integer >= 1, e.g. 200",
-    )
-    _require(
-        model.activation in ACTIVATIONS,
-        "model.activation",
-        model.activation,
-        "it is not a known activation",
-        f"use one of {', '.join(ACTIVATIONS)}",
-    )
-    _require(
-        model.output_activation in OUTPUT_ACTIVATIONS,
-        "model.output_activation",
-        model.output_activation,
-        "it is not a known output activation",
-        "use null (raw logits) or relu",
-    )
-    _require(
-        cfg.optimizer.lr > 0,
-        "optimizer.lr",
-        cfg.optimizer.lr,
-        "the learning rate must be positive",
-        "set optimizer.lr to a number > 0, e.g. 0.01",
-    )
-    _require(
-        isinstance(data.batch_size, int) and data.batch_size >= 1,
-        "data.batch_size",
-        data.batch_size,
-        "a batch needs at least one example",
-        "set data.batch_size to an integer >= 1, e.g. 200",
-    )
-    _require(
-        isinstance(data.val_size, int) and 0 <= data.val_size < TRAIN_SIZE,
-        "data.val_size",
-        data.val_size,
-        f"the validation split is taken from the {TRAIN_SIZE} training images",
-        f"set data.val_size to an integer in [0, {TRAIN_SIZE}), e.g. 5000 (0 = validate on test)",
-    )
-    _require(
-        data.dataset in DATASETS,
-        "data.dataset",
-        data.dataset,
-        "it is not a known dataset",
-        f"use data={' or data='.join(DATASETS)}",
-    )
-    _require(
-        cfg.trainer.accelerator != "gpu" or torch.cuda.is_available(),
-        "trainer.accelerator",
-        cfg.trainer.accelerator,
-        "torch sees no CUDA GPU on this machine",
-        "use trainer=default (accelerator auto picks the GPU when there is one) or trainer=cpu",
-    )
+    """Raise `ConfigError` for the first value outside its `Domain`, and for a `ckpt_path` that
+    is not a file."""
+    for domain in DOMAINS:
+        value = OmegaConf.select(cfg, domain.key, default=ABSENT)
+        if value is not ABSENT and not domain.ok(value):
+            raise ConfigError(
+                f"{domain.key}={value!r} is not allowed: {domain.why}. "
+                f"Fix: set {domain.key} to {domain.fix}."
+            )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} is not a file. Fix: point it at a run's checkpoint, e.g. "
+            f"ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt, or leave it null."
+        )
+
+
+def check_memory(meta_net: torch.nn.Module, batch_shape: tuple[int, ...], on_gpu: bool) -> None:
+    """Raise `ConfigError` if the run would need more memory than the device has free.
+
+    `meta_net` is the network built on PyTorch's `meta` device: it has shapes but no storage, so
+    even a network far too large for the machine costs nothing to measure, whatever its layers.
+    The estimate counts each parameter five times (the weight, its gradient, two optimizer
+    slots as Adam keeps, and GradientFlow's copy before the step) and each activation of a
+    forward pass on one batch three times (the output, what backward keeps, its gradient), plus
+    the data splits held as float32 tensors.
+    """
+    activations = 0
+
+    def count(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal activations
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            activations += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in meta_net.modules()]
+    meta_net(torch.empty(batch_shape, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    parameters = sum(p.numel() for p in meta_net.parameters())
+    data = (TRAIN_SIZE + TEST_SIZE) * math.prod(batch_shape[1:])
+    needed = 4 * (5 * parameters + 3 * activations + data)
+    free = free_memory(on_gpu)
+    if needed > free:
+        raise ConfigError(
+            f"this config needs about {needed / 2**30:.1f} GiB ({parameters:,} parameters, "
+            f"{activations:,} activation values per batch of {batch_shape[0]}), but the "
+            f"{'GPU' if on_gpu else 'machine'} has {free / 2**30:.1f} GiB free. Fix: make the "
+            f"network smaller (model.width, model.depth) or the batch (data.batch_size), or run "
+            f"on a machine with more memory."
+        )
+
+
+def free_memory(on_gpu: bool) -> int:
+    """Bytes the run can still allocate: the GPU's free memory, else Linux's MemAvailable, else
+    (elsewhere) the machine's physical memory."""
+    if on_gpu:
+        return torch.cuda.mem_get_info()[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -24,14 +24,17 @@ DATASETS: dict[str, type[datasets.MNIST]] = {
     "fashion_mnist": datasets.FashionMNIST,
 }
 TRAIN_SIZE = 60_000
+TEST_SIZE = 10_000
 
 
 class TensorBatches:
     """An iterable of `(x, y)` batches over tensors already on their device.
 
-    Lightning accepts any sized iterable as a dataloader. Under DDP each rank takes every
-    `world_size`-th batch of the same permutation, so ranks see disjoint data, and the batches
-    left over are dropped so every rank runs the same number of steps (else DDP hangs).
+    Lightning accepts any sized iterable as a dataloader. Each pass draws its order from
+    `generator` (None = the stored order), so successive epochs continue one random sequence.
+    Under DDP each rank takes every `world_size`-th batch of the same permutation, so ranks see
+    disjoint data, and the batches left over are dropped so every rank runs the same number of
+    steps (else DDP hangs).
     """
 
     def __init__(
@@ -39,26 +42,24 @@ class TensorBatches:
         x: Tensor,
         y: Tensor,
         batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
+        generator: torch.Generator | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size = batch_size
-        self.shuffle = shuffle
+        self.generator = generator
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.x) / self.batch_size) // self.world_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
+        if self.generator is None:
             order = torch.arange(n, device=self.x.device)
+        else:
+            order = torch.randperm(n, generator=self.generator).to(self.x.device)
         batches = order.split(self.batch_size)[: len(self) * self.world_size]
         for batch in batches[self.rank :: self.world_size]:
             yield self.x[batch], self.y[batch]
@@ -124,7 +125,12 @@ class MNISTDataModule(pl.LightningDataModule):
     """MNIST or Fashion-MNIST, normalised, with an optional validation split from train.
 
     `val_size=0` evaluates the test split each epoch instead, as the original course code did.
+    The training order comes from one generator seeded by `seed`; its state is saved in
+    checkpoints (`state_dict`), so a resumed run's epoch k sees the batches an uninterrupted
+    run's epoch k sees. Under `trainer.overfit_batches` the order is fixed, as Lightning asks.
     """
+
+    sample_shape = (784,)  # one flattened image: what the network gets per example
 
     def __init__(
         self,
@@ -144,8 +150,14 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_size = val_size
         self.download = download
         self.mean, self.std = mean, std
-        self.seed = seed
+        self.shuffle = torch.Generator().manual_seed(seed)
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        self.shuffle.set_state(state_dict["shuffle"])
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -167,20 +179,21 @@ class MNISTDataModule(pl.LightningDataModule):
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         return load_split(self.dataset, self.data_dir, train, self.download, self.mean, self.std)
 
-    def _batches(self, split: str, shuffle: bool) -> TensorBatches:
+    def _batches(self, split: str, generator: torch.Generator | None = None) -> TensorBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         x, y = (t.to(device) for t in self.splits[split])
         self.splits[split] = (x, y)  # moved once, then reused every epoch
         rank, world = (
             (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         )
-        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, rank, world)
+        return TensorBatches(x, y, self.batch_size, generator, rank, world)
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", shuffle=True)
+        overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._batches("train", None if overfitting else self.shuffle)
 
     def val_dataloader(self) -> TensorBatches:
-        return self._batches("val", shuffle=False)
+        return self._batches("val")
 
     def test_dataloader(self) -> TensorBatches:
-        return self._batches("test", shuffle=False)
+        return self._batches("test")

@@ -74,10 +74,12 @@ class GradientFlow(pl.Callback):
         self._figure = GradientFlowFigure(len(self.blocks))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        self._step = trainer.global_step
-        self._logging = self._step % self.every_n_steps == 0
-        if not self._logging:
+        # With gradient accumulation several batches lead to one optimizer step: the hooks stay
+        # on until that step, so the activations are those of its last batch.
+        if self._logging or trainer.global_step % self.every_n_steps:
             return
+        self._logging = True
+        self._step = trainer.global_step
         self._histograms = (
             trainer.current_epoch % self.histograms_every_n_epochs == 0
             and not self._profiles_this_epoch
@@ -92,6 +94,7 @@ class GradientFlow(pl.Callback):
         self._activations[index] = output.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        """The gradient as the optimizer will apply it: accumulated over its batches."""
         if not self._logging:
             return
         for hook in self._hooks:
@@ -101,7 +104,7 @@ class GradientFlow(pl.Callback):
         self._weights_before = [w.detach().clone() for w in weights]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._logging:
+        if not self._logging or trainer.global_step == self._step:  # no optimizer step yet
             return
         self._logging = False
         params = [linear.weight for linear, _ in self.blocks]

@@ -2,6 +2,8 @@
 
 The checkpoint's run directory holds the config it was trained with (`.hydra/config.yaml`);
 that config rebuilds the same data module and network, then Lightning restores the weights.
+Data settings given on the command line (`data.batch_size=1000`, `data=fashion_mnist`) replace
+the run's own, and the record lists them.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from typing import Any
 
 import hydra
 import rich
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR
 from vanishlab.results import write_json
-from vanishlab.train import build, scalars
+from vanishlab.train import build, scalars, test_split_evidence
 
 
 def run_config(ckpt_path: Path) -> DictConfig:
@@ -33,20 +36,46 @@ def run_config(ckpt_path: Path) -> DictConfig:
     )
 
 
+def data_overrides() -> list[str]:
+    """The command line's overrides of the data config (`data=...`, `data.<key>=...`)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "data"]
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.ckpt_path is None:
+        raise ConfigError(
+            "ckpt_path is not set: eval tests one checkpoint. Fix: pass "
+            "ckpt_path=<run>/checkpoints/last.ckpt (or best.ckpt), e.g. "
+            "python -m vanishlab.eval ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt."
+        )
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
     if not ckpt_path.is_file():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path!r} does not exist. Fix: point ckpt_path at a run's "
             f"checkpoints/last.ckpt or checkpoints/best.ckpt."
         )
-    train_cfg = run_config(ckpt_path)
-    train_cfg.paths = cfg.paths  # this evaluation's own output directory
-    datamodule, module = build(train_cfg)
+    run_cfg = run_config(ckpt_path)
+    run_cfg.paths = cfg.paths  # this evaluation's own output directory and data directory
+    if run_cfg.seed is None:  # a seed=null run: its data module needs a seed, the test split none
+        run_cfg.seed = 0
+    overrides = data_overrides()
+    for override in overrides:
+        key = override.lstrip("+~").split("=")[0]
+        if key == "data":  # another data option: take it whole, with its keys as given
+            run_cfg.data = cfg.data
+            break
+        OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+    datamodule, module = build(run_cfg)
     datamodule.prepare_data()
-    trainer = instantiate(train_cfg.trainer, devices=1, logger=False)
+    trainer = instantiate(run_cfg.trainer, devices=1, logger=False)
     metrics = trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
-    return {"ckpt_path": str(ckpt_path), **scalars(metrics[0], "test/")}
+    return {
+        "ckpt_path": str(ckpt_path),
+        "data_overrides": overrides,
+        **scalars(metrics[0], "test/"),
+        **test_split_evidence(module, datamodule),
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

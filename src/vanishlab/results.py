@@ -1,20 +1,40 @@
-"""A run's result record: `metrics.json`, its verdict, and its row in TensorBoard's HParams table.
+"""A run's result record: `metrics.json`, its identity, its verdict, and its HParams row.
 
-The verdict rules live here and only here; the README quotes them. They are checked in order,
-and the first that matches names the run:
+One job, one record. A job's identity is its config as it runs, less the keys that cannot change
+its result (`IGNORED_KEYS`; Hydra's own node, and so the launcher, is not in a job's config at all).
+The record stores the identity and its hash (`job_id`, `job_config`) from the job's first moment
+(`status: started`), so a re-run can tell its own record from another config's, whatever the
+directory is called.
 
-1. `diverged`   the loss or a gradient became non-finite (training stopped at that step)
-2. `dead`       a hidden ReLU-family layer had every unit dead at the last logged step, or a
-                class's output is 0 for every test image (an output ReLU that died)
-3. `exploding`  first-layer / last-layer weight-gradient norm above 1e2 at the first logged step
-4. `vanishing`  that ratio below 1e-2, or at the last logged step half or more of a sigmoid/tanh
-                layer's outputs saturated (their derivative is ~0: no gradient passes)
-5. `dead`       the trained network never predicts some class on the test split (stuck)
-6. `trained`    none of the above
+The verdict rules live here and only here; the README quotes them. Each needs some evidence, and
+they are checked in order; the first that has its evidence and matches names the run:
+
+rule         needs                               matches when
+1 diverged   nothing more                        the loss or a gradient became non-finite
+                                                 (training stopped there), or test/loss is not
+2 dead       one measured step                   a hidden ReLU-family layer had every unit dead
+                                                 at the last measured step
+3 dead       one full pass over the training     a class's output is 0 for every test image (an
+             split                               output ReLU that died)
+4 exploding  one measured step                   first-layer / last-layer weight-gradient norm
+                                                 above 1e2 at the first measured step
+5 vanishing  one measured step                   that ratio below 1e-2, or at the last measured
+                                                 step half or more of a sigmoid/tanh layer's
+                                                 outputs saturated (their derivative is ~0)
+6 dead       one full pass over the training     the network never predicts some class on the
+             split                               test split (stuck)
+7 trained    one full pass over the training     none of the above
+             split
+8 too_short  -                                   no rule had its evidence: e.g. max_epochs=0,
+                                                 fast_dev_run, limited batches, no GradientFlow
+
+A measured step is an optimizer step that `GradientFlow` measured; a full pass is an epoch that ran
+every batch of the training split (`evidence/full_epochs` counts them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,8 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from vanishlab import ConfigError, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +57,10 @@ VANISHING_BELOW = 1e-2
 SATURATED_FROM = 0.5
 CLASSES = 10  # MNIST and Fashion-MNIST
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
+# Config keys that cannot change a job's result: where files go, torch's thread count, labels.
+IGNORED_KEYS = ("paths", "threads", "tags")
+START = "evidence/first_over_last_at_start"  # present once GradientFlow measured a step
+FULL_EPOCHS = "evidence/full_epochs"
 
 # Numbers shown beside each run in the HParams table: final metrics and the verdict's evidence.
 HPARAM_METRICS = (
@@ -41,32 +68,73 @@ HPARAM_METRICS = (
     "test/acc",
     "test/loss",
     "grad_norm/first_over_last",
-    "evidence/first_over_last_at_start",
+    START,
     "evidence/max_dead_frac",
     "evidence/dead_classes",
     "evidence/max_saturated_frac",
     "evidence/classes_predicted",
+    FULL_EPOCHS,
+    "steps",
 )
 
 
 def verdict(record: dict[str, Any]) -> str:
     """Name what happened to a run from the evidence in its record (rules: module docstring)."""
-    ratio = record.get("evidence/first_over_last_at_start", math.nan)
-    if record["status"] == "diverged":
+    measured = START in record
+    trained = record.get(FULL_EPOCHS, 0) >= 1
+    ratio = record.get(START, math.nan)
+    if record["status"] == "diverged" or not math.isfinite(record.get("test/loss", 0.0)):
         return "diverged"
-    if record.get("evidence/max_dead_frac", 0) >= 1 or record.get("evidence/dead_classes", 0) >= 1:
+    if measured and record.get("evidence/max_dead_frac", 0) >= 1:
         return "dead"
-    if ratio > EXPLODING_ABOVE:
+    if trained and record.get("evidence/dead_classes", 0) >= 1:
+        return "dead"
+    if measured and ratio > EXPLODING_ABOVE:
         return "exploding"
-    if ratio < VANISHING_BELOW or record.get("evidence/max_saturated_frac", 0) >= SATURATED_FROM:
+    if measured and (
+        ratio < VANISHING_BELOW or record.get("evidence/max_saturated_frac", 0) >= SATURATED_FROM
+    ):
         return "vanishing"
-    if record.get("evidence/classes_predicted", CLASSES) < CLASSES:
-        return "dead"
-    return "trained"
+    if trained:
+        return "dead" if record.get("evidence/classes_predicted", CLASSES) < CLASSES else "trained"
+    return "too_short"
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config, resolved, less `IGNORED_KEYS`: what its result depends on.
+
+    `paths` values become placeholders before resolving, so keys built from them (a checkpoint
+    directory under `${paths.output_dir}`) read the same in every job, and the run's own
+    directory (`${hydra:runtime.output_dir}`) need not exist yet.
+    """
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)  # a resolver sees Hydra's node too; a job's config has none
+    container["paths"] = {key: f"<paths.{key}>" for key in container.get("paths", {})}
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    return {key: value for key, value in resolved.items() if key not in IGNORED_KEYS}
+
+
+def job_id(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_dir_name(sweep_dir: str, name: str, *, _root_: DictConfig) -> str:
+    """A sweep job's directory (resolver `vanishlab.job_dir`): `name` (its overrides), unless
+    that directory holds a job of another config, kept as it is; then `name~<job_id>`."""
+    name = name or "defaults"
+    try:
+        own_id = job_id(job_identity(_root_))
+    except Exception:  # the job itself reports the config that does not resolve
+        return name
+    stored = read_record(Path(sweep_dir) / name / "metrics.json")
+    return name if not stored or stored.get("job_id") == own_id else f"{name}~{own_id[:8]}"
+
+
+OmegaConf.register_new_resolver("vanishlab.job_dir", job_dir_name, replace=True)
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """A run's `metrics.json`, or {} while the run has not finished."""
+    """A run's `metrics.json`, or {} where there is none."""
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -114,12 +182,30 @@ def log_hparams(loggers: list[Logger], cfg: DictConfig, record: dict[str, Any], 
             logger.finalize("success")
 
 
-class SweepExitCode(Callback):
-    """Hydra callback: after a sweep, count its jobs by status and exit 1 if any failed.
+class Records(Callback):
+    """Hydra callback that keeps records true: a single run never writes into a directory that
+    holds a run's record already, and a sweep ends with its jobs counted by status (exit 1 if
+    any failed).
 
-    A job that raises is recorded and returns normally, so the sweep goes on to the next job;
-    this restores the signal that something failed, for the shell or a CI job.
+    `on_run_start` runs before Hydra writes anything into the run directory (`.hydra/`, the log),
+    so a refused run changes nothing. A sweep job that raises is recorded and returns normally,
+    so the sweep goes on; `on_multirun_end` restores the signal that something failed.
     """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        # Under DDP, Lightning starts the other ranks into the same directory: only rank 0 checks.
+        previous = read_record(run_dir / "metrics.json")
+        if previous and rank_zero_only.rank == 0:
+            exit_with(
+                ConfigError(
+                    f"hydra.run.dir={str(run_dir)!r} already holds a run (status "
+                    f"{previous.get('status')!r}); it is kept as it is and nothing was written. "
+                    f"Fix: leave hydra.run.dir at its default (a new directory per run), pick a "
+                    f"new one, or continue that run with ckpt_path={run_dir}/checkpoints/last.ckpt "
+                    f"(it trains on into a new directory)."
+                )
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -10,7 +10,9 @@ import functools
 import logging
 import math
 import os
+import secrets
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,20 +24,37 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.config import CONFIG_DIR, check_config
+from vanishlab.config import CONFIG_DIR, check_config, check_memory
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import GradientFlow, StopOnDivergence
 from vanishlab.init import initialise
 from vanishlab.module import Classifier
-from vanishlab.results import FINISHED, log_hparams, read_record, verdict, write_json
+from vanishlab.results import (
+    FINISHED,
+    FULL_EPOCHS,
+    job_id,
+    job_identity,
+    log_hparams,
+    read_record,
+    verdict,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
+
+# The console shows what the user needs: not Lightning's advertisements for its cloud services,
+# nor a deprecation inside Lightning that its users cannot act on.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: "💡 Tip:" not in record.getMessage()
+)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
@@ -49,9 +68,14 @@ def instantiate_function(node: DictConfig) -> Callable[..., Any]:
 
 
 def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
-    """Check the config, then instantiate the data module and the initialised classifier."""
+    """Check the config and the memory it needs, then instantiate the data module and the
+    initialised classifier."""
     check_config(cfg)
     datamodule = instantiate(cfg.data)
+    with torch.device("meta"):
+        meta_net = instantiate(cfg.model)
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    check_memory(meta_net, (cfg.data.batch_size, *datamodule.sample_shape), on_gpu)
     net = instantiate(cfg.model)
     initialise(net, instantiate(cfg.init))
     loss_fn = instantiate_function(cfg.loss)
@@ -59,8 +83,13 @@ def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    """The trainer with the config's callbacks and loggers (a null entry is switched off, as in
+    `callbacks.progress_bar=null`). Without a logger there is nothing for Lightning's
+    `LearningRateMonitor` to write to (it refuses to start), so it is left out."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -69,37 +98,69 @@ def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, Any]:
-    """Train (from scratch, or on from the checkpoint `resume_from`) and test one run; return
-    its result record (what `metrics.json` holds)."""
+    """Train (from scratch, or on from a checkpoint) and test one run, as `cfg.train` and
+    `cfg.test` say; return its result record (what `metrics.json` holds).
+
+    The checkpoint is `resume_from` (an interrupted sweep job's own), else `cfg.ckpt_path`. A
+    run that does not train tests the checkpoint's weights; one that trains tests its final
+    weights, which are what its verdict is about.
+    """
+    ckpt_path = resume_from or cfg.get("ckpt_path")
+    train, test = cfg.get("train", True), cfg.get("test", True)
+    if not train and (not test or ckpt_path is None):
+        raise ConfigError(
+            f"train=false with test={test} and ckpt_path={ckpt_path} does nothing. Fix: set "
+            f"train=true, or test=true with ckpt_path=<run>/checkpoints/last.ckpt to only "
+            f"evaluate that checkpoint."
+        )
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.prepare_data()  # missing or corrupt data fails here, before the trainer exists
     trainer = build_trainer(cfg)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    record: dict[str, Any] = {
-        "status": "completed",
-        **({"resumed_from": str(resume_from)} if resume_from else {}),
+    record: dict[str, Any] = {"status": "completed", "seed": cfg.seed}
+    if ckpt_path is not None:
+        record["resumed_from" if train else "tested"] = str(ckpt_path)
+    if train:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        record.update(
+            train_seconds=round(time.perf_counter() - start, 3), **training_evidence(trainer)
+        )
+    if test:
+        start = time.perf_counter()
+        metrics = trainer.test(
+            module, datamodule=datamodule, ckpt_path=None if train else ckpt_path, verbose=False
+        )
+        record.update(scalars(metrics[0], "test/"))
+        record["test_seconds"] = round(time.perf_counter() - start, 3)
+        record.update(test_split_evidence(module, datamodule))
+    if train:
+        record["verdict"] = verdict(record)
+        log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
+    return record
+
+
+def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
+    """What the training loop and its callbacks saw: steps and epochs run, divergence, and the
+    gradient-flow figures the verdict needs."""
+    every_batch = trainer.num_training_batches >= len(trainer.train_dataloader)
+    evidence: dict[str, Any] = {
+        "steps": trainer.global_step,  # optimizer steps
         "epochs": trainer.current_epoch,
+        FULL_EPOCHS: trainer.current_epoch if every_batch else 0,
         "world_size": trainer.world_size,
-        "train_seconds": round(time.perf_counter() - start, 3),
         **scalars(trainer.callback_metrics, "val/"),
     }
     for callback in trainer.callbacks:
         if isinstance(callback, StopOnDivergence) and callback.diverged_at:
             step, epoch = callback.diverged_at["step"], callback.diverged_at["epoch"]
-            record.update(
+            evidence.update(
                 status="diverged", epochs=epoch, diverged_at_step=step, diverged_at_epoch=epoch
             )
+            evidence[FULL_EPOCHS] = min(evidence[FULL_EPOCHS], epoch)
         if isinstance(callback, GradientFlow):
-            record.update(gradient_evidence(callback))
-    start = time.perf_counter()
-    record.update(scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/"))
-    record["test_seconds"] = round(time.perf_counter() - start, 3)
-    record.update(test_split_evidence(module, datamodule))
-    record["verdict"] = verdict(record)
-    log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
-    return record
+            evidence.update(gradient_evidence(callback))
+    return evidence
 
 
 def gradient_evidence(flow: GradientFlow) -> dict[str, Any]:
@@ -148,38 +209,78 @@ def torch_threads(cfg: DictConfig) -> int:
     return max(1, cores // parallel)
 
 
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """Under DDP every process runs the job; only rank 0 writes its record."""
+    if rank_zero_only.rank == 0:
+        write_json(path, record)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Run one job. In a sweep, a job that raises is recorded as `failed` and the sweep goes on;
-    re-running a sweep into its own directory skips finished jobs and resumes interrupted ones."""
+    """Run one job and keep its record, `metrics.json`, from its first moment (`started`).
+
+    In a sweep, a job whose directory holds a finished record of its own config is skipped,
+    an interrupted one trains on from its `checkpoints/last.ckpt`, and a job that raises is
+    recorded as `failed` while the sweep goes on. A record of another config is never taken as
+    this job's, nor overwritten.
+    """
     output_dir = Path(cfg.paths.output_dir)
-    metrics_path = output_dir / "metrics.json"
+    record_path = output_dir / "metrics.json"
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    previous = read_record(metrics_path)
-    if in_sweep and previous.get("status") in FINISHED:
+    previous = read_record(record_path)
+    try:
+        job_config = job_identity(cfg)
+    except Exception as err:  # a key left at ??? or an interpolation that does not resolve
+        err = ConfigError(f"the config does not resolve: {err}. Fix: set the key it names")
+        return job_failed(err, {}, None if previous else record_path, in_sweep)
+    identity = {"job_id": job_id(job_config), "job_config": job_config}
+    if previous and previous.get("job_id") != identity["job_id"]:
+        err = ConfigError(
+            f"{output_dir} holds the record of another config (job_id "
+            f"{previous.get('job_id')}, this job's is {identity['job_id']}); it is kept as it is. "
+            f"Fix: leave hydra.sweep.subdir at its default, or run into a new hydra.sweep.dir."
+        )
+        return job_failed(err, {}, None, in_sweep)
+    if previous.get("status") in FINISHED:
         log.info("Skipping %s: already %s", output_dir.name, previous["status"])
         return previous.get(cfg.optimized_metric, math.nan)
 
     print_config(cfg)
     torch.set_num_threads(torch_threads(cfg))
     log.info("torch threads: %d", torch.get_num_threads())
+    if cfg.seed is None:  # draw one and keep it: the record is enough to reproduce the run
+        with open_dict(cfg):
+            cfg.seed = secrets.randbelow(2**31)
+        log.info("seed=null: drew seed %d", cfg.seed)
     last_ckpt = output_dir / "checkpoints" / "last.ckpt"
-    resume_from = last_ckpt if in_sweep and last_ckpt.is_file() else None
+    resume_from = last_ckpt if previous and last_ckpt.is_file() else None
+    save_record(record_path, {"status": "started", "seed": cfg.seed, **identity})
     try:
         record = fit_and_test(cfg, resume_from)
     except Exception as err:
-        write_json(metrics_path, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        if in_sweep:
-            log.exception("Job %s failed; the sweep goes on", output_dir.name)
-            return math.nan
-        if isinstance(err, ConfigError):
-            exit_with(err)
-        raise
-    if rank_zero_only.rank != 0:  # under DDP, every process runs this; one writes the record
-        return math.nan
-    write_json(metrics_path, record)
-    rich.print({k: v for k, v in record.items() if k != "grad_norms_at_start"})
+        return job_failed(err, identity, record_path, in_sweep)
+    record = {**record, "tags": list(cfg.get("tags") or []), **identity}
+    save_record(record_path, record)
+    hidden = ("grad_norms_at_start", "job_config")
+    rich.print({k: v for k, v in record.items() if k not in hidden})
     return record.get(cfg.optimized_metric, math.nan)
+
+
+def job_failed(
+    err: Exception, identity: dict[str, Any], record_path: Path | None, in_sweep: bool
+) -> float:
+    """Record the failure (where there is a record of this job's to write), then let a sweep go
+    on; a single run ends with the one-paragraph error of a bad setting, or the traceback."""
+    error = f"{type(err).__name__}: {err}"
+    if record_path is not None:
+        save_record(record_path, {"status": "failed", "error": error, **identity})
+    if in_sweep:
+        trace = None if isinstance(err, ConfigError) else err
+        log.error("Job failed; the sweep goes on. %s", error, exc_info=trace)
+        return math.nan
+    if isinstance(err, ConfigError):
+        exit_with(err)
+    raise err
 
 
 if __name__ == "__main__":
