@@ -6,10 +6,12 @@ import json
 import shutil
 
 import pytest
+from hydra import compose, initialize_config_dir
 from torchvision import datasets
 
 from conftest import FAST, compose_config, run_cli, write_tiny_mnist
 from vanishlab import ConfigError
+from vanishlab.config import CONFIG_DIR
 from vanishlab.train import fit_and_test
 
 BAD_VALUES = {
@@ -21,18 +23,39 @@ BAD_VALUES = {
     "data.val_size=-1": "data.val_size=-1",
     "data.val_size=60000": "data.val_size=60000",
     "model.activation=swish": "model.activation='swish'",
+    "callbacks.gradient_flow.every_n_steps=0": "callbacks.gradient_flow.every_n_steps=0",
+    "callbacks.gradient_flow.histograms_every_n_epochs=0": (
+        "callbacks.gradient_flow.histograms_every_n_epochs=0"
+    ),
+    "init=normal init.std=-1": "init.std=-1",
+    "init=orthogonal init.gain=0": "init.gain=0",
+    "optimizer.momentum=1.5": "optimizer.momentum=1.5",
+    "optimizer.weight_decay=-0.1": "optimizer.weight_decay=-0.1",
+    "trainer.max_epochs=-1": "trainer.max_epochs=-1",
+    "trainer.max_epochs=1.5": "trainer.max_epochs=1.5",
 }
 
 
 @pytest.mark.parametrize("override", BAD_VALUES)
 def test_bad_value_names_key_value_and_fix(override, tiny_data, tmp_path) -> None:
-    cfg = compose_config([*FAST, override], tiny_data, tmp_path)
+    cfg = compose_config([*FAST, *override.split()], tiny_data, tmp_path)
     with pytest.raises(ConfigError) as err:
         fit_and_test(cfg)
     message = str(err.value)
     assert message.startswith(BAD_VALUES[override])
     assert "Fix:" in message and "\n" not in message
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_too_large_for_the_machine_fails_before_allocating(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "model.depth=64", "model.width=40000"], tiny_data, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        fit_and_test(cfg)  # allocating it would take about 1.9 TiB: the test would not survive
+    message = str(err.value)
+    width = 40_000
+    parameters = (784 + 1) * width + 63 * (width + 1) * width + (width + 1) * 10
+    assert f"needs about 1881.3 GiB ({parameters:,} parameters" in message
+    assert "Fix:" in message and "\n" not in message
 
 
 def data_error(data_dir, tmp_path, *overrides: str) -> str:
@@ -68,6 +91,7 @@ def test_corrupt_idx_file_is_named(damage, tmp_path) -> None:
     assert "corrupt or truncated" in message and "train-images-idx3-ubyte" in message
 
 
+@pytest.mark.slow
 def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data, tmp_path) -> None:
     result = run_cli(
         "vanishlab.train", *FAST, "model.depth=0", f"hydra.run.dir={tmp_path}", data_dir=tiny_data
@@ -78,6 +102,20 @@ def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data,
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
+def test_eval_without_ckpt_path_says_what_to_pass(tmp_path) -> None:
+    result = run_cli("vanishlab.eval", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ckpt_path is not set" in result.stderr and "Fix:" in result.stderr
+
+
+def test_eval_config_composes_the_data_config() -> None:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["data.batch_size=7", "paths.output_dir=/tmp"])
+    assert cfg.data.batch_size == 7 and cfg.ckpt_path is None
+
+
+@pytest.mark.slow
 def test_cli_rejects_unknown_group_option(tiny_data, tmp_path) -> None:
     result = run_cli(
         "vanishlab.train", "init=nonsense", f"hydra.run.dir={tmp_path}", data_dir=tiny_data
@@ -86,6 +124,7 @@ def test_cli_rejects_unknown_group_option(tiny_data, tmp_path) -> None:
     assert "Could not find 'init/nonsense'" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_never_writes_into_the_first_runs_directory(tiny_data, tmp_path) -> None:
     shutil.rmtree(tmp_path)
     runs = tmp_path / "outputs"

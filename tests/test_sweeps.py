@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import FAST, PROJECT_ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # every test here runs the command line
 
 
 def sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

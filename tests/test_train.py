@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import FAST, compose_config, run_cli
@@ -11,27 +12,40 @@ from vanishlab.data import TensorBatches
 from vanishlab.train import fit_and_test
 
 
+@pytest.mark.slow
 def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("vanishlab.train", *FAST, f"hydra.run.dir={run_dir}", data_dir=tiny_data)
+    result = run_cli(
+        "vanishlab.train", *FAST, "tags=[smoke]", f"hydra.run.dir={run_dir}", data_dir=tiny_data
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert "Tip:" not in console and "LeafSpec" not in console  # only what the user needs
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert metrics["epochs"] == 1 and metrics["train_seconds"] > 0
+    assert metrics["epochs"] == 1 and metrics["steps"] == 10 and metrics["train_seconds"] > 0
+    assert metrics["tags"] == ["smoke"] and metrics["seed"] == 0 and len(metrics["job_id"]) == 16
     for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
         assert 0 <= metrics[key] < 100, key
 
-    # Evaluating the last checkpoint reproduces the run's own test figures.
+    # Evaluating the last checkpoint reproduces the run's own test figures; a data setting
+    # given on the command line replaces the run's and is recorded.
     eval_dir = tmp_path / "eval"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     result = run_cli(
-        "vanishlab.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}", data_dir=tiny_data
+        "vanishlab.eval",
+        f"ckpt_path={ckpt}",
+        "data.batch_size=7",
+        f"hydra.run.dir={eval_dir}",
+        data_dir=tiny_data,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert evaluated["data_overrides"] == ["data.batch_size=7"]
+    assert evaluated["evidence/classes_predicted"] == metrics["evidence/classes_predicted"]
     assert abs(evaluated["test/acc"] - metrics["test/acc"]) < 1e-6
     assert abs(evaluated["test/loss"] - metrics["test/loss"]) < 1e-5
 

@@ -1,0 +1,265 @@
+"""Records that never lie: the Lightning-Hydra template's test suite in spirit (fast_dev_run,
+resume with ckpt_path, train then test, every preset as a sweep), and the cases where a record
+was once wrong: one job, one record; no verdict without evidence."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FAST, compose_config, run_cli
+from vanishlab import ConfigError
+from vanishlab.config import CONFIG_DIR
+from vanishlab.results import FULL_EPOCHS, START, job_identity
+from vanishlab.train import build, fit_and_test
+
+SWEEP_PRESETS = sorted(
+    p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "sweeper" in p.read_text()
+)
+
+
+# --- no verdict without evidence -------------------------------------------------------------
+
+
+def test_fast_dev_run_records_one_step_and_no_trained_network_verdict(tiny_data, tmp_path) -> None:
+    record = fit_and_test(compose_config([*FAST, "debug=fdr"], tiny_data, tmp_path))
+    assert record["status"] == "completed" and record["steps"] == 1
+    assert record[FULL_EPOCHS] == 0
+    assert START in record  # the first step's gradient ratio is measured: evidence at step 1
+    assert record["verdict"] in ("too_short", "vanishing", "exploding")
+
+
+def test_zero_epochs_is_too_short_not_dead(tiny_data, tmp_path) -> None:
+    record = fit_and_test(compose_config([*FAST, "trainer.max_epochs=0"], tiny_data, tmp_path))
+    assert record["steps"] == 0 and record["epochs"] == 0
+    assert record["verdict"] == "too_short"
+
+
+def test_limited_batches_are_not_a_full_pass(tiny_data, tmp_path) -> None:
+    cfg = compose_config(
+        [*FAST, "trainer.limit_train_batches=3", "trainer.max_epochs=2"], tiny_data, tmp_path
+    )
+    record = fit_and_test(cfg)
+    assert record["steps"] == 6 and record["epochs"] == 2 and record[FULL_EPOCHS] == 0
+    assert record["verdict"] != "trained"
+
+
+def test_a_full_epoch_is_evidence_of_a_trained_network(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "optimizer.lr=0.1", "trainer.max_epochs=2"], tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    assert record[FULL_EPOCHS] == 2 and record["steps"] == 20  # 500 images, batches of 50
+    assert record["verdict"] == "trained"
+
+
+def test_without_callbacks_the_verdict_rests_on_the_test_split(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "callbacks=none", "optimizer.lr=0.1"], tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    assert START not in record and record["steps"] == 10
+    assert record["verdict"] == "trained"
+
+
+# --- GradientFlow under gradient accumulation --------------------------------------------------
+
+
+def test_accumulated_gradient_is_measured_at_the_step_that_applies_it(tiny_data, tmp_path) -> None:
+    overrides = [
+        *FAST,
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.gradient_flow.every_n_steps=1",
+    ]
+    cfg = compose_config(overrides, tiny_data, tmp_path)
+    record = fit_and_test(cfg)
+    assert record["steps"] == 5  # 10 batches, 2 per step
+
+    # The same network and first two batches, by hand: Lightning scales each loss by 1/2.
+    torch.manual_seed(cfg.seed)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    for x, y in list(datamodule.train_dataloader())[:2]:
+        (module.loss_fn(module(x), y) / 2).backward()
+    expected = module.net.layers[0].weight.grad.norm().item()
+
+    events = read_scalars(tmp_path, "grad_norm/layer_00")
+    assert [step for step, _ in events] == [0, 1, 2, 3, 4]  # one point per optimizer step
+    assert events[0][1] == pytest.approx(expected, rel=1e-5)
+    assert record["grad_norms_at_start"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def read_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+# --- resume with ckpt_path; train, then test only ----------------------------------------------
+
+
+def test_resume_with_ckpt_path_ends_as_an_uninterrupted_run(tiny_data, tmp_path) -> None:
+    def run(name: str, *overrides: str) -> dict:
+        cfg = compose_config([*FAST, "optimizer.lr=0.05", *overrides], tiny_data, tmp_path / name)
+        return fit_and_test(cfg)
+
+    whole = run("whole", "trainer.max_epochs=4")
+    run("first", "trainer.max_epochs=2")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = run("resumed", "trainer.max_epochs=4", f"ckpt_path={ckpt}")
+    assert resumed["resumed_from"] == str(ckpt)
+    assert resumed["steps"] == whole["steps"] == 40 and resumed["epochs"] == 4
+    # Epochs 2 and 3 saw the batches the uninterrupted run's epochs 2 and 3 saw.
+    for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    assert resumed[START] == whole[START]  # the first step's evidence came with the checkpoint
+
+
+def test_train_then_test_only_gives_the_same_test_figures(tiny_data, tmp_path) -> None:
+    trained = fit_and_test(compose_config(FAST, tiny_data, tmp_path / "train"))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    overrides = [*FAST, "train=false", "test=true", f"ckpt_path={ckpt}"]
+    tested = fit_and_test(compose_config(overrides, tiny_data, tmp_path / "test"))
+    assert tested["tested"] == str(ckpt) and "verdict" not in tested  # an evaluation, not a run
+    assert tested["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert tested["test/loss"] == pytest.approx(trained["test/loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train=false"], "train=false with test=True and ckpt_path=None does nothing"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' is not a file"),
+    ],
+)
+def test_train_test_and_ckpt_path_that_cannot_work_are_refused(
+    overrides, message, tiny_data, tmp_path
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fit_and_test(compose_config([*FAST, *overrides], tiny_data, tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_without_a_logger_works(tiny_data, tmp_path) -> None:
+    record = fit_and_test(compose_config([*FAST, "~logger"], tiny_data, tmp_path))
+    assert record["status"] == "completed" and record["verdict"]
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# --- one job, one record (command line) --------------------------------------------------------
+
+
+def sweep_records(sweep_dir: Path) -> dict[Path, dict]:
+    return {p.parent: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def assert_one_record_per_job(sweep_dir: Path, jobs: int) -> dict[Path, dict]:
+    """Each job has its own directory, and its record is of the config Hydra saved there.
+    (Two presets can compose the same config, e.g. seed_variance run as one job is
+    seed_output_relu: such jobs share a job_id, not a directory.)"""
+    records = sweep_records(sweep_dir)
+    assert len(records) == jobs, sorted(p.name for p in records)
+    for job_dir, record in records.items():
+        saved = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+        assert record["job_config"] == job_identity(saved), job_dir.name
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", [*SWEEP_PRESETS, "glob(*)"])
+def test_every_preset_as_a_fast_dev_run_sweep(experiment, tiny_data, tmp_path) -> None:
+    result = run_cli(
+        "vanishlab.train",
+        "-m",
+        f"experiment={experiment}",
+        "debug=fdr",
+        "data.download=false",
+        "++callbacks.progress_bar=null",
+        f"hydra.sweep.dir={tmp_path}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (launched,) = re.findall(r"Launching (\d+) jobs locally", result.stderr + result.stdout)
+    records = assert_one_record_per_job(tmp_path, int(launched))
+    assert all(r["status"] in ("completed", "diverged") for r in records.values())
+    assert all(r["steps"] <= 1 and r["verdict"] != "trained" for r in records.values())
+    if experiment == "glob(*)":
+        assert int(launched) == len(list((CONFIG_DIR / "experiment").glob("*.yaml")))
+
+
+@pytest.mark.slow
+def test_a_rerun_takes_only_records_of_its_own_config(tiny_data, tmp_path) -> None:
+    """A preset edited between two runs of the same command: its jobs keep their names but not
+    their configs, so the re-run trains them anew beside the old records, which stay as they
+    were; a third run skips them all."""
+    conf = tmp_path / "my_conf" / "experiment"
+    conf.mkdir(parents=True)
+    preset = conf / "mine.yaml"
+    sweep_dir = tmp_path / "sweep"
+
+    def run(max_epochs: int) -> str:
+        preset.write_text(f"# @package _global_\ntrainer:\n  max_epochs: {max_epochs}\n")
+        result = run_cli(
+            "vanishlab.train",
+            "-m",
+            "experiment=mine",
+            "seed=0,1",
+            *FAST[:3],
+            "++callbacks.progress_bar=null",
+            f"hydra.searchpath=[file://{conf.parent}]",
+            f"hydra.sweep.dir={sweep_dir}",
+            data_dir=tiny_data,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    run(max_epochs=1)
+    first = {p: p.read_text() for p in sweep_dir.glob("*/metrics.json")}
+    first_configs = {p: p.read_text() for p in sweep_dir.glob("*/.hydra/config.yaml")}
+    assert len(first) == 2
+
+    output = run(max_epochs=2)
+    assert "Skipping" not in output
+    records = assert_one_record_per_job(sweep_dir, 4)
+    assert {p: p.read_text() for p in first} == first  # the old records are untouched
+    assert {p: p.read_text() for p in first_configs} == first_configs
+    new = [r for p, r in records.items() if "~" in p.name]
+    assert len(new) == 2 and all(r["epochs"] == 2 for r in new)
+
+    assert run(max_epochs=2).count("Skipping") == 2
+
+
+@pytest.mark.slow
+def test_a_finished_run_directory_is_never_written_again(tiny_data, tmp_path) -> None:
+    args = ["vanishlab.train", *FAST, f"hydra.run.dir={tmp_path}"]
+    assert run_cli(*args, "tags=[first]", data_dir=tiny_data).returncode == 0
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run_cli(*args, "seed=1", data_dir=tiny_data)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "ckpt_path=" in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept
+    assert json.loads((tmp_path / "metrics.json").read_text())["tags"] == ["first"]
+
+
+@pytest.mark.slow
+def test_seed_null_draws_a_seed_that_the_record_keeps(tiny_data, tmp_path) -> None:
+    def run(name: str, seed: str) -> dict:
+        result = run_cli(
+            "vanishlab.train",
+            *FAST,
+            f"seed={seed}",
+            f"hydra.run.dir={tmp_path / name}",
+            data_dir=tiny_data,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    drawn = run("drawn", "null")
+    assert isinstance(drawn["seed"], int) and drawn["job_config"]["seed"] is None
+    again = run("again", str(drawn["seed"]))
+    results = ("status", "seed", "steps", "test/acc", "test/loss", "val/acc", "verdict")
+    assert {k: again[k] for k in results} == {k: drawn[k] for k in results}
