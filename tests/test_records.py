@@ -118,6 +118,13 @@ def test_resume_with_ckpt_path_ends_as_an_uninterrupted_run(tiny_data, tmp_path)
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
     assert resumed[START] == whole[START]  # the first step's evidence came with the checkpoint
 
+    # A checkpoint with no epoch left to train keeps its evidence, and so its verdict.
+    done = run(
+        "done", "trainer.max_epochs=4", f"ckpt_path={tmp_path / 'whole/checkpoints/last.ckpt'}"
+    )
+    assert done["steps"] == 40 and done["verdict"] == whole["verdict"]
+    assert done["grad_norm/first_over_last"] == whole["grad_norm/first_over_last"]
+
 
 def test_train_then_test_only_gives_the_same_test_figures(tiny_data, tmp_path) -> None:
     trained = fit_and_test(compose_config(FAST, tiny_data, tmp_path / "train"))

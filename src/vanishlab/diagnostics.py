@@ -58,11 +58,17 @@ class GradientFlow(pl.Callback):
         self._logging = False
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints, so a resumed run keeps the figures of its first steps."""
-        return {"at_first_step": self.at_first_step, "epoch_profiles": self.epoch_profiles}
+        """Saved in checkpoints, so a resumed run keeps the figures of its first steps (and of
+        its last, when it has no step left to train)."""
+        return {
+            "at_first_step": self.at_first_step,
+            "at_last_step": self.at_last_step,
+            "epoch_profiles": self.epoch_profiles,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.at_first_step = state_dict["at_first_step"]
+        self.at_last_step = state_dict["at_last_step"]
         self.epoch_profiles = state_dict["epoch_profiles"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,7 +3,8 @@ outputs/sweeps/) writes `<sweep>/report/`: `results.csv`, the figures, and `repo
 
 The report reads only what the jobs left on disk (`.hydra/config.yaml`, `metrics.json`, the
 TensorBoard events), so it works on any sweep, one still running or with failed jobs included:
-a job with `.hydra/` but no `metrics.json` is `unfinished`.
+a job that is running (or was killed) is `started`, and one with `.hydra/` but no `metrics.json`
+is `unfinished`.
 
 What varied is found from the saved configs, not from the command line: every dotted config key
 whose value differs between jobs, or that only some jobs have (`init.std` exists for `init=normal`
