@@ -144,6 +144,24 @@ def test_optuna_search_runs_trials_and_reports_the_best(tiny_data, tmp_path) -> 
     assert "optimizer.lr" in best and "best_value" in best
 
 
+def test_optuna_search_goes_on_past_a_failed_trial(tiny_data, tmp_path) -> None:
+    # No -m: the preset is a sweep by itself, as the template's presets are.
+    result = run_cli(
+        "vanishlab.train",
+        *FAST,
+        "hparams_search=optuna_lr",
+        "model.depth=choice(0,1)",
+        "hydra.sweeper.n_trials=6",
+        f"hydra.sweep.dir={tmp_path}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # the exit code says a trial failed
+    statuses = sorted(r["status"] for r in records(tmp_path).values())
+    assert len(statuses) == 6 and "failed" in statuses and "completed" in statuses, statuses
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "model.depth: 1" in best and "best_value" in best
+
+
 def test_ddp_trains_one_run_on_two_cpu_processes(tiny_data, tmp_path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(

@@ -216,7 +216,7 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Run one job and keep its record, `metrics.json`, from its first moment (`started`).
 
     In a sweep, a job whose directory holds a finished record of its own config is skipped,
@@ -243,7 +243,7 @@ def main(cfg: DictConfig) -> float:
         return job_failed(err, {}, None, in_sweep)
     if previous.get("status") in FINISHED:
         log.info("Skipping %s: already %s", output_dir.name, previous["status"])
-        return previous.get(cfg.optimized_metric, math.nan)
+        return optimized_value(cfg, previous)
 
     print_config(cfg)
     torch.set_num_threads(torch_threads(cfg))
@@ -263,12 +263,20 @@ def main(cfg: DictConfig) -> float:
     save_record(record_path, record)
     hidden = ("grad_norms_at_start", "job_config")
     rich.print({k: v for k, v in record.items() if k not in hidden})
-    return record.get(cfg.optimized_metric, math.nan)
+    return optimized_value(cfg, record)
+
+
+def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float | None:
+    """The job's value for Hydra's sweepers: its `optimized_metric`, or None when it has none
+    (it failed, or diverged before it was validated). Optuna tells such a trial as failed and
+    goes on; a nan would end the whole search."""
+    value = record.get(cfg.optimized_metric)
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def job_failed(
     err: Exception, identity: dict[str, Any], record_path: Path | None, in_sweep: bool
-) -> float:
+) -> None:
     """Record the failure (where there is a record of this job's to write), then let a sweep go
     on; a single run ends with the one-paragraph error of a bad setting, or the traceback."""
     error = f"{type(err).__name__}: {err}"
@@ -277,7 +285,7 @@ def job_failed(
     if in_sweep:
         trace = None if isinstance(err, ConfigError) else err
         log.error("Job failed; the sweep goes on. %s", error, exc_info=trace)
-        return math.nan
+        return None
     if isinstance(err, ConfigError):
         exit_with(err)
     raise err
