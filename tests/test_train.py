@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import FAST, compose_config, run_cli
 from vanishlab.data import TensorBatches
-from vanishlab.train import fit_and_test
+from vanishlab.train import fit_and_test, torch_threads
 
 
 @pytest.mark.slow
@@ -85,3 +87,23 @@ def test_ddp_ranks_get_equal_numbers_of_disjoint_batches() -> None:
     first, second = (torch.cat(s) for s in seen)
     assert not set(first.tolist()) & set(second.tolist())
     assert len(TensorBatches(x, y, 100)) == len(list(TensorBatches(x, y, 100)))
+
+
+@pytest.mark.parametrize(
+    ("affinity", "slurm_cpus", "threads", "expected"),
+    [
+        ({0, 1, 2, 3}, None, None, 4),
+        ({2}, None, None, 1),  # taskset -c 2, or SLURM's task/affinity
+        ({0, 1, 2, 3}, "2", None, 2),  # SLURM's cpus_per_task without task/affinity
+        ({0, 1, 2, 3}, "2", 3, 3),  # threads=3 says so
+    ],
+)
+def test_threads_follow_what_the_job_was_given(
+    affinity, slurm_cpus, threads, expected, monkeypatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity)
+    if slurm_cpus:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", slurm_cpus)
+    else:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert torch_threads(OmegaConf.create({"threads": threads})) == expected

@@ -197,11 +197,15 @@ def print_config(cfg: DictConfig) -> None:
 
 
 def torch_threads(cfg: DictConfig) -> int:
-    """`threads` if set, else the cores shared out among the jobs that run at once, so that
-    jobs x threads never oversubscribes the machine (joblib runs `n_jobs` jobs in parallel)."""
+    """`threads` if set, else the cores this job was given, shared out among the jobs that run
+    at once: the process's CPU affinity (what `taskset`, cgroups or SLURM's task/affinity allow),
+    no more than SLURM's `SLURM_CPUS_PER_TASK`, divided by joblib's `n_jobs`. So jobs x threads
+    never oversubscribe what the machine or the scheduler gave."""
     if cfg.get("threads"):
         return cfg.threads
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]))
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     parallel = launcher.get("n_jobs", 1) if "joblib" in launcher.get("_target_", "") else 1
     if parallel < 0:  # joblib counts back from the number of cores: -1 = all of them
