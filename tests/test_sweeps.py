@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PROJECT_ROOT, run_cli
+from conftest import FAST, PROJECT_ROOT, compose_config, run_cli
+from vanishlab.train import fit_and_test
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
 
@@ -174,3 +175,38 @@ def test_ddp_trains_one_run_on_two_cpu_processes(tiny_data, tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["world_size"] == 2
+    # data.batch_size is global: the two processes take the steps one process takes.
+    single = fit_and_test(compose_config(FAST, tiny_data, tmp_path / "single"))
+    assert record["steps"] == single["steps"] == 10
+    for key in ("test/loss", "val/loss", "evidence/first_over_last_at_start"):
+        assert record[key] == pytest.approx(single[key], rel=1e-4), key
+    assert record["verdict"] == single["verdict"]
+
+
+def test_ddp_is_refused_where_it_would_not_run_once_per_job(tiny_data, tmp_path) -> None:
+    result = sweep(tmp_path / "sweep", tiny_data, "trainer=ddp_sim", "seed=0,1")
+    assert result.returncode == 1 and (result.stdout + result.stderr).count("Launching 2 jobs") == 1
+    for record in records(tmp_path / "sweep").values():
+        assert "is not allowed in a sweep" in record["error"]
+    result = run_cli(
+        "vanishlab.train",
+        *FAST,
+        "trainer=ddp_sim",
+        "trainer.strategy=ddp_spawn",
+        f"hydra.run.dir={tmp_path / 'spawn'}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 2 and "trainer.strategy='ddp_spawn' is not allowed" in result.stderr
+
+
+def test_a_batch_that_cannot_be_shared_out_is_refused(tiny_data, tmp_path) -> None:
+    result = run_cli(
+        "vanishlab.train",
+        *FAST,
+        "trainer=ddp_sim",
+        "data.batch_size=51",
+        f"hydra.run.dir={tmp_path}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 2 and "data.batch_size=51 is not allowed" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()

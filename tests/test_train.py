@@ -76,17 +76,18 @@ def test_val_size_zero_validates_on_the_test_split(tiny_data, tmp_path) -> None:
     assert abs(record["val/loss"] - record["test/loss"]) < 1e-6
 
 
-def test_ddp_ranks_get_equal_numbers_of_disjoint_batches() -> None:
-    x, y = torch.arange(1100.0).unsqueeze(1), torch.arange(1100)  # 11 batches of 100
-    ranks = [
-        TensorBatches(x, y, 100, torch.Generator().manual_seed(3), rank=r, world_size=2)
-        for r in (0, 1)
-    ]
-    seen = [[b[1] for b in batches] for batches in ranks]
-    assert [len(s) for s in seen] == [len(r) for r in ranks] == [5, 5]  # the 11th is dropped
-    first, second = (torch.cat(s) for s in seen)
-    assert not set(first.tolist()) & set(second.tolist())
-    assert len(TensorBatches(x, y, 100)) == len(list(TensorBatches(x, y, 100)))
+def test_ddp_ranks_share_out_each_global_batch() -> None:
+    x, y = torch.arange(1150.0).unsqueeze(1), torch.arange(1150)  # 11 batches of 100, and 50
+
+    def batches(rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        return [b for _, b in TensorBatches(x, y, 100, generator, rank, world_size)]
+
+    alone, first, second = batches(), batches(0, 2), batches(1, 2)
+    assert len(alone) == 12 and len(first) == len(second) == 11  # DDP drops the partial batch
+    assert all(len(b) == 50 for b in first + second)
+    for whole, mine, theirs in zip(alone, first, second, strict=False):
+        assert torch.equal(whole, torch.cat([mine, theirs]))  # the same steps as one device
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
@@ -152,11 +154,32 @@ def check_config(cfg: DictConfig) -> None:
                 f"{domain.key}={value!r} is not allowed: {domain.why}. "
                 f"Fix: set {domain.key} to {domain.fix}."
             )
+    check_strategy(str(OmegaConf.select(cfg, "trainer.strategy", default="auto")))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} is not a file. Fix: point it at a run's checkpoint, e.g. "
             f"ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt, or leave it null."
+        )
+
+
+def check_strategy(strategy: str) -> None:
+    """Refuse the DDP strategies whose processes would not run exactly once per job with their
+    evidence reaching the record."""
+    if strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is not allowed: its processes train copies of the "
+            f"callbacks, so the gradient-flow evidence and the divergence stop never reach the "
+            f"run's record. Fix: use trainer=ddp_sim (or trainer.strategy=ddp), whose processes "
+            f"start from the command line and keep their own callbacks."
+        )
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and strategy.startswith("ddp"):
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is not allowed in a sweep: Lightning starts each "
+            f"extra DDP process by running the command line again, which would run the whole "
+            f"sweep again. Fix: give each job one device and run jobs side by side "
+            f"(hydra/launcher=joblib, or slurm), or run this job on its own, without -m."
         )
 
 

@@ -7,7 +7,6 @@ transforms and worker processes, which would otherwise cost more than the small 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -32,9 +31,11 @@ class TensorBatches:
 
     Lightning accepts any sized iterable as a dataloader. Each pass draws its order from
     `generator` (None = the stored order), so successive epochs continue one random sequence.
-    Under DDP each rank takes every `world_size`-th batch of the same permutation, so ranks see
-    disjoint data, and the batches left over are dropped so every rank runs the same number of
-    steps (else DDP hangs).
+    `batch_size` is global: under DDP each of the `world_size` ranks takes its own equal share of
+    every batch, and DDP's gradient average over the shares is the mean over the whole batch, so
+    a run on 2 devices takes the steps a run on one takes. A last, partial batch is dropped
+    under DDP, where it could not be shared out equally (ranks that run unequal numbers of steps
+    hang).
     """
 
     def __init__(
@@ -50,9 +51,11 @@ class TensorBatches:
         self.batch_size = batch_size
         self.generator = generator
         self.rank, self.world_size = rank, world_size
+        self.share = batch_size // world_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size) // self.world_size
+        full, rest = divmod(len(self.x), self.batch_size)
+        return full + (rest > 0 and self.world_size == 1)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.x)
@@ -60,8 +63,10 @@ class TensorBatches:
             order = torch.arange(n, device=self.x.device)
         else:
             order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        batches = order.split(self.batch_size)[: len(self) * self.world_size]
-        for batch in batches[self.rank :: self.world_size]:
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if self.world_size > 1:
+                batch = batch[self.rank * self.share : (self.rank + 1) * self.share]
             yield self.x[batch], self.y[batch]
 
 
@@ -164,6 +169,13 @@ class MNISTDataModule(pl.LightningDataModule):
             self._load(train)
 
     def setup(self, stage: str | None = None) -> None:
+        world_size = self.trainer.world_size if self.trainer else 1
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is not allowed: it is the global batch, "
+                f"shared out equally among the {world_size} DDP processes. Fix: set "
+                f"data.batch_size to a multiple of {world_size}, e.g. {world_size * 100}."
+            )
         if self.splits:
             return
         train_x, train_y = self._load(train=True)

@@ -181,7 +181,8 @@ def gradient_evidence(flow: GradientFlow) -> dict[str, Any]:
 def test_split_evidence(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
     """How many classes the trained network predicts on the test split, and how many it cannot
     predict at all: a class whose output is 0 for every test image (its output ReLU died)."""
-    outputs = torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+    images, _ = datamodule.splits["test"]  # all of it, whichever DDP rank this is
+    outputs = torch.cat([module(x) for x in images.split(datamodule.batch_size)])
     return {
         "evidence/classes_predicted": outputs.argmax(dim=1).unique().numel(),
         "evidence/dead_classes": int((outputs == 0).all(dim=0).sum()),
