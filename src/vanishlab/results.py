@@ -185,7 +185,7 @@ def log_hparams(loggers: list[Logger], cfg: DictConfig, record: dict[str, Any], 
 class Records(Callback):
     """Hydra callback that keeps records true: a single run never writes into a directory that
     holds a run's record already, and a sweep ends with its jobs counted by status (exit 1 if
-    any failed).
+    any did not finish: failed, or cancelled or timed out by a scheduler).
 
     `on_run_start` runs before Hydra writes anything into the run directory (`.hydra/`, the log),
     so a refused run changes nothing. A sweep job that raises is recorded and returns normally,
@@ -212,7 +212,14 @@ class Records(Callback):
         records = {p.parent.name: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
         counts = Counter(record.get("status", "unknown") for record in records.values())
         log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
-        failed = [name for name, record in records.items() if record.get("status") == "failed"]
-        if failed:
-            log.error("%d job(s) failed (see their metrics.json): %s", len(failed), failed)
+        unfinished = [
+            name for name, record in records.items() if record.get("status") not in FINISHED
+        ]
+        if unfinished:
+            log.error(
+                "%d job(s) did not finish (failed, or ended by the scheduler; see their "
+                "metrics.json): %s",
+                len(unfinished),
+                unfinished,
+            )
             raise SystemExit(1)

@@ -12,7 +12,6 @@ import math
 import os
 import secrets
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,13 +47,6 @@ from vanishlab.results import (
 )
 
 log = logging.getLogger(__name__)
-
-# The console shows what the user needs: not Lightning's advertisements for its cloud services,
-# nor a deprecation inside Lightning that its users cannot act on.
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: "💡 Tip:" not in record.getMessage()
-)
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:

@@ -1,0 +1,98 @@
+"""vanishlab's Hydra launchers. Hydra finds launcher plugins only under `hydra_plugins`; this
+module imports vanishlab lazily, so Hydra's plugin discovery stays fast for any application.
+
+`SlurmLauncher` is Hydra's submitit SLURM launcher with one change: a job that SLURM ends before
+it returns (cancelled, timed out, preempted, out of memory, its node failed) is recorded as such
+in its `metrics.json`, and the sweep waits for its other jobs, summarises and exits 1, where the
+plugin's launcher raises at the first such job and leaves the others unwatched. A re-run trains
+the job on from its last checkpoint, as it does an interrupted job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+        """Submit the jobs as the plugin does, then collect each one's result on its own."""
+        jobs = self.submit(job_overrides, initial_job_idx)
+        returns = []
+        for idx, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
+            try:
+                returns.append(job.results()[0])
+            except Exception:  # submitit's UncompletedJobError: the job wrote no result
+                self.record_ended(list(overrides), initial_job_idx + idx, job)
+                status, value = JobStatus.COMPLETED, None  # no value: sweepers go on
+                returns.append(JobReturn(list(overrides), status=status, _return_value=value))
+        return returns
+
+    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+        """The plugin's `launch` up to its last line, which waits for every result in turn."""
+        import submitit
+
+        init_keys = ("submitit_folder", "max_num_timeout")
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=self.params["submitit_folder"],
+            **{
+                f"{self._EXECUTOR}_max_num_timeout": self.params[key]
+                for key in init_keys[1:]
+                if key in self.params
+            },
+        )
+        queue_keys = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                key if key in queue_keys else f"{self._EXECUTOR}_{key}": value
+                for key, value in self.params.items()
+                if key not in init_keys
+            }
+        )
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        job_params = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            state = Singleton.get_state()
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
+        return executor.map_array(self, *zip(*job_params, strict=True))
+
+    def record_ended(self, overrides: list[str], idx: int, job: Any) -> None:
+        """Write the record of a job that SLURM ended, where the job itself would have."""
+        from vanishlab.results import job_id, job_identity, read_record, write_json
+
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.num = idx
+        HydraConfig.instance().set_config(config)
+        job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        identity = job_identity(config)
+        started = read_record(job_dir / "metrics.json")
+        state = job.state
+        job_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            **started,
+            "status": state.split()[0].lower(),  # "CANCELLED by 0" -> cancelled, TIMEOUT, ...
+            "error": f"SLURM ended the job ({state}); its log: {job.paths.stderr}",
+            "job_id": job_id(identity),
+            "job_config": identity,
+        }
+        write_json(job_dir / "metrics.json", record)
+        log.error("Job #%d ended by SLURM (%s); recorded in %s", idx, state, job_dir)

@@ -1,0 +1,100 @@
+"""Sweeps on a real SLURM cluster through `hydra/launcher=slurm`: jobs that complete, fail, and
+are cancelled. `.ci/run` starts a one-node cluster on localhost (`.ci/slurm.sh start`); on a
+machine without one, these tests are skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, PROJECT_ROOT, run_cli
+
+
+def cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return states.returncode == 0 and any(s in states.stdout for s in ("idle", "mix"))
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not cluster_up(), reason="no SLURM cluster answers sinfo (.ci/slurm.sh start runs one)"
+    ),
+]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=null",
+    "hydra.launcher.timeout_min=10",
+]
+
+
+def command(sweep_dir: Path, *overrides: str) -> list[str]:
+    return ["vanishlab.train", "-m", *SLURM, *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def records(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path) -> None:
+    result = run_cli(*command(tmp_path, "seed=0,1"), data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_name = records(tmp_path)
+    assert sorted(r["status"] for r in by_name.values()) == ["completed", "completed"]
+    logs = [p.read_text() for p in tmp_path.glob("*/train.log")]
+    assert len(logs) == 2 and all("torch threads: 1" in log for log in logs)  # cpus_per_task
+
+
+def test_a_failing_job_is_recorded_and_the_others_complete(tiny_data, tmp_path) -> None:
+    result = run_cli(*command(tmp_path, "model.depth=0,1"), data_dir=tiny_data)
+    assert result.returncode == 1, result.stderr[-3000:]
+    by_status = {r["status"]: r for r in records(tmp_path).values()}
+    assert by_status["failed"]["error"].startswith("ConfigError: model.depth=0")
+    assert by_status["completed"]["job_config"]["model"]["depth"] == 1
+
+
+def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path) -> None:
+    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=150")
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "DATA_DIR": str(tiny_data)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not list(tmp_path.glob("*seed=1*/checkpoints/last.ckpt")):
+            assert time.time() < deadline and sweep.poll() is None, "seed=1 never checkpointed"
+            time.sleep(0.2)
+        (task,) = [p.name for p in tmp_path.glob(".submitit/*_1")]  # <array>_<task>: seed=1
+        subprocess.run(["scancel", task], check=True)
+        output, _ = sweep.communicate(timeout=300)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 1, output[-3000:]  # the sweep finished, and says a job did not
+    assert "1 completed, 1 cancelled" in output
+    by_seed = {r["job_config"]["seed"]: r for r in records(tmp_path).values()}
+    assert by_seed[0]["status"] == "completed"
+    assert by_seed[1]["status"] == "cancelled" and "CANCELLED" in by_seed[1]["error"]
+
+    result = run_cli(*args, data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_seed = {r["job_config"]["seed"]: r for r in records(tmp_path).values()}
+    assert by_seed[1]["status"] == "completed" and by_seed[1]["resumed_from"]
+    assert by_seed[1]["epochs"] == 150
