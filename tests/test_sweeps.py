@@ -163,15 +163,15 @@ def test_optuna_search_goes_on_past_a_failed_trial(tiny_data, tmp_path) -> None:
     assert "model.depth: 1" in best and "best_value" in best
 
 
+def ddp_run(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A single run on 2 CPU processes (`trainer=ddp_sim`)."""
+    args = [*FAST, "trainer=ddp_sim", *overrides, f"hydra.run.dir={run_dir}"]
+    return run_cli("vanishlab.train", *args, data_dir=data_dir)
+
+
 def test_ddp_trains_one_run_on_two_cpu_processes(tiny_data, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "vanishlab.train",
-        *FAST,
-        "trainer=ddp_sim",
-        f"hydra.run.dir={run_dir}",
-        data_dir=tiny_data,
-    )
+    result = ddp_run(run_dir, tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["world_size"] == 2
@@ -188,25 +188,11 @@ def test_ddp_is_refused_where_it_would_not_run_once_per_job(tiny_data, tmp_path)
     assert result.returncode == 1 and (result.stdout + result.stderr).count("Launching 2 jobs") == 1
     for record in records(tmp_path / "sweep").values():
         assert "is not allowed in a sweep" in record["error"]
-    result = run_cli(
-        "vanishlab.train",
-        *FAST,
-        "trainer=ddp_sim",
-        "trainer.strategy=ddp_spawn",
-        f"hydra.run.dir={tmp_path / 'spawn'}",
-        data_dir=tiny_data,
-    )
+    result = ddp_run(tmp_path / "spawn", tiny_data, "trainer.strategy=ddp_spawn")
     assert result.returncode == 2 and "trainer.strategy='ddp_spawn' is not allowed" in result.stderr
 
 
 def test_a_batch_that_cannot_be_shared_out_is_refused(tiny_data, tmp_path) -> None:
-    result = run_cli(
-        "vanishlab.train",
-        *FAST,
-        "trainer=ddp_sim",
-        "data.batch_size=51",
-        f"hydra.run.dir={tmp_path}",
-        data_dir=tiny_data,
-    )
+    result = ddp_run(tmp_path, tiny_data, "data.batch_size=51")
     assert result.returncode == 2 and "data.batch_size=51 is not allowed" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
