@@ -121,7 +121,12 @@ DOMAINS = (
     Domain(
         "data.dataset", lambda v: v in DATASETS, "it is not a known dataset", " or ".join(DATASETS)
     ),
-    Domain("trainer.max_epochs", integer(0), "it counts epochs", "an integer >= 0, e.g. 10"),
+    Domain(
+        "trainer.max_epochs",
+        lambda v: v is None or integer(0)(v),
+        "it counts epochs",
+        "an integer >= 0, e.g. 10 (or null, to stop at trainer.max_steps)",
+    ),
     Domain(
         "trainer.accelerator",
         lambda v: v != "gpu" or torch.cuda.is_available(),
