@@ -59,6 +59,13 @@ alive_pid() {
 	[[ -n $pid ]] && running "$pid" && echo "$pid"
 }
 
+# name pidfile: true, and says so, if that daemon is running already
+already_running() {
+	local pid
+	pid=$(alive_pid "$2") || return 1
+	say "$1 already running (pid $pid)"
+}
+
 wait_for() { # seconds command... : retry every 0.2 s until the command succeeds or time is up
 	local deadline=$((SECONDS + $1))
 	shift
@@ -151,11 +158,7 @@ EOF
 }
 
 start_munged() {
-	local pid
-	if pid=$(alive_pid "$MUNGE_DIR/munged.pid"); then
-		say "munged already running (pid $pid)"
-		return 0
-	fi
+	already_running munged "$MUNGE_DIR/munged.pid" && return 0
 	mkdir -p "$MUNGE_DIR"
 	chown munge:munge "$MUNGE_DIR"
 	chmod 0755 "$MUNGE_DIR" # the socket must be reachable by every user; the key itself is 0400
@@ -182,11 +185,7 @@ start_munged() {
 mysql_root() { mariadb --no-defaults --socket="$MYSQL_SOCKET" -u root "$@"; }
 
 start_mariadb() {
-	local pid
-	if pid=$(alive_pid "$MYSQL_DIR/mariadbd.pid"); then
-		say "mariadbd already running (pid $pid)"
-		return 0
-	fi
+	already_running mariadbd "$MYSQL_DIR/mariadbd.pid" && return 0
 	mkdir -p "$MYSQL_DIR"
 	chown mysql:mysql "$MYSQL_DIR"
 	if [[ ! -d $MYSQL_DIR/data/mysql ]]; then
@@ -210,11 +209,8 @@ start_mariadb() {
 }
 
 start_slurmdbd() {
-	local pid pass
-	if pid=$(alive_pid "$RUN/slurmdbd.pid"); then
-		say "slurmdbd already running (pid $pid)"
-		return 0
-	fi
+	local pass
+	already_running slurmdbd "$RUN/slurmdbd.pid" && return 0
 	if [[ ! -s $MYSQL_DIR/slurm.pass ]]; then
 		(umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$MYSQL_DIR/slurm.pass")
 	fi
@@ -256,11 +252,7 @@ EOF
 }
 
 start_slurmctld() {
-	local pid
-	if pid=$(alive_pid "$RUN/slurmctld.pid"); then
-		say "slurmctld already running (pid $pid)"
-		return 0
-	fi
+	already_running slurmctld "$RUN/slurmctld.pid" && return 0
 	say "starting slurmctld"
 	# State (job ids, queue) is kept in $STATE/slurmctld across stop/start, so job ids keep
 	# rising and never collide with the ones the accounting database already holds.
@@ -270,11 +262,7 @@ start_slurmctld() {
 }
 
 start_slurmd() {
-	local pid
-	if pid=$(alive_pid "$RUN/slurmd.pid"); then
-		say "slurmd already running (pid $pid)"
-		return 0
-	fi
+	already_running slurmd "$RUN/slurmd.pid" && return 0
 	say "starting slurmd"
 	slurmd -N localhost -f "$CONF" >>"$LOG/slurmd.out" 2>&1 ||
 		die "slurmd did not start; see $LOG/slurmd.log and $LOG/slurmd.out"

@@ -160,11 +160,15 @@ def check_config(cfg: DictConfig) -> None:
                 f"Fix: set {domain.key} to {domain.fix}."
             )
     check_strategy(str(OmegaConf.select(cfg, "trainer.strategy", default="auto")))
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
+    if cfg.get("ckpt_path") is not None:
+        check_ckpt_path(cfg.ckpt_path)
+
+
+def check_ckpt_path(ckpt_path: str) -> None:
+    if not Path(ckpt_path).expanduser().is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} is not a file. Fix: point it at a run's checkpoint, e.g. "
-            f"ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt, or leave it null."
+            f"ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt (or best.ckpt)."
         )
 
 

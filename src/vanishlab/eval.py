@@ -14,11 +14,13 @@ from typing import Any
 import hydra
 import rich
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.config import CONFIG_DIR
+from vanishlab.config import CONFIG_DIR, check_ckpt_path
 from vanishlab.results import write_json
 from vanishlab.train import build, scalars, test_split_evidence
 
@@ -36,10 +38,11 @@ def run_config(ckpt_path: Path) -> DictConfig:
     )
 
 
-def data_overrides() -> list[str]:
+def data_overrides() -> list[Override]:
     """The command line's overrides of the data config (`data=...`, `data.<key>=...`)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "data"]
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o for o in parsed if o.key_or_group.split(".")[0] == "data"]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -49,22 +52,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "ckpt_path=<run>/checkpoints/last.ckpt (or best.ckpt), e.g. "
             "python -m vanishlab.eval ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt."
         )
+    check_ckpt_path(cfg.ckpt_path)
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    if not ckpt_path.is_file():
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist. Fix: point ckpt_path at a run's "
-            f"checkpoints/last.ckpt or checkpoints/best.ckpt."
-        )
     run_cfg = run_config(ckpt_path)
     run_cfg.paths = cfg.paths  # this evaluation's own output directory and data directory
     if run_cfg.seed is None:  # a seed=null run: its data module needs a seed, the test split none
         run_cfg.seed = 0
     overrides = data_overrides()
     for override in overrides:
-        key = override.lstrip("+~").split("=")[0]
-        if key == "data":  # another data option: take it whole, with its keys as given
+        if override.key_or_group == "data":  # another data option: whole, with its keys as given
             run_cfg.data = cfg.data
             break
+        key = override.key_or_group
         OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
     datamodule, module = build(run_cfg)
     datamodule.prepare_data()
@@ -72,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
     return {
         "ckpt_path": str(ckpt_path),
-        "data_overrides": overrides,
+        "data_overrides": [o.input_line for o in overrides],
         **scalars(metrics[0], "test/"),
         **test_split_evidence(module, datamodule),
     }
