@@ -13,8 +13,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 
 from conftest import FAST, compose_config
-from vanishlab.diagnostics import StopOnDivergence
-from vanishlab.results import FULL_EPOCHS, HPARAM_METRICS, START, hparams, verdict
+from vanishlab.divergence import StopOnDivergence
+from vanishlab.results import CLASSES, FULL_EPOCHS, HPARAM_METRICS, START, hparams, verdict
 from vanishlab.train import fit_and_test
 
 
@@ -78,12 +78,12 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
     assert record["grad_norms_at_start"][0] == pytest.approx(norms[0], rel=1e-5)
 
     row = hparams_row(events)
-    assert row == {**hparams(cfg), "status": "completed", "verdict": record["verdict"]} | {
-        "output_activation": "relu",
-        "init": "kaiming_normal",
-        "loss": "cross_entropy",
-        "optimizer": "sgd(momentum=0.0, weight_decay=0.0)",
-    }
+    assert row == {**hparams(cfg), "status": "completed", "verdict": record["verdict"]}
+    assert row["model"] == "mlp" and row["model.depth"] == 3
+    assert row["model.output_activation"] == "relu" and row["model.norm"] == "none"
+    assert (row["init"], row["init.nonlinearity"]) == ("kaiming_normal", "relu")
+    assert (row["loss"], row["optimizer"], row["optimizer.lr"]) == ("cross_entropy", "sgd", 0.01)
+    assert not any(key.split(".")[-1].startswith("_") for key in row)
     assert {"val/acc", "test/acc", "evidence/classes_predicted"} <= set(HPARAM_METRICS)
 
 
@@ -115,7 +115,8 @@ def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_pat
     record = fit_and_test(cfg)
     assert record["status"] == "diverged" and record["verdict"] == "diverged"
     assert record["diverged_at_epoch"] == 0 and 0 < record["diverged_at_step"] < 10
-    assert record["epochs"] == 0  # stopped in its first epoch, not trained on NaNs for 3
+    assert record["epochs"] == 1  # stopped in its first epoch, not trained on NaNs for 3
+    assert record[FULL_EPOCHS] == 0
     assert record["test/loss"] == record["test/loss"]  # the kept weights are finite: not NaN
 
 
@@ -173,7 +174,7 @@ TRAINED = {FULL_EPOCHS: 1}  # one full pass over the training split
     ],
 )
 def test_verdict_rules_in_order_and_the_evidence_each_needs(evidence, expected) -> None:
-    assert verdict({"status": "completed", **evidence}) == expected
+    assert verdict({"status": "completed", CLASSES: 10, **evidence}) == expected
 
 
 def test_zero_gradients_and_zero_weights_are_logged_without_failing(tiny_data, tmp_path) -> None:

@@ -83,7 +83,7 @@ def test_accumulated_gradient_is_measured_at_the_step_that_applies_it(tiny_data,
     datamodule.setup("fit")
     for x, y in list(datamodule.train_dataloader())[:2]:
         (module.loss_fn(module(x), y) / 2).backward()
-    expected = module.net.layers[0].weight.grad.norm().item()
+    expected = module.net.probes()[0].layer.weight.grad.norm().item()
 
     events = read_scalars(tmp_path, "grad_norm/layer_00")
     assert [step for step, _ in events] == [0, 1, 2, 3, 4]  # one point per optimizer step

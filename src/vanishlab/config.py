@@ -4,6 +4,8 @@ Hydra rejects unknown group options itself; `check_config` catches bad values of
 before anything is built, so no run starts (or writes checkpoints) on a setting that cannot work.
 Each checked key is one `Domain` row below; a key a config does not have (`init.std` exists for
 `init=normal` only, `callbacks.gradient_flow` not under `callbacks=none`) is not checked.
+A model checks its own keys (`nets.MLP` with `Domain` rows too) as it is built, on PyTorch's
+`meta` device before anything else, so no row here knows which model a config names.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
 from vanishlab.data import DATASETS, TEST_SIZE, TRAIN_SIZE
-from vanishlab.nets import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
 # The configs live beside the package (`conf/`), so vanishlab is installed editable.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -53,32 +54,15 @@ class Domain:
     why: str
     fix: str
 
+    def check(self, value: Any) -> None:
+        if not self.ok(value):
+            raise ConfigError(
+                f"{self.key}={value!r} is not allowed: {self.why}. "
+                f"Fix: set {self.key} to {self.fix}."
+            )
+
 
 DOMAINS = (
-    Domain(
-        "model.depth",
-        integer(1),
-        "the MLP needs at least one hidden layer",
-        "an integer >= 1, e.g. 2",
-    ),
-    Domain(
-        "model.width",
-        integer(1),
-        "a hidden layer needs at least one unit",
-        "an integer >= 1, e.g. 200",
-    ),
-    Domain(
-        "model.activation",
-        lambda v: v in ACTIVATIONS,
-        "it is not a known activation",
-        f"one of {', '.join(ACTIVATIONS)}",
-    ),
-    Domain(
-        "model.output_activation",
-        lambda v: v in OUTPUT_ACTIVATIONS,
-        "it is not a known output activation",
-        "null (raw logits) or relu",
-    ),
     Domain(
         "init.std", number(0), "a standard deviation cannot be negative", "a number >= 0, e.g. 1.0"
     ),
@@ -88,6 +72,16 @@ DOMAINS = (
         "the gain scales the weights",
         "a number > 0, e.g. 1.0",
     ),
+    Domain(
+        "init.nonlinearity",
+        lambda v: v in ("linear", "relu", "leaky_relu", "tanh", "sigmoid", "selu"),
+        "torch.nn.init.calculate_gain has no gain for it",
+        "relu, leaky_relu, tanh, sigmoid, linear or selu",
+    ),
+    Domain(
+        "init.sigma_w", number(0, low_open=True), "it scales the weights", "a number > 0, e.g. 1.0"
+    ),
+    Domain("init.sigma_b", number(0), "it is a standard deviation", "a number >= 0, e.g. 0.05"),
     Domain(
         "optimizer.lr",
         number(0, low_open=True),
@@ -154,11 +148,8 @@ def check_config(cfg: DictConfig) -> None:
     is not a file."""
     for domain in DOMAINS:
         value = OmegaConf.select(cfg, domain.key, default=ABSENT)
-        if value is not ABSENT and not domain.ok(value):
-            raise ConfigError(
-                f"{domain.key}={value!r} is not allowed: {domain.why}. "
-                f"Fix: set {domain.key} to {domain.fix}."
-            )
+        if value is not ABSENT:
+            domain.check(value)
     check_strategy(str(OmegaConf.select(cfg, "trainer.strategy", default="auto")))
     if cfg.get("ckpt_path") is not None:
         check_ckpt_path(cfg.ckpt_path)
@@ -222,7 +213,7 @@ def check_memory(meta_net: torch.nn.Module, batch_shape: tuple[int, ...], on_gpu
             f"this config needs about {needed / 2**30:.1f} GiB ({parameters:,} parameters, "
             f"{activations:,} activation values per batch of {batch_shape[0]}), but the "
             f"{'GPU' if on_gpu else 'machine'} has {free / 2**30:.1f} GiB free. Fix: make the "
-            f"network smaller (model.width, model.depth) or the batch (data.batch_size), or run "
+            f"network smaller (its model.* size keys) or the batch (data.batch_size), or run "
             f"on a machine with more memory."
         )
 

@@ -74,7 +74,7 @@ class TensorBatches:
 def load_split(
     dataset: str, data_dir: str, train: bool, download: bool, mean: float, std: float
 ) -> tuple[Tensor, Tensor]:
-    """One split as normalised float images `(n, 784)` and int64 labels.
+    """One split as normalised float images `(n, 1, 28, 28)` and int64 labels.
 
     Cached, so the jobs of a sweep that run in one process decode and normalise it only once.
     """
@@ -98,7 +98,7 @@ def load_split(
     images, labels = ds.data, ds.targets
     if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
         raise _corrupt(data_dir, raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
-    return (images.flatten(1).float() / 255 - mean) / std, labels
+    return (images.unsqueeze(1).float() / 255 - mean) / std, labels
 
 
 def _missing(data_dir: str, cls: type, raw: Path, reason: str) -> ConfigError:
@@ -135,7 +135,7 @@ class MNISTDataModule(pl.LightningDataModule):
     run's epoch k sees. Under `trainer.overfit_batches` the order is fixed, as Lightning asks.
     """
 
-    sample_shape = (784,)  # one flattened image: what the network gets per example
+    sample_shape = (1, 28, 28)  # one image, channels first: what the network gets per example
 
     def __init__(
         self,
@@ -150,6 +150,7 @@ class MNISTDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.dataset = dataset
+        self.num_classes = len(DATASETS[dataset].classes)
         self.data_dir = str(Path(data_dir).expanduser().resolve())
         self.batch_size = batch_size
         self.val_size = val_size

@@ -1,54 +1,89 @@
 """Weight initialisations: each `conf/init/<name>.yaml` points at one function here.
 
-An init function fills one weight matrix in place; `initialise` applies it to every Linear
-layer and sets biases to zero, so a new init is a single function of the weight (plus its keys).
+An init function fills one layer's `weight` in place, and its `bias` if it has a rule for it
+(biases start at zero otherwise). `initialise` applies it to every weighted layer the network's
+probes declare (Linear and Conv alike), puts norm layers at weight 1 and bias 0, and names in the
+log any parameter it did not touch, so no weight keeps PyTorch's default init unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
-InitFn = Callable[[Tensor], object]
+from vanishlab.nets import Network
+
+log = logging.getLogger(__name__)
+
+InitFn = Callable[[Tensor, Tensor | None], object]
 
 
-def kaiming_normal(weight: Tensor) -> None:
+def kaiming_normal(weight: Tensor, bias: Tensor | None, nonlinearity: str = "relu") -> None:
     """He et al.: variance 2/fan_in keeps ReLU activations at constant scale with depth."""
-    nn.init.kaiming_normal_(weight, nonlinearity="relu")
+    nn.init.kaiming_normal_(weight, nonlinearity=nonlinearity)
 
 
-def kaiming_uniform(weight: Tensor) -> None:
-    nn.init.kaiming_uniform_(weight, nonlinearity="relu")
+def kaiming_uniform(weight: Tensor, bias: Tensor | None, nonlinearity: str = "relu") -> None:
+    nn.init.kaiming_uniform_(weight, nonlinearity=nonlinearity)
 
 
-def xavier_normal(weight: Tensor) -> None:
+def xavier_normal(weight: Tensor, bias: Tensor | None) -> None:
     """Glorot & Bengio: variance 2/(fan_in+fan_out), derived for tanh/sigmoid-like units."""
     nn.init.xavier_normal_(weight)
 
 
-def xavier_uniform(weight: Tensor) -> None:
+def xavier_uniform(weight: Tensor, bias: Tensor | None) -> None:
     nn.init.xavier_uniform_(weight)
 
 
-def normal(weight: Tensor, std: float = 1.0) -> None:
+def normal(weight: Tensor, bias: Tensor | None, std: float = 1.0) -> None:
     """N(0, std^2) whatever the layer size; std=1.0 is the course code's plain `torch.randn`."""
     nn.init.normal_(weight, mean=0.0, std=std)
 
 
-def orthogonal(weight: Tensor, gain: float = 1.0) -> None:
+def orthogonal(weight: Tensor, bias: Tensor | None, gain: float = 1.0) -> None:
     nn.init.orthogonal_(weight, gain=gain)
 
 
-def zeros(weight: Tensor) -> None:
+def zeros(weight: Tensor, bias: Tensor | None) -> None:
     """All units compute the same thing and get the same gradient: symmetry is never broken."""
     nn.init.zeros_(weight)
 
 
-def initialise(net: nn.Module, init: InitFn) -> None:
-    """Apply `init` to every Linear weight of `net`; zero every Linear bias."""
-    for module in net.modules():
-        if isinstance(module, nn.Linear):
-            init(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+def mean_field(
+    weight: Tensor, bias: Tensor | None, sigma_w: float = 1.0, sigma_b: float = 0.0
+) -> None:
+    """Weights N(0, sigma_w^2 / fan_in) and biases N(0, sigma_b^2): the parametrisation of
+    signal-propagation theory (Poole et al. 2016), whose (sigma_w, sigma_b) plane holds the
+    ordered and chaotic phases."""
+    fan_in = weight[0].numel()
+    nn.init.normal_(weight, std=sigma_w / math.sqrt(fan_in))
+    if bias is not None:
+        nn.init.normal_(bias, std=sigma_b)
+
+
+@torch.no_grad()
+def initialise(net: Network, init: InitFn) -> None:
+    """Apply `init` to every weighted layer `net` probes (its bias zeroed first); reset norm
+    layers to weight 1, bias 0; log any parameter left as PyTorch made it."""
+    touched = set()
+    for probe in net.probes():
+        layer = probe.layer
+        if probe.is_norm:
+            layer.reset_parameters()
+        else:
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+            init(layer.weight, layer.bias)
+        touched.update(id(p) for p in layer.parameters())
+    untouched = [name for name, p in net.named_parameters() if id(p) not in touched]
+    if untouched:
+        log.warning(
+            "init left %d parameter(s) at PyTorch's default init, as no probe declares them: %s",
+            len(untouched),
+            ", ".join(untouched),
+        )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+CONFIG_KEY = "vanishlab_config"  # where a checkpoint holds its run's composed config
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -17,18 +20,33 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 class Classifier(pl.LightningModule):
-    """Trains `net` on `loss_fn` with the optimizer that `optimizer` builds.
+    """Trains `net` on `loss_fn` with the optimizer that `make_optimizer` builds, its learning
+    rate set each epoch by the scheduler `make_scheduler` builds (if any). `config`, the
+    composed config it was built from, is saved in its checkpoints.
 
     The training step stays lean: it logs only on the trainer's logging steps
     (`log_every_n_steps`), because a `self.log` on every step costs about 1 ms, half a step of
     the small MLPs we study.
     """
 
-    def __init__(self, net: nn.Module, loss_fn: LossFn, optimizer: OptimizerFactory) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: LossFn,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.make_optimizer = make_optimizer
+        self.make_scheduler = make_scheduler
+        self.config = config
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the config the classifier was built from: the checkpoint describes itself."""
+        checkpoint[CONFIG_KEY] = self.config
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -56,5 +74,8 @@ class Classifier(pl.LightningModule):
         metrics = {f"{stage}/loss": self.loss_fn(outputs, y), f"{stage}/acc": accuracy(outputs, y)}
         self.log_dict(metrics, batch_size=len(y), sync_dist=True)  # DDP: mean over all ranks
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.make_optimizer(self.parameters())
+        if self.make_scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}

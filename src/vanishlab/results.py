@@ -41,7 +41,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -55,27 +55,63 @@ log = logging.getLogger(__name__)
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
 SATURATED_FROM = 0.5
-CLASSES = 10  # MNIST and Fashion-MNIST
+
+# The record's keys, named once: train, eval, the callbacks' evidence, the report, the HParams
+# row and the tests use these names.
+STATUS = "status"  # started, completed, diverged, failed (or cancelled, timeout, ... by SLURM)
+VERDICT = "verdict"
+SEED = "seed"
+ERROR = "error"
+TAGS = "tags"
+JOB_ID = "job_id"
+JOB_CONFIG = "job_config"
+RESUMED_FROM = "resumed_from"
+TESTED = "tested"
+STEPS = "steps"  # optimizer steps
+EPOCHS = "epochs"  # epochs that ran, the last one possibly in part (a diverged run's included)
+WORLD_SIZE = "world_size"
+TRAIN_SECONDS = "train_seconds"
+TEST_SECONDS = "test_seconds"
+DIVERGED_AT_STEP = "diverged_at_step"
+DIVERGED_AT_EPOCH = "diverged_at_epoch"
+VAL_ACC = "val/acc"
+TEST_ACC = "test/acc"
+TEST_LOSS = "test/loss"
+FIRST_OVER_LAST = "grad_norm/first_over_last"  # at the last measured step
+GRAD_NORMS_AT_START = "grad_norms_at_start"  # per layer probe, at the first measured step
+START = "evidence/first_over_last_at_start"  # present once GradientFlow measured a step
+FULL_EPOCHS = "evidence/full_epochs"  # epochs that ran every batch of the training split
+MAX_DEAD = "evidence/max_dead_frac"
+MAX_SATURATED = "evidence/max_saturated_frac"
+CLASSES = "evidence/classes"  # the data's class count
+CLASSES_PREDICTED = "evidence/classes_predicted"
+DEAD_CLASSES = "evidence/dead_classes"
+
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 # Config keys that cannot change a job's result: where files go, torch's thread count, labels.
-IGNORED_KEYS = ("paths", "threads", "tags")
-START = "evidence/first_over_last_at_start"  # present once GradientFlow measured a step
-FULL_EPOCHS = "evidence/full_epochs"
+IGNORED_KEYS = ("paths", "threads", TAGS)
 
 # Numbers shown beside each run in the HParams table: final metrics and the verdict's evidence.
 HPARAM_METRICS = (
-    "val/acc",
-    "test/acc",
-    "test/loss",
-    "grad_norm/first_over_last",
+    VAL_ACC,
+    TEST_ACC,
+    TEST_LOSS,
+    FIRST_OVER_LAST,
     START,
-    "evidence/max_dead_frac",
-    "evidence/dead_classes",
-    "evidence/max_saturated_frac",
-    "evidence/classes_predicted",
+    MAX_DEAD,
+    DEAD_CLASSES,
+    MAX_SATURATED,
+    CLASSES_PREDICTED,
     FULL_EPOCHS,
-    "steps",
+    STEPS,
 )
+
+
+@runtime_checkable
+class EvidenceSource(Protocol):
+    """A callback whose findings go into the record (`GradientFlow`, `StopOnDivergence`)."""
+
+    def evidence(self) -> dict[str, Any]: ...
 
 
 def verdict(record: dict[str, Any]) -> str:
@@ -83,20 +119,19 @@ def verdict(record: dict[str, Any]) -> str:
     measured = START in record
     trained = record.get(FULL_EPOCHS, 0) >= 1
     ratio = record.get(START, math.nan)
-    if record["status"] == "diverged" or not math.isfinite(record.get("test/loss", 0.0)):
+    if record[STATUS] == "diverged" or not math.isfinite(record.get(TEST_LOSS, 0.0)):
         return "diverged"
-    if measured and record.get("evidence/max_dead_frac", 0) >= 1:
+    if measured and record.get(MAX_DEAD, 0) >= 1:
         return "dead"
-    if trained and record.get("evidence/dead_classes", 0) >= 1:
+    if trained and record.get(DEAD_CLASSES, 0) >= 1:
         return "dead"
     if measured and ratio > EXPLODING_ABOVE:
         return "exploding"
-    if measured and (
-        ratio < VANISHING_BELOW or record.get("evidence/max_saturated_frac", 0) >= SATURATED_FROM
-    ):
+    if measured and (ratio < VANISHING_BELOW or record.get(MAX_SATURATED, 0) >= SATURATED_FROM):
         return "vanishing"
     if trained:
-        return "dead" if record.get("evidence/classes_predicted", CLASSES) < CLASSES else "trained"
+        stuck = CLASSES_PREDICTED in record and record[CLASSES_PREDICTED] < record[CLASSES]
+        return "dead" if stuck else "trained"
     return "too_short"
 
 
@@ -127,7 +162,7 @@ def job_dir_name(sweep_dir: str, name: str, *, _root_: DictConfig) -> str:
     except Exception:  # the job itself reports the config that does not resolve
         return name
     stored = read_record(Path(sweep_dir) / name / "metrics.json")
-    return name if not stored or stored.get("job_id") == own_id else f"{name}~{own_id[:8]}"
+    return name if not stored or stored.get(JOB_ID) == own_id else f"{name}~{own_id[:8]}"
 
 
 OmegaConf.register_new_resolver("vanishlab.job_dir", job_dir_name, replace=True)
@@ -145,36 +180,47 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _option(node: DictConfig, skip: tuple[str, ...] = ()) -> str:
-    """A group option as one value: its target and its keys, e.g. `normal(std=1.0)`."""
-    name = node._target_.rsplit(".", 1)[-1].lower()
-    keys = [f"{k}={v}" for k, v in node.items() if not k.startswith("_") and k not in skip]
-    return f"{name}({', '.join(keys)})" if keys else name
+def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: `{"model": {"depth": 2}}` -> `{"model.depth": 2}`."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def option_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """A job's config as table columns: its dotted keys, less `_`-keys (`_partial_`) and values
+    that are only `paths` placeholders; an option's `_target_` becomes a column named after its
+    group holding the class or function name, lowercased (`model` = `mlp`, `init` = `normal`)."""
+    columns = {}
+    for key, value in flatten(config).items():
+        *group, leaf = key.split(".")
+        if leaf == "_target_":
+            columns[".".join(group)] = str(value).rsplit(".", 1)[-1].lower()
+        elif not leaf.startswith("_") and not str(value).startswith("<paths."):
+            columns[key] = value
+    return columns
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Every config value a sweep can vary, under the same names in every run, so all runs of a
-    sweep share one set of HParams columns (options with their own keys are one text column)."""
+    """The HParams row: every resolved value of the job's config (`job_identity`) that a sweep
+    can vary, as `option_columns` names them, so a new group or model key is a column with no
+    edit here. The instruments (`callbacks`, `logger`) are left out; values TensorBoard cannot
+    show (null, lists) become text."""
+    identity = {k: v for k, v in job_identity(cfg).items() if k not in ("callbacks", "logger")}
     return {
-        "data": cfg.data.dataset,
-        "depth": cfg.model.depth,
-        "width": cfg.model.width,
-        "activation": cfg.model.activation,
-        "output_activation": str(cfg.model.output_activation),
-        "init": _option(cfg.init),
-        "loss": _option(cfg.loss),
-        "optimizer": _option(cfg.optimizer, skip=("lr",)),
-        "lr": cfg.optimizer.lr,
-        "batch_size": cfg.data.batch_size,
-        "seed": cfg.seed,
-        "max_epochs": cfg.trainer.max_epochs,
+        key: value if isinstance(value, bool | int | float | str) else str(value)
+        for key, value in option_columns(identity).items()
     }
 
 
 def log_hparams(loggers: list[Logger], cfg: DictConfig, record: dict[str, Any], step: int) -> None:
     """Write the run's HParams row: hyperparameters, status and verdict, and the final metrics
     (also written as scalars at the run's last step, which is where the table reads them)."""
-    params = {**hparams(cfg), "status": record["status"], "verdict": record["verdict"]}
+    params = {**hparams(cfg), STATUS: record[STATUS], VERDICT: record[VERDICT]}
     metrics = {k: record[k] for k in HPARAM_METRICS if isinstance(record.get(k), float | int)}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -200,7 +246,7 @@ class Records(Callback):
             exit_with(
                 ConfigError(
                     f"hydra.run.dir={str(run_dir)!r} already holds a run (status "
-                    f"{previous.get('status')!r}); it is kept as it is and nothing was written. "
+                    f"{previous.get(STATUS)!r}); it is kept as it is and nothing was written. "
                     f"Fix: leave hydra.run.dir at its default (a new directory per run), pick a "
                     f"new one, or continue that run with ckpt_path={run_dir}/checkpoints/last.ckpt "
                     f"(it trains on into a new directory)."
@@ -210,10 +256,10 @@ class Records(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         records = {p.parent.name: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
-        counts = Counter(record.get("status", "unknown") for record in records.values())
+        counts = Counter(record.get(STATUS, "unknown") for record in records.values())
         log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
         unfinished = [
-            name for name, record in records.items() if record.get("status") not in FINISHED
+            name for name, record in records.items() if record.get(STATUS) not in FINISHED
         ]
         if unfinished:
             log.error(

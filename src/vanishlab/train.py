@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import rich
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -32,12 +33,32 @@ from rich.tree import Tree
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_config, check_memory
 from vanishlab.data import MNISTDataModule
-from vanishlab.diagnostics import GradientFlow, StopOnDivergence
 from vanishlab.init import initialise
 from vanishlab.module import Classifier
+from vanishlab.nets import Network
 from vanishlab.results import (
+    CLASSES,
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
+    DIVERGED_AT_EPOCH,
+    EPOCHS,
+    ERROR,
     FINISHED,
     FULL_EPOCHS,
+    GRAD_NORMS_AT_START,
+    JOB_CONFIG,
+    JOB_ID,
+    RESUMED_FROM,
+    SEED,
+    STATUS,
+    STEPS,
+    TAGS,
+    TEST_SECONDS,
+    TESTED,
+    TRAIN_SECONDS,
+    VERDICT,
+    WORLD_SIZE,
+    EvidenceSource,
     job_id,
     job_identity,
     log_hparams,
@@ -61,17 +82,56 @@ def instantiate_function(node: DictConfig) -> Callable[..., Any]:
 
 def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
     """Check the config and the memory it needs, then instantiate the data module and the
-    initialised classifier."""
+    initialised classifier. The network gets its input shape and class count from the data
+    module, and is built first on PyTorch's `meta` device, where a bad model key fails (and a
+    network too big for the machine is measured) before anything is allocated."""
     check_config(cfg)
     datamodule = instantiate(cfg.data)
+    shapes = {"input_shape": datamodule.sample_shape, "num_classes": datamodule.num_classes}
     with torch.device("meta"):
-        meta_net = instantiate(cfg.model)
+        meta_net = instantiate_model(cfg.model, **shapes)
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     check_memory(meta_net, (cfg.data.batch_size, *datamodule.sample_shape), on_gpu)
-    net = instantiate(cfg.model)
+    net = instantiate_model(cfg.model, **shapes)
     initialise(net, instantiate(cfg.init))
-    loss_fn = instantiate_function(cfg.loss)
-    return datamodule, Classifier(net, loss_fn, instantiate(cfg.optimizer))
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = Classifier(
+        net,
+        instantiate_function(cfg.loss),
+        instantiate(cfg.optimizer),
+        scheduler,
+        saved_config(cfg),
+    )
+    return datamodule, module
+
+
+def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
+    """The network `node` names; a model that refuses its keys (a `ConfigError` of its own, or
+    keys it does not take) ends in the one-paragraph error, not Hydra's traceback."""
+    try:
+        net = instantiate(node, **shapes)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise ConfigError(
+            f"model={node._target_} could not be built from its config: {err.__cause__ or err}. "
+            f"Fix: give it only the keys its class takes (a remedy sets model.norm and "
+            f"model.residual, which not every model has), or add them to the class."
+        ) from None
+    if not callable(getattr(net, "probes", None)):
+        raise ConfigError(
+            f"model={node._target_} has no probes() method, so nothing can measure it. Fix: "
+            f"add `def probes(self) -> list[vanishlab.nets.Probe]` (see vanishlab.nets.MLP)."
+        )
+    return net
+
+
+def saved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config, unresolved and without Hydra's node: what a checkpoint keeps so it
+    describes itself (`vanishlab.eval` rebuilds the run from it, with its own `paths`)."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)
+    return config
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
@@ -109,75 +169,62 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
     datamodule, module = build(cfg)
     datamodule.prepare_data()  # missing or corrupt data fails here, before the trainer exists
     trainer = build_trainer(cfg)
-    record: dict[str, Any] = {"status": "completed", "seed": cfg.seed}
+    record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
     if ckpt_path is not None:
-        record["resumed_from" if train else "tested"] = str(ckpt_path)
+        record[RESUMED_FROM if train else TESTED] = str(ckpt_path)
     if train:
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        record.update(
-            train_seconds=round(time.perf_counter() - start, 3), **training_evidence(trainer)
-        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        record[TRAIN_SECONDS] = round(time.perf_counter() - start, 3)
+        record.update(training_evidence(trainer))
     if test:
         start = time.perf_counter()
+        tested = None if train else ckpt_path
         metrics = trainer.test(
-            module, datamodule=datamodule, ckpt_path=None if train else ckpt_path, verbose=False
+            module, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True
         )
         record.update(scalars(metrics[0], "test/"))
-        record["test_seconds"] = round(time.perf_counter() - start, 3)
+        record[TEST_SECONDS] = round(time.perf_counter() - start, 3)
         record.update(test_split_evidence(module, datamodule))
     if train:
-        record["verdict"] = verdict(record)
+        record[VERDICT] = verdict(record)
         log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
     return record
 
 
 def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
-    """What the training loop and its callbacks saw: steps and epochs run, divergence, and the
-    gradient-flow figures the verdict needs."""
-    every_batch = trainer.num_training_batches >= len(trainer.train_dataloader)
+    """What the training loop saw (steps, epochs, validation metrics) and what its callbacks
+    found (`EvidenceSource`: gradient flow, divergence)."""
     evidence: dict[str, Any] = {
-        "steps": trainer.global_step,  # optimizer steps
-        "epochs": trainer.current_epoch,
-        FULL_EPOCHS: trainer.current_epoch if every_batch else 0,
-        "world_size": trainer.world_size,
+        STEPS: trainer.global_step,
+        EPOCHS: trainer.current_epoch,
+        WORLD_SIZE: trainer.world_size,
         **scalars(trainer.callback_metrics, "val/"),
     }
     for callback in trainer.callbacks:
-        if isinstance(callback, StopOnDivergence) and callback.diverged_at:
-            step, epoch = callback.diverged_at["step"], callback.diverged_at["epoch"]
-            evidence.update(
-                status="diverged", epochs=epoch, diverged_at_step=step, diverged_at_epoch=epoch
-            )
-            evidence[FULL_EPOCHS] = min(evidence[FULL_EPOCHS], epoch)
-        if isinstance(callback, GradientFlow):
-            evidence.update(gradient_evidence(callback))
+        if isinstance(callback, EvidenceSource):
+            evidence.update(callback.evidence())
+    every_batch = trainer.num_training_batches >= len(trainer.train_dataloader)
+    whole_epochs = evidence.get(DIVERGED_AT_EPOCH, trainer.current_epoch)
+    evidence[FULL_EPOCHS] = whole_epochs if every_batch else 0
     return evidence
-
-
-def gradient_evidence(flow: GradientFlow) -> dict[str, Any]:
-    """What the gradient-flow callback saw, for the verdict and the sweep report."""
-    first, last = flow.at_first_step, flow.at_last_step
-    if not first:
-        return {}
-    return {
-        "grad_norm/first_over_last": last["first_over_last"],
-        "evidence/first_over_last_at_start": first["first_over_last"],
-        "evidence/max_dead_frac": last["max_dead_frac"],
-        "evidence/max_saturated_frac": last["max_saturated_frac"],
-        "grad_norms_at_start": first["grad_norms"],
-    }
 
 
 @torch.no_grad()
 def test_split_evidence(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
-    """How many classes the trained network predicts on the test split, and how many it cannot
-    predict at all: a class whose output is 0 for every test image (its output ReLU died)."""
-    images, _ = datamodule.splits["test"]  # all of it, whichever DDP rank this is
+    """How many classes the trained network predicts on the whole test split (whichever DDP rank
+    this is), and how many it cannot predict at all: a class whose output is 0 for every test
+    image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its
+    running statistics)."""
+    images, _ = datamodule.splits["test"]
+    was_training = module.training
+    module.eval()
     outputs = torch.cat([module(x) for x in images.split(datamodule.batch_size)])
+    module.train(was_training)
     return {
-        "evidence/classes_predicted": outputs.argmax(dim=1).unique().numel(),
-        "evidence/dead_classes": int((outputs == 0).all(dim=0).sum()),
+        CLASSES: datamodule.num_classes,
+        CLASSES_PREDICTED: outputs.argmax(dim=1).unique().numel(),
+        DEAD_CLASSES: int((outputs == 0).all(dim=0).sum()),
     }
 
 
@@ -230,16 +277,16 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:  # a key left at ??? or an interpolation that does not resolve
         err = ConfigError(f"the config does not resolve: {err}. Fix: set the key it names")
         return job_failed(err, {}, None if previous else record_path, in_sweep)
-    identity = {"job_id": job_id(job_config), "job_config": job_config}
-    if previous and previous.get("job_id") != identity["job_id"]:
+    identity = {JOB_ID: job_id(job_config), JOB_CONFIG: job_config}
+    if previous and previous.get(JOB_ID) != identity[JOB_ID]:
         err = ConfigError(
             f"{output_dir} holds the record of another config (job_id "
-            f"{previous.get('job_id')}, this job's is {identity['job_id']}); it is kept as it is. "
+            f"{previous.get(JOB_ID)}, this job's is {identity[JOB_ID]}); it is kept as it is. "
             f"Fix: leave hydra.sweep.subdir at its default, or run into a new hydra.sweep.dir."
         )
         return job_failed(err, {}, None, in_sweep)
-    if previous.get("status") in FINISHED:
-        log.info("Skipping %s: already %s", output_dir.name, previous["status"])
+    if previous.get(STATUS) in FINISHED:
+        log.info("Skipping %s: already %s", output_dir.name, previous[STATUS])
         return optimized_value(cfg, previous)
 
     print_config(cfg)
@@ -251,14 +298,14 @@ def main(cfg: DictConfig) -> float | None:
         log.info("seed=null: drew seed %d", cfg.seed)
     last_ckpt = output_dir / "checkpoints" / "last.ckpt"
     resume_from = last_ckpt if previous and last_ckpt.is_file() else None
-    save_record(record_path, {"status": "started", "seed": cfg.seed, **identity})
+    save_record(record_path, {STATUS: "started", SEED: cfg.seed, **identity})
     try:
         record = fit_and_test(cfg, resume_from)
     except Exception as err:
         return job_failed(err, identity, record_path, in_sweep)
-    record = {**record, "tags": list(cfg.get("tags") or []), **identity}
+    record = {**record, TAGS: list(cfg.get("tags") or []), **identity}
     save_record(record_path, record)
-    hidden = ("grad_norms_at_start", "job_config")
+    hidden = (GRAD_NORMS_AT_START, JOB_CONFIG)
     rich.print({k: v for k, v in record.items() if k not in hidden})
     return optimized_value(cfg, record)
 
@@ -278,7 +325,7 @@ def job_failed(
     on; a single run ends with the one-paragraph error of a bad setting, or the traceback."""
     error = f"{type(err).__name__}: {err}"
     if record_path is not None:
-        save_record(record_path, {"status": "failed", "error": error, **identity})
+        save_record(record_path, {STATUS: "failed", ERROR: error, **identity})
     if in_sweep:
         trace = None if isinstance(err, ConfigError) else err
         log.error("Job failed; the sweep goes on. %s", error, exc_info=trace)

@@ -1,0 +1,48 @@
+"""Stop a run at its first non-finite step, keeping the weights of the last good one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.linalg import vector_norm
+
+from vanishlab.results import DIVERGED_AT_EPOCH, DIVERGED_AT_STEP, STATUS
+
+
+class StopOnDivergence(pl.Callback):
+    """Stops training at the first step whose loss or gradient is not finite.
+
+    The bad update is dropped (the gradients are cleared before the optimizer step), so the
+    weights, and the last checkpoint, stay those of the last good step, and the run ends as
+    `diverged` rather than training on NaNs. A gradient whose norm overflows (a sum of squares
+    past float32's 3e38) counts as divergence too: checking sums instead let the lr=1e4 test's
+    next step turn the weights non-finite. The check costs one host-device sync per step, which
+    is free on the CPU.
+    """
+
+    def __init__(self) -> None:
+        self.diverged_at: dict[str, int] | None = None
+
+    def evidence(self) -> dict[str, Any]:
+        if self.diverged_at is None:
+            return {}
+        return {
+            STATUS: "diverged",
+            DIVERGED_AT_STEP: self.diverged_at["step"],
+            DIVERGED_AT_EPOCH: self.diverged_at["epoch"],
+        }
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module, loss: Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        total = self._loss + torch.stack([vector_norm(g) for g in grads]).sum()
+        if torch.isfinite(total):
+            return
+        optimizer.zero_grad(set_to_none=True)
+        trainer.should_stop = True
+        self.diverged_at = {"step": trainer.global_step, "epoch": trainer.current_epoch}
