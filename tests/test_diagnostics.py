@@ -3,6 +3,7 @@ TensorBoard's own event reader."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -184,3 +185,22 @@ def test_zero_gradients_and_zero_weights_are_logged_without_failing(tiny_data, t
     assert record["status"] == "completed"
     assert record["grad_norms_at_start"][0] == 0.0
     assert "gradient_flow" in read_events(tmp_path).Tags()["images"]
+
+
+FLOW = "{_target_:vanishlab.diagnostics.GradientFlow,every_n_steps:1}"
+STOP = "{_target_:vanishlab.divergence.StopOnDivergence}"
+
+
+def test_gradient_flow_and_divergence_stop_work_in_either_order(tiny_data, tmp_path) -> None:
+    """StopOnDivergence drops a bad step's gradients; whether GradientFlow measures that step
+    before or after, the record is the same (the dropped step's norms read nan either way)."""
+    records = []
+    for first, second in ((FLOW, STOP), (STOP, FLOW)):
+        order = ["~callbacks.gradient_flow", "~callbacks.stop_on_divergence"]
+        order += [f"+callbacks.first={first}", f"+callbacks.second={second}"]
+        output_dir = tmp_path / str(len(records))
+        cfg = compose_config([*FAST, "optimizer.lr=1e4", *order], tiny_data, output_dir)
+        record = fit_and_test(cfg)
+        records.append({k: v for k, v in record.items() if not k.endswith("_seconds")})
+    assert records[0]["status"] == "diverged" and START in records[0]
+    assert json.dumps(records[0], sort_keys=True) == json.dumps(records[1], sort_keys=True)

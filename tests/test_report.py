@@ -107,8 +107,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_varied_keys_are_the_ones_that_differ(sweep) -> None:
     results = pd.read_csv(sweep / "report" / "results.csv")
     varied = list(results.columns[1 : results.columns.get_loc("status")])
-    # init=normal brings a key (std) that kaiming_normal does not have.
-    assert sorted(varied) == ["activation", "depth", "init", "init.std"]
+    # init=normal brings a key (std) that kaiming_normal does not have, and the reverse.
+    assert sorted(varied) == ["activation", "depth", "init", "init.std", "nonlinearity"]
     assert set(results["init"]) == {"kaiming_normal", "normal"}
 
 
@@ -185,7 +185,7 @@ def test_heatmap_has_a_panel_per_activation_and_names_init_with_its_keys(sweep) 
     relu, sigmoid = (ax for ax in fig.axes if ax.get_title())
     assert (relu.get_title(), sigmoid.get_title()) == ("activation=relu", "activation=sigmoid")
     std = table["init.std"].dropna().iloc[0]
-    inits = ["kaiming_normal", f"normal, init.std={std}"]
+    inits = ["kaiming_normal, nonlinearity=relu", f"normal, init.std={std}"]
     assert [label.get_text() for label in relu.get_xticklabels()] == inits
     assert [label.get_text() for label in relu.get_yticklabels()] == ["2", "4", "8"]
     # log10 of the ratios at the start; the failed and unfinished jobs' cells stay empty.
@@ -216,6 +216,33 @@ def test_sweep_over_lr_only_has_no_heatmap_and_a_log_axis(tmp_path) -> None:
     assert list(results["lr"]) == [0.01, 0.001, 1.0]
     fig = plot_accuracy(results, {"optimizer.lr": "lr"}, "lr")
     assert fig.axes[0].get_xscale() == "log"
+
+
+def test_columns_hold_resolved_values_and_no_underscore_keys(tmp_path) -> None:
+    for scheduler in ("cosine", "step"):
+        overrides = [f"scheduler={scheduler}", "trainer.max_epochs=3"]
+        add_job(tmp_path, overrides, finished("trained", 0.9, 1.0, 2))
+    table, varied = load_sweep(tmp_path)
+    assert sorted(varied.values()) == ["T_max", "eta_min", "gamma", "scheduler", "step_size"]
+    cosine = table[table["scheduler"] == "cosineannealinglr"].iloc[0]
+    assert cosine["T_max"] == 3  # ${trainer.max_epochs}, resolved
+
+
+def test_heatmap_without_a_numeric_key_has_a_row_per_setting(tmp_path) -> None:
+    for remedy, init, ratio in (
+        ("none", "xavier_normal", 1e-4),
+        ("residual", "xavier_normal", 0.5),
+        ("layernorm", "kaiming_normal", 2.0),
+    ):
+        add_job(tmp_path, [f"remedy={remedy}", f"init={init}"], finished("trained", 0.9, ratio, 4))
+    table, varied = load_sweep(tmp_path)
+    (ax,) = (ax for ax in plot_grad_ratio_heatmap(table, varied).axes if ax.get_images())
+    assert [label.get_text() for label in ax.get_yticklabels()] == [
+        "norm=layer, residual=False",
+        "norm=none, residual=False",
+        "norm=none, residual=True",
+    ]
+    assert sorted(text.get_text() for text in ax.texts) == ["-0.3", "-4.0", "0.3"]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "single run"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -33,10 +34,12 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
         assert 0 <= metrics[key] < 100, key
 
-    # Evaluating the last checkpoint reproduces the run's own test figures; a data setting
-    # given on the command line replaces the run's and is recorded.
+    # Evaluating the last checkpoint, copied out of its run directory (it describes itself),
+    # reproduces the run's own test figures; a data setting given on the command line replaces
+    # the run's and is recorded.
     eval_dir = tmp_path / "eval"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = shutil.copy(run_dir / "checkpoints" / "last.ckpt", tmp_path / "copied.ckpt")
+    shutil.rmtree(run_dir)
     result = run_cli(
         "vanishlab.eval",
         f"ckpt_path={ckpt}",
@@ -50,6 +53,22 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     assert evaluated["evidence/classes_predicted"] == metrics["evidence/classes_predicted"]
     assert abs(evaluated["test/acc"] - metrics["test/acc"]) < 1e-6
     assert abs(evaluated["test/loss"] - metrics["test/loss"]) < 1e-5
+
+    # A checkpoint whose config names code that is not vanishlab's or torch's is refused, and
+    # nothing it names runs.
+    doctored = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "ran"
+    doctored["vanishlab_config"]["model"] = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    torch.save(doctored, tmp_path / "doctored.ckpt")
+    result = run_cli(
+        "vanishlab.eval",
+        f"ckpt_path={tmp_path / 'doctored.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'eval2'}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "_target_: 'os.system'" in result.stderr and "trust=[os]" in result.stderr
+    assert not marker.exists() and not (tmp_path / "eval2" / "metrics.json").exists()
 
 
 def test_training_learns_the_tiny_task(tiny_data, tmp_path) -> None:

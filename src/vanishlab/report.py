@@ -8,9 +8,10 @@ is `unfinished`.
 
 What varied is found from the saved configs, not from the command line: every dotted config key
 whose value differs between jobs, or that only some jobs have (`init.std` exists for `init=normal`
-only). The configs stay unresolved (`${paths.output_dir}` reads the same in every job); keys
-under `paths.` and `hydra` and the directories each job writes to (`output_dir`, `dirpath`,
-`save_dir`, `default_root_dir`) are left out. A key's column is its shortest dotted suffix that
+only). Values are resolved, with each job's paths as placeholders (`<paths.output_dir>` reads the
+same in every job); `_`-keys but `_target_` (`_partial_`), keys under `paths.` and `hydra` and the
+directories each job writes to (`output_dir`, `dirpath`, `save_dir`, `default_root_dir`) are
+left out. A key's column is its shortest dotted suffix that
 no other config key ends with: `model.depth` -> `depth`, `optimizer.lr` -> `lr`, but `init.std`
 stays `init.std` because `data.std` exists, so a name never hides which key it is. An option's
 `_target_` is named after its group and holds the function or class name, lowercased as in the
@@ -38,7 +39,7 @@ from tensorboard.compat.proto.event_pb2 import Event
 
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import PROJECT_ROOT
-from vanishlab.results import read_record
+from vanishlab.results import JOB_CONFIG, flatten, job_identity, read_record
 
 # results.csv's columns after the varied keys, and the metrics.json key each one comes from.
 RESULTS = {
@@ -61,20 +62,18 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(path.parents[1] for path in sweep_dir.glob("*/.hydra/config.yaml"))
 
 
-def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def job_config(job_dir: Path) -> dict[str, Any]:
-    """The job's config as dotted keys, unresolved: `${hydra:...}` only resolves inside Hydra."""
-    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    return flatten(OmegaConf.to_container(cfg, resolve=False))
+def job_config(job_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The job's config as dotted keys with resolved values (`${trainer.max_epochs}` reads as the
+    number): the identity its record keeps, or, for a job without one, its saved
+    `.hydra/config.yaml` resolved the same way. `_`-keys other than `_target_` are left out."""
+    config = record.get(JOB_CONFIG)
+    if config is None:
+        config = job_identity(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
+    return {
+        key: value
+        for key, value in flatten(config).items()
+        if not any(part.startswith("_") and part != "_target_" for part in key.split("."))
+    }
 
 
 def job_record(job_dir: Path) -> dict[str, Any]:
@@ -119,12 +118,12 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     jobs = job_dirs(sweep_dir)
     if not jobs:
         raise ConfigError(not_a_sweep(sweep_dir))
-    configs = [job_config(job) for job in jobs]
+    records = [job_record(job) for job in jobs]
+    configs = [job_config(job, record) for job, record in zip(jobs, records, strict=True)]
     keys = varied_keys(configs)
     varied = column_names(keys, (key for config in configs for key in config))
     rows = []
-    for job, config in zip(jobs, configs, strict=True):
-        record = job_record(job)
+    for job, config, record in zip(jobs, configs, records, strict=True):
         row: dict[str, Any] = {"job": job.name}
         for key, column in varied.items():
             value = config.get(key)
@@ -224,18 +223,33 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     return fig
 
 
+def init_keys(varied: dict[str, str]) -> list[str]:
+    return [key for key in varied if key.split(".")[0] == "init"]
+
+
+def longest_numeric(table: pd.DataFrame, varied: dict[str, str], keys: list[str]) -> str | None:
+    """Of `keys`, the numeric one with the most distinct values (depth, lr, width...), if any."""
+    numeric = [key for key in keys if varied[key] in numeric_columns(table, varied)]
+    return max(numeric, key=lambda key: table[varied[key]].nunique(), default=None)
+
+
 def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
-    """log10 gradient ratio at the start: depth (rows) x init (columns), a panel per activation."""
-    depth, activation = varied.get("model.depth"), varied.get("model.activation")
-    init_keys = [key for key in varied if key.split(".")[0] == "init"]
+    """log10 gradient ratio at the start, init options as columns. Rows are the numeric varied key
+    with the most values (e.g. depth), with a panel per setting of the other keys (e.g.
+    activation); without a numeric key, a row per setting of the other keys, in one panel."""
+    inits = init_keys(varied)
+    others = [key for key in varied if key not in inits]
+    row_key = longest_numeric(table, varied, others)
+    panel_keys = [key for key in others if key != row_key] if row_key else []
     ratio = table["first_over_last_at_start"]
     table = table.assign(
         log_ratio=np.log10(ratio.where(np.isfinite(ratio) & (ratio > 0))),
-        row=table[depth] if depth else "",
-        init=labels(table, varied, init_keys) if init_keys else "",
-        panel=table[activation] if activation else "",
+        row=table[varied[row_key]] if row_key else labels(table, varied, others),
+        init=labels(table, varied, inits),
+        panel=labels(table, varied, panel_keys),
     )
-    if not (depth or init_keys) or table["log_ratio"].isna().all():
+    only_one_number = not inits and not panel_keys  # the accuracy plot shows it already
+    if only_one_number or table["log_ratio"].isna().all():
         return None
     rows, columns = sorted(table["row"].unique()), sorted(table["init"].unique())
     panels = sorted(table["panel"].unique())
@@ -263,21 +277,22 @@ def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figu
             if not math.isnan(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows)
-        ax.set(xlabel="init", ylabel=depth or "")
-        ax.set_title(f"{activation}={panel}" if activation else "")
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set(xlabel="init", ylabel=varied[row_key] if row_key else "")
+        ax.set_title(panel)
     fig.colorbar(image, ax=axes, label="log10(first / last layer grad norm) at start")
     return fig
 
 
 def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
-    """Per-layer gradient norms at the first logged step: a panel per activation, a colour per
-    setting of the other keys but depth (a line's length already shows its depth)."""
-    activation = varied.get("model.activation")
-    others = [key for key in varied if key not in ("model.activation", "model.depth")]
+    """Per-layer gradient norms at the first logged step: a panel per init option, a colour per
+    setting of the other keys but the longest numeric one (depth: a line's length shows it)."""
+    inits = init_keys(varied)
+    others = [key for key in varied if key not in inits]
+    row_key = longest_numeric(table, varied, others)
     table = table.assign(
-        label=labels(table, varied, others),
-        panel=table[activation] if activation else "",
+        label=labels(table, varied, [key for key in others if key != row_key]),
+        panel=labels(table, varied, inits),
     )
     table = table[table["grad_norms_at_start"].map(lambda norms: isinstance(norms, list))]
     if table.empty:
@@ -290,7 +305,7 @@ def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | 
         for job in table[table["panel"] == panel].itertuples():
             ax.plot(job.grad_norms_at_start, marker=".", color=colours[job.label], alpha=0.8)
         ax.set_yscale("log")
-        ax.set(xlabel="layer (0 = input side)", title=f"{activation}={panel}" if activation else "")
+        ax.set(xlabel="layer (0 = input side)", title=panel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("weight-gradient norm at start")
     if len(colours) > 1:
