@@ -29,7 +29,7 @@ from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_ckpt_path
 from vanishlab.module import CONFIG_KEY
 from vanishlab.results import write_json
-from vanishlab.train import build, scalars, test_split_evidence
+from vanishlab.train import build, evidence_on_test_split, scalars
 
 # What a checkpoint's config may name: the modules vanishlab's groups point into, and torch's
 # layers and optimizers (not all of torch: `torch.hub.load` fetches and runs code).
@@ -131,7 +131,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ckpt_path": str(ckpt_path),
         "data_overrides": [o.input_line for o in overrides],
         **scalars(metrics[0], "test/"),
-        **test_split_evidence(module, datamodule),
+        **evidence_on_test_split(module, datamodule),
     }
 
 

@@ -185,7 +185,7 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
         )
         record.update(scalars(metrics[0], "test/"))
         record[TEST_SECONDS] = round(time.perf_counter() - start, 3)
-        record.update(test_split_evidence(module, datamodule))
+        record.update(evidence_on_test_split(module, datamodule))
     if train:
         record[VERDICT] = verdict(record)
         log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
@@ -211,7 +211,7 @@ def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def test_split_evidence(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
+def evidence_on_test_split(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
     """How many classes the trained network predicts on the whole test split (whichever DDP rank
     this is), and how many it cannot predict at all: a class whose output is 0 for every test
     image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its

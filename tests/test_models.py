@@ -1,0 +1,161 @@
+"""The network interface: every model family in conf/model/ trains and is measured through its
+probes alone; init, remedies, dead units and the test-split evidence read only that interface."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from conftest import FAST, compose_config
+from vanishlab import ConfigError
+from vanishlab.config import CONFIG_DIR
+from vanishlab.init import initialise, mean_field, zeros
+from vanishlab.nets import MLP, Probe, Residual
+from vanishlab.results import VERDICT
+from vanishlab.train import build, evidence_on_test_split, fit_and_test
+
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+REMEDIES = sorted(p.stem for p in (CONFIG_DIR / "remedy").glob("*.yaml"))
+
+
+def scalar_tags(run_dir) -> set[str]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("remedy", ["none", "residual_layernorm"])
+def test_every_model_trains_and_every_probe_is_logged(model, remedy, tiny_data, tmp_path) -> None:
+    overrides = [*FAST, f"model={model}", f"remedy={remedy}", "model.depth=3"]
+    cfg = compose_config(overrides, tiny_data, tmp_path)
+    datamodule, module = build(cfg)
+    probes = module.net.probes()
+    assert len({p.name for p in probes}) == len(probes)  # stable, distinct tags
+    assert any(p.is_norm for p in probes) == (remedy != "none")
+    record = fit_and_test(cfg)
+    tags = scalar_tags(tmp_path)
+    for probe in probes:
+        for family in ("grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std"):
+            assert f"{family}/{probe.name}" in tags
+    assert record[VERDICT] in ("trained", "vanishing", "exploding", "dead", "too_short")
+    assert len(record["grad_norms_at_start"]) == sum(not p.is_norm for p in probes)
+
+
+def test_batches_keep_the_image_shape_and_the_network_gets_the_data_shapes(tiny_data, tmp_path):
+    cfg = compose_config([*FAST, "model=cnn"], tiny_data, tmp_path)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    x, _ = next(iter(datamodule.train_dataloader()))
+    assert x.shape[1:] == (1, 28, 28) == datamodule.sample_shape
+    assert module(x).shape == (len(x), datamodule.num_classes)
+
+
+def test_init_reaches_every_declared_weight_conv_included(tiny_data, tmp_path) -> None:
+    cfg = compose_config(
+        [*FAST, "model=cnn", "remedy=batchnorm", "init=zeros"], tiny_data, tmp_path
+    )
+    _, module = build(cfg)
+    for probe in module.net.probes():
+        if probe.is_norm:  # norm layers start at weight 1, bias 0 whatever the init
+            assert torch.all(probe.layer.weight == 1) and torch.all(probe.layer.bias == 0)
+        else:
+            assert torch.all(probe.layer.weight == 0) and torch.all(probe.layer.bias == 0)
+    assert {type(p.layer) for p in module.net.probes()} == {nn.Conv2d, nn.BatchNorm2d, nn.Linear}
+
+
+def test_a_mean_field_init_sets_biases_others_leave_them_zero() -> None:
+    net = MLP(input_shape=(1, 28, 28), num_classes=10, depth=2, width=50)
+    initialise(net, lambda w, b: mean_field(w, b, sigma_w=1.5, sigma_b=0.3))
+    biases = torch.cat([p.layer.bias.detach() for p in net.probes()])
+    assert 0.2 < biases.std() < 0.4
+    weight = net.probes()[1].layer.weight.detach()
+    assert weight.std() * 50**0.5 == pytest.approx(1.5, rel=0.1)
+    initialise(net, zeros)
+    assert all(torch.all(p.layer.bias == 0) for p in net.probes())
+
+
+class WithUndeclaredWeight(nn.Module):
+    """A network whose probes leave one parameter out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.relu = nn.Linear(4, 2), nn.ReLU()
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.relu(self.linear(x)) * self.scale
+
+    def probes(self) -> list[Probe]:
+        return [Probe("layer_00", self.linear, self.relu)]
+
+
+def test_init_names_the_weights_it_leaves_alone(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="vanishlab.init"):
+        initialise(WithUndeclaredWeight(), zeros)
+    assert "1 parameter(s)" in caplog.text and "scale" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("activation", "dead_logged"), [("relu", True), ("leaky_relu", False), ("gelu", False)]
+)
+def test_only_relu_units_can_be_dead(activation, dead_logged, tiny_data, tmp_path) -> None:
+    """A ReLU unit with output 0 for every example gets no gradient: dead. Leaky ReLU and GELU
+    units always pass some gradient, so they get no dead_frac and no `dead` verdict."""
+    cfg = compose_config([*FAST, f"model.activation={activation}"], tiny_data, tmp_path)
+    _, module = build(cfg)
+    *hidden, output = (p.kind for p in module.net.probes())
+    assert set(hidden) == {activation} and output == "identity"
+    record = fit_and_test(cfg)
+    assert ("dead_frac/layer_00" in scalar_tags(tmp_path)) == dead_logged
+    assert dead_logged or record["evidence/max_dead_frac"] == 0
+    assert record[VERDICT] != "dead"
+
+
+def test_evidence_on_test_split_uses_eval_mode(tiny_data, tmp_path) -> None:
+    cfg = compose_config([*FAST, "remedy=batchnorm"], tiny_data, tmp_path)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    norm = next(p.layer for p in module.net.probes() if p.is_norm)
+    norm.running_mean.fill_(50.0)  # eval mode reads it: every unit's input shifts far negative
+    module.train()
+    evidence = evidence_on_test_split(module, datamodule)
+    assert module.training  # left as it was
+    module.eval()
+    with torch.no_grad():
+        images, _ = datamodule.splits["test"]
+        predicted = module(images).argmax(dim=1).unique().numel()
+    assert evidence["evidence/classes_predicted"] == predicted
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.depth=0", "model.depth=0 is not allowed"),
+        ("model.norm=group", "model.norm='group' is not allowed"),
+        ("model.residual_scale=inf", "model.residual_scale=inf is not allowed"),
+        ("+model.heads=4", "could not be built from its config"),
+    ],
+)
+@pytest.mark.parametrize("model", MODELS)
+def test_bad_model_keys_end_in_one_paragraph(model, override, message, tiny_data, tmp_path):
+    cfg = compose_config([*FAST, f"model={model}", override], tiny_data, tmp_path)
+    with pytest.raises(ConfigError, match=message) as error:
+        build(cfg)
+    assert "Fix:" in str(error.value)
+
+
+@pytest.mark.parametrize("remedy", REMEDIES)
+def test_each_remedy_builds_what_it_names(remedy, tiny_data, tmp_path) -> None:
+    _, module = build(compose_config([*FAST, f"remedy={remedy}"], tiny_data, tmp_path))
+    norms = {type(p.layer).__name__ for p in module.net.probes() if p.is_norm}
+    skips = [m for m in module.net.modules() if isinstance(m, Residual)]
+    expected_norm = {"batchnorm": {"BatchNorm1d"}, "layernorm": {"LayerNorm"}}
+    assert norms == expected_norm.get(remedy, {"LayerNorm"} if "layernorm" in remedy else set())
+    assert bool(skips) == remedy.startswith("residual")

@@ -1,0 +1,114 @@
+"""A user extends vanishlab from a project of their own, outside its source tree: their YAMLs
+join vanishlab's groups through `hydra.searchpath`, and their `_target_`s name their own code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST
+
+USER_NETS = '''
+"""A second model family with its own layout: named attributes, no vanishlab Blocks."""
+import math
+
+from torch import nn
+
+from vanishlab.nets import Probe
+
+
+class OneHidden(nn.Module):
+    def __init__(self, input_shape, num_classes, width=32):
+        super().__init__()
+        self.hidden = nn.Linear(math.prod(input_shape), width)
+        self.squash = nn.Tanh()
+        self.readout = nn.Linear(width, num_classes)
+        self.logits = nn.Identity()
+
+    def forward(self, x):
+        return self.logits(self.readout(self.squash(self.hidden(x.flatten(1)))))
+
+    def probes(self):
+        return [
+            Probe("layer_00", self.hidden, self.squash),
+            Probe("layer_01", self.readout, self.logits),
+        ]
+
+
+def scaled_normal(weight, bias, scale=0.5):
+    """An init of the user's own: N(0, scale^2 / fan_in)."""
+    nn.init.normal_(weight, std=scale / math.sqrt(weight.shape[1]))
+'''
+
+
+def run(project: Path, module: str, *args: str, data_dir: Path) -> subprocess.CompletedProcess:
+    """`python -m module args` from the user's project, with their code importable."""
+    env = {**os.environ, "DATA_DIR": str(data_dir), "PYTHONPATH": str(project)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) -> None:
+    project = tmp_path / "project"
+    (project / "my_conf" / "model").mkdir(parents=True)
+    (project / "my_conf" / "init").mkdir()
+    (project / "mynets.py").write_text(textwrap.dedent(USER_NETS))
+    (project / "my_conf" / "model" / "one_hidden.yaml").write_text(
+        "_target_: mynets.OneHidden\nwidth: 32\n"
+    )
+    (project / "my_conf" / "init" / "scaled_normal.yaml").write_text(
+        "_target_: mynets.scaled_normal\n_partial_: true\nscale: 0.5\n"
+    )
+    run_dir = project / "run"
+    result = run(
+        project,
+        "vanishlab.train",
+        *FAST,
+        f"hydra.searchpath=[file://{project / 'my_conf'}]",
+        "model=one_hidden",
+        "init=scaled_normal",
+        f"hydra.run.dir={run_dir}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["verdict"] in ("trained", "too_short")
+    assert record["job_config"]["model"]["_target_"] == "mynets.OneHidden"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for probe in ("layer_00", "layer_01"):
+        assert f"grad_norm/{probe}" in events.Tags()["scalars"]
+    assert "saturated_frac/layer_00" in events.Tags()["scalars"]  # tanh, read from its type
+    assert "init left" not in result.stderr  # every weight was declared
+
+    # Its checkpoint names the user's class: eval runs it only when the user trusts it.
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    refused = run(
+        project, "vanishlab.eval", ckpt, f"hydra.run.dir={project / 'e1'}", data_dir=tiny_data
+    )
+    assert refused.returncode == 2 and "trust=[mynets]" in refused.stderr
+    trusted = run(
+        project,
+        "vanishlab.eval",
+        ckpt,
+        "trust=[mynets]",
+        f"hydra.run.dir={project / 'e2'}",
+        data_dir=tiny_data,
+    )
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    evaluated = json.loads((project / "e2" / "metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(record["test/acc"], abs=1e-6)
