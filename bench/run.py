@@ -125,7 +125,7 @@ def plain_epochs(batches: Batches) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         pl.seed_everything(0, verbose=False)
         _, module = build(config(out))
-    net, loss_fn, optimizer = module.net, module.loss_fn, module.optimizer(module.parameters())
+    net, loss_fn, optimizer = module.net, module.loss_fn, module.make_optimizer(module.parameters())
     seconds = []
     for _ in range(EPOCHS):
         start = time.perf_counter()

@@ -67,15 +67,18 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
 
 
 def run_cli(
-    module: str, *args: str, data_dir: Path | str | None = None
+    module: str, *args: str, data_dir: Path | str | None = None, cwd: Path = PROJECT_ROOT
 ) -> subprocess.CompletedProcess:
-    """Run `python -m <module> args` as a user would, from the project root."""
+    """Run `python -m <module> args` as a user would, from the project root (or `cwd`, whose
+    modules it can import, as a user's project's)."""
     env = dict(os.environ)
     if data_dir is not None:
         env["DATA_DIR"] = str(data_dir)
+    if cwd != PROJECT_ROOT:
+        env["PYTHONPATH"] = str(cwd)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

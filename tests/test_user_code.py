@@ -4,16 +4,12 @@ join vanishlab's groups through `hydra.searchpath`, and their `_target_`s name t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST
+from conftest import FAST, run_cli
 
 USER_NETS = '''
 """A second model family with its own layout: named attributes, no vanishlab Blocks."""
@@ -48,19 +44,6 @@ def scaled_normal(weight, bias, scale=0.5):
 '''
 
 
-def run(project: Path, module: str, *args: str, data_dir: Path) -> subprocess.CompletedProcess:
-    """`python -m module args` from the user's project, with their code importable."""
-    env = {**os.environ, "DATA_DIR": str(data_dir), "PYTHONPATH": str(project)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) -> None:
     project = tmp_path / "project"
@@ -74,8 +57,7 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
         "_target_: mynets.scaled_normal\n_partial_: true\nscale: 0.5\n"
     )
     run_dir = project / "run"
-    result = run(
-        project,
+    result = run_cli(
         "vanishlab.train",
         *FAST,
         f"hydra.searchpath=[file://{project / 'my_conf'}]",
@@ -83,6 +65,7 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
         "init=scaled_normal",
         f"hydra.run.dir={run_dir}",
         data_dir=tiny_data,
+        cwd=project,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -97,18 +80,11 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
 
     # Its checkpoint names the user's class: eval runs it only when the user trusts it.
     ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
-    refused = run(
-        project, "vanishlab.eval", ckpt, f"hydra.run.dir={project / 'e1'}", data_dir=tiny_data
-    )
+    evaluate = [ckpt, f"hydra.run.dir={project / 'e1'}"]
+    refused = run_cli("vanishlab.eval", *evaluate, data_dir=tiny_data, cwd=project)
     assert refused.returncode == 2 and "trust=[mynets]" in refused.stderr
-    trusted = run(
-        project,
-        "vanishlab.eval",
-        ckpt,
-        "trust=[mynets]",
-        f"hydra.run.dir={project / 'e2'}",
-        data_dir=tiny_data,
-    )
+    evaluate = [ckpt, "trust=[mynets]", f"hydra.run.dir={project / 'e2'}"]
+    trusted = run_cli("vanishlab.eval", *evaluate, data_dir=tiny_data, cwd=project)
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     evaluated = json.loads((project / "e2" / "metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(record["test/acc"], abs=1e-6)

@@ -96,6 +96,23 @@ class Residual(nn.Module):
         return self.block.probes(index)
 
 
+def hidden_blocks(
+    layers: list[nn.Module],
+    sizes: list[int],
+    activation: str,
+    make_norm: Callable[[int], nn.Module] | None,
+) -> list[Block]:
+    """Each weighted layer with a norm of its `size` outputs (if any) and its activation."""
+    return [
+        Block(layer, ACTIVATIONS[activation](), make_norm(size) if make_norm else None)
+        for layer, size in zip(layers, sizes, strict=True)
+    ]
+
+
+def output_block(width: int, num_classes: int, output_activation: str | None) -> Block:
+    return Block(nn.Linear(width, num_classes), OUTPUT_ACTIVATIONS[output_activation]())
+
+
 def with_skips(blocks: list[Block], start: int, scale: float | None) -> list[nn.Module]:
     """`blocks`, those from `start` on wrapped in `Residual` (none if `scale` is None)."""
     if scale is None:
@@ -172,17 +189,11 @@ class MLP(nn.Module):
         super().__init__()
         check_arguments(MODEL_DOMAINS, locals())
         sizes = [math.prod(input_shape)] + [width] * depth
+        linears = [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         norms = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
-        hidden = [
-            Block(
-                nn.Linear(fan_in, fan_out),
-                ACTIVATIONS[activation](),
-                norms[norm](fan_out) if norms[norm] else None,
-            )
-            for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True)
-        ]
-        output = Block(nn.Linear(width, num_classes), OUTPUT_ACTIVATIONS[output_activation]())
+        hidden = hidden_blocks(linears, sizes[1:], activation, norms[norm])
         skip_scale = residual_scale if residual else None
+        output = output_block(width, num_classes, output_activation)
         self.blocks = nn.Sequential(*with_skips(hidden, 1, skip_scale), output)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -213,23 +224,16 @@ class CNN(nn.Module):
         super().__init__()
         check_arguments(MODEL_DOMAINS, locals())
         channels = [input_shape[0]] + [width] * depth
-        norms: dict[str, Callable[[int], nn.Module] | None] = {
-            "none": None,
-            "batch": nn.BatchNorm2d,
-            "layer": lambda c: nn.GroupNorm(1, c),
-        }
         convolutions = [
-            Block(
-                nn.Conv2d(c_in, c_out, 3, stride=2 if index < 2 else 1, padding=1),
-                ACTIVATIONS[activation](),
-                norms[norm](c_out) if norms[norm] else None,
-            )
+            nn.Conv2d(c_in, c_out, 3, stride=2 if index < 2 else 1, padding=1)
             for index, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True))
         ]
+        norms = {"none": None, "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}
+        hidden = hidden_blocks(convolutions, channels[1:], activation, norms[norm])
         skip_scale = residual_scale if residual else None
-        self.features = nn.Sequential(*with_skips(convolutions, 2, skip_scale))
+        self.features = nn.Sequential(*with_skips(hidden, 2, skip_scale))
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.output = Block(nn.Linear(width, num_classes), OUTPUT_ACTIVATIONS[output_activation]())
+        self.output = output_block(width, num_classes, output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(self.pool(self.features(x)))
