@@ -1,6 +1,6 @@
 """`make bench`: vanishlab's speed as ratios against baselines measured in the same run.
 
-Needs the real MNIST files (DATA_DIR, default <project>/data). Ratios, with their targets:
+Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with their targets:
 1. vanishlab training epoch / a plain PyTorch loop over the same in-memory tensors   (<= 1.25)
 2. the course's DataLoader + ToTensor/Normalize epoch / vanishlab epoch             (>= 6)
 3. epoch with the GradientFlow callback at its defaults / without it                (<= 1.10)
@@ -44,11 +44,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vanishlab.config import CONFIG_DIR, PROJECT_ROOT
+from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.train import build, build_trainer
 
-DATA_DIR = os.environ.get("DATA_DIR", str(PROJECT_ROOT / "data"))
+DATA_DIR = os.environ.get("DATA_DIR", str(Path.cwd() / "data"))  # conf/paths' default
 EPOCHS = 4  # per run; the first is a warm-up and is not counted
 ROUNDS = 5
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -171,7 +171,6 @@ def sweep(sweep_dir: Path, *overrides: str) -> tuple[float, float]:
             f"hydra.sweep.dir={sweep_dir}",
             *overrides,
         ],
-        cwd=PROJECT_ROOT,
         check=True,
         capture_output=True,
     )

@@ -36,9 +36,6 @@ def config_dir() -> Path:
 
 
 CONFIG_DIR = config_dir()
-# `conf/paths` reads this; the processes a sweep launcher starts inherit it.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
 def integer(low: int) -> Callable[[Any], bool]:
