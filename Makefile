@@ -31,5 +31,5 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 clean:  ## remove the environment and caches (runs under outputs/ are kept)
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

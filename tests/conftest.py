@@ -13,9 +13,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from vanishlab.config import CONFIG_DIR, PROJECT_ROOT
+from vanishlab.config import CONFIG_DIR
 
 REAL_DATA_DIR = os.environ.get("DATA_DIR")
+# The checkout these tests belong to; the command line runs from here as a user's would.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -67,14 +69,14 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
 
 
 def run_cli(
-    module: str, *args: str, data_dir: Path | str | None = None, cwd: Path = PROJECT_ROOT
+    module: str, *args: str, data_dir: Path | str | None = None, cwd: Path = REPO_ROOT
 ) -> subprocess.CompletedProcess:
-    """Run `python -m <module> args` as a user would, from the project root (or `cwd`, whose
+    """Run `python -m <module> args` as a user would, from the repository's root (or `cwd`, whose
     modules it can import, as a user's project's)."""
     env = dict(os.environ)
     if data_dir is not None:
         env["DATA_DIR"] = str(data_dir)
-    if cwd != PROJECT_ROOT:
+    if cwd != REPO_ROOT:
         env["PYTHONPATH"] = str(cwd)
     return subprocess.run(
         [sys.executable, "-m", module, *args],

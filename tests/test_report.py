@@ -14,7 +14,6 @@ import pytest
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-import vanishlab.report
 from conftest import compose_config
 from vanishlab.report import (
     column_names,
@@ -262,7 +261,7 @@ def test_cli_names_a_non_sweep_directory_and_exits_2(kind, tmp_path, capsys) -> 
 
 
 def test_cli_without_argument_reports_the_newest_sweep(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(vanishlab.report, "PROJECT_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2 and "no sweep under" in capsys.readouterr().err

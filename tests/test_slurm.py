@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PROJECT_ROOT, run_cli
+from conftest import FAST, REPO_ROOT, run_cli
 
 
 def cluster_up() -> bool:
@@ -69,7 +69,7 @@ def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path)
     args = command(tmp_path, "seed=0,1", "trainer.max_epochs=150")
     sweep = subprocess.Popen(
         [sys.executable, "-m", *args],
-        cwd=PROJECT_ROOT,
+        cwd=REPO_ROOT,
         env={**os.environ, "DATA_DIR": str(tiny_data)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PROJECT_ROOT, compose_config, run_cli
+from conftest import FAST, REPO_ROOT, compose_config, run_cli
 from vanishlab.train import fit_and_test
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
@@ -77,7 +77,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_pa
     env = {**os.environ, "DATA_DIR": str(tiny_data)}
     process = subprocess.Popen(
         args,
-        cwd=PROJECT_ROOT,
+        cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ A model checks its own keys (`nets.MLP` with `Domain` rows too) as it is built, 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Callable
@@ -25,11 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 from vanishlab import ConfigError
 from vanishlab.data import DATASETS, TEST_SIZE, TRAIN_SIZE
 
-# The configs live beside the package (`conf/`), so vanishlab is installed editable.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
-# `conf/paths` reads this; the processes a sweep launcher starts inherit it.
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+
+def config_dir() -> Path:
+    """The repository's `conf/`, installed as the package `vanishlab.conf` (pyproject.toml): the
+    import system finds it alike in an editable install (the checkout's conf/) and a wheel."""
+    spec = importlib.util.find_spec("vanishlab.conf")
+    if spec is None:  # src/ on the path by hand, or an editable install made before conf/ moved in
+        raise ImportError("vanishlab's configs are not installed. Fix: pip install -e <checkout>")
+    return Path(spec.submodule_search_locations[0])
+
+
+CONFIG_DIR = config_dir()
 
 
 def integer(low: int) -> Callable[[Any], bool]:

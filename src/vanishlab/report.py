@@ -1,5 +1,6 @@
 """Summarise a sweep: `python -m vanishlab.report [sweep dir]` (default: the newest sweep under
-outputs/sweeps/) writes `<sweep>/report/`: `results.csv`, the figures, and `report.md` showing both.
+./outputs/sweeps/) writes `<sweep>/report/`: `results.csv`, the figures, and `report.md` showing
+both.
 
 The report reads only what the jobs left on disk (`.hydra/config.yaml`, `metrics.json`, the
 TensorBoard events), so it works on any sweep, one still running or with failed jobs included:
@@ -38,7 +39,6 @@ from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.config import PROJECT_ROOT
 from vanishlab.results import JOB_CONFIG, flatten, job_identity, read_record
 
 # results.csv's columns after the varied keys, and the metrics.json key each one comes from.
@@ -149,14 +149,15 @@ def not_a_sweep(path: Path) -> str:
     return (
         f"{path} is not a sweep directory: {why}. Fix: pass the directory a multirun wrote "
         f"(`python -m vanishlab.train -m ...`), e.g. outputs/sweeps/<date>/<time>, or no "
-        f"argument for the newest sweep under outputs/sweeps/."
+        f"argument for the newest sweep under ./outputs/sweeps/."
     )
 
 
 def newest_sweep() -> Path:
-    """The newest sweep under outputs/sweeps/: `<date>/<time>` names sort by time, and Hydra
-    writes `multirun.yaml` as a sweep starts (a sweep.dir named by hand is not a candidate)."""
-    root = PROJECT_ROOT / "outputs" / "sweeps"
+    """The newest sweep under ./outputs/sweeps/, where sweeps launched from this directory land:
+    `<date>/<time>` names sort by time, and Hydra writes `multirun.yaml` as a sweep starts (a
+    sweep.dir named by hand is not a candidate)."""
+    root = Path.cwd() / "outputs" / "sweeps"
     sweeps = sorted(path.parent for path in root.glob("*/*/multirun.yaml"))
     if not sweeps:
         raise ConfigError(
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_dir",
         nargs="?",
         type=Path,
-        help="a sweep directory (default: the newest one under outputs/sweeps/)",
+        help="a sweep directory (default: the newest one under ./outputs/sweeps/)",
     )
     args = parser.parse_args(argv)
     try:
