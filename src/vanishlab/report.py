@@ -39,19 +39,34 @@ from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.results import JOB_CONFIG, flatten, job_identity, read_record
+from vanishlab.results import (
+    ERROR,
+    FIRST_OVER_LAST,
+    GRAD_NORMS_AT_START,
+    JOB_CONFIG,
+    START,
+    STATUS,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_SECONDS,
+    VAL_ACC,
+    VERDICT,
+    flatten,
+    job_identity,
+    read_record,
+)
 
 # results.csv's columns after the varied keys, and the metrics.json key each one comes from.
 RESULTS = {
-    "status": "status",
-    "verdict": "verdict",
-    "val/acc": "val/acc",
-    "test/acc": "test/acc",
-    "test/loss": "test/loss",
-    "grad_norm/first_over_last": "grad_norm/first_over_last",
-    "first_over_last_at_start": "evidence/first_over_last_at_start",
-    "train_seconds": "train_seconds",
-    "error": "error",
+    STATUS: STATUS,
+    VERDICT: VERDICT,
+    VAL_ACC: VAL_ACC,
+    TEST_ACC: TEST_ACC,
+    TEST_LOSS: TEST_LOSS,
+    FIRST_OVER_LAST: FIRST_OVER_LAST,
+    "first_over_last_at_start": START,
+    TRAIN_SECONDS: TRAIN_SECONDS,
+    ERROR: ERROR,
 }
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
 LOSS_TAGS = ("train/loss", "val/loss")
@@ -78,7 +93,7 @@ def job_config(job_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 def job_record(job_dir: Path) -> dict[str, Any]:
     """The job's `metrics.json`; a job that has not written one yet is `unfinished`."""
-    return read_record(job_dir / "metrics.json") or {"status": "unfinished"}
+    return read_record(job_dir / "metrics.json") or {STATUS: "unfinished"}
 
 
 def varied_keys(configs: list[dict[str, Any]]) -> list[str]:
@@ -130,12 +145,12 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             is_target = key.endswith("._target_") and value is not None
             row[column] = str(value).rsplit(".", 1)[-1].lower() if is_target else value
         row.update({column: record.get(source) for column, source in RESULTS.items()})
-        row["grad_norms_at_start"] = record.get("grad_norms_at_start")
+        row[GRAD_NORMS_AT_START] = record.get(GRAD_NORMS_AT_START)
         rows.append(row)
     table = pd.DataFrame(rows)
-    numbers = [c for c in RESULTS if c not in ("status", "verdict", "error")]
+    numbers = [c for c in RESULTS if c not in (STATUS, VERDICT, ERROR)]
     table[numbers] = table[numbers].apply(pd.to_numeric)
-    table = table.sort_values("test/acc", ascending=False, na_position="last", kind="stable")
+    table = table.sort_values(TEST_ACC, ascending=False, na_position="last", kind="stable")
     return table.reset_index(drop=True), varied
 
 
@@ -202,7 +217,7 @@ def numeric_columns(table: pd.DataFrame, varied: dict[str, str]) -> list[str]:
 def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> Figure | None:
     others = [key for key, name in varied.items() if name != column]
     table = table.assign(label=labels(table, varied, others))
-    done = table.dropna(subset=[column, "test/acc"])
+    done = table.dropna(subset=[column, TEST_ACC])
     if done.empty:
         return None
     fig = Figure(figsize=(8, 4.5), layout="constrained")
@@ -210,7 +225,7 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     colours = palette(done["label"])
     for label, group in done.groupby("label", sort=True):
         group = group.sort_values(column)
-        ax.plot(group[column], group["test/acc"], "o-", color=colours[label], label=label or None)
+        ax.plot(group[column], group[TEST_ACC], "o-", color=colours[label], label=label or None)
     low, high = done[column].min(), done[column].max()
     if low > 0 and high / low > 100:  # lr-like: spans more than two decades
         ax.set_xscale("log")
@@ -295,7 +310,7 @@ def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | 
         label=labels(table, varied, [key for key in others if key != row_key]),
         panel=labels(table, varied, inits),
     )
-    table = table[table["grad_norms_at_start"].map(lambda norms: isinstance(norms, list))]
+    table = table[table[GRAD_NORMS_AT_START].map(lambda norms: isinstance(norms, list))]
     if table.empty:
         return None
     panels = sorted(table["panel"].unique())
@@ -357,8 +372,8 @@ def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
     """Train and val loss against step, one line per job, coloured by verdict (or status).
     Diverged jobs are left out: their loss, 1e20 and beyond, would flatten every other line."""
-    table = table[table["status"] != "diverged"]
-    outcome = table["verdict"].fillna(table["status"])
+    table = table[table[STATUS] != "diverged"]
+    outcome = table[VERDICT].fillna(table[STATUS])
     colours = palette(outcome)
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = dict(zip(LOSS_TAGS, fig.subplots(1, len(LOSS_TAGS)), strict=True))
@@ -451,8 +466,8 @@ def write_report(sweep_dir: Path) -> Path:
         "\n".join(
             [
                 f"# Sweep report: {sweep_dir.name}\n",
-                f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table['status'])}; "
-                f"verdict: {counts(table['verdict'])}. Varied: "
+                f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table[STATUS])}; "
+                f"verdict: {counts(table[VERDICT])}. Varied: "
                 f"{', '.join(f'`{c}`' for c in varied.values()) or 'nothing'}.\n",
                 "Best test accuracy first; failed and unfinished jobs last. All rows: "
                 "[results.csv](results.csv).\n",
