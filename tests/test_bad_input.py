@@ -12,6 +12,9 @@ from torchvision import datasets
 from conftest import FAST, compose_config, run_cli, write_tiny_mnist
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
+from vanishlab.results import (
+    STATUS,
+)
 from vanishlab.train import fit_and_test
 
 BAD_VALUES = {
@@ -99,7 +102,7 @@ def test_cli_prints_one_paragraph_and_exits_nonzero_without_traceback(tiny_data,
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "model.depth=0 is not allowed" in result.stderr and "Fix:" in result.stderr
-    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "metrics.json").read_text())[STATUS] == "failed"
 
 
 @pytest.mark.slow

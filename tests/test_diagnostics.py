@@ -15,7 +15,28 @@ from torch import nn
 
 from conftest import FAST, compose_config
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.results import CLASSES, FULL_EPOCHS, HPARAM_METRICS, START, hparams, verdict
+from vanishlab.results import (
+    CLASSES,
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
+    DIVERGED_AT_EPOCH,
+    DIVERGED_AT_STEP,
+    EPOCHS,
+    FIRST_OVER_LAST,
+    FULL_EPOCHS,
+    GRAD_NORMS_AT_START,
+    HPARAM_METRICS,
+    MAX_DEAD,
+    MAX_SATURATED,
+    START,
+    STATUS,
+    TEST_ACC,
+    TEST_LOSS,
+    VAL_ACC,
+    VERDICT,
+    hparams,
+    verdict,
+)
 from vanishlab.train import fit_and_test
 
 
@@ -54,14 +75,14 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
         assert {f"{family}/layer_{i:02d}" for i in range(4)} <= set(tags["scalars"]), family
     assert {f"dead_frac/layer_{i:02d}" for i in range(3)} <= set(tags["scalars"])
     for tag in (
-        "grad_norm/first_over_last",
+        FIRST_OVER_LAST,
         "dead_outputs",
         "train/loss",
         "train/acc",
         "val/loss",
-        "val/acc",
-        "test/loss",
-        "test/acc",
+        VAL_ACC,
+        TEST_LOSS,
+        TEST_ACC,
         "lr-SGD",
     ):
         assert tag in tags["scalars"], tag
@@ -72,20 +93,20 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
 
     # 10 steps per epoch, logged every 4 steps: 0, 4, 8, 12, 16 and nothing between.
     assert [e.step for e in events.Scalars("grad_norm/layer_00")] == [0, 4, 8, 12, 16]
-    ratios = [e.value for e in events.Scalars("grad_norm/first_over_last")]
+    ratios = [e.value for e in events.Scalars(FIRST_OVER_LAST)]
     norms = [events.Scalars(f"grad_norm/layer_{i:02d}")[0].value for i in (0, 3)]
     assert ratios[0] == pytest.approx(norms[0] / norms[1], rel=1e-5)
-    assert record["evidence/first_over_last_at_start"] == pytest.approx(ratios[0], rel=1e-5)
-    assert record["grad_norms_at_start"][0] == pytest.approx(norms[0], rel=1e-5)
+    assert record[START] == pytest.approx(ratios[0], rel=1e-5)
+    assert record[GRAD_NORMS_AT_START][0] == pytest.approx(norms[0], rel=1e-5)
 
     row = hparams_row(events)
-    assert row == {**hparams(cfg), "status": "completed", "verdict": record["verdict"]}
+    assert row == {**hparams(cfg), STATUS: "completed", VERDICT: record[VERDICT]}
     assert row["model"] == "mlp" and row["model.depth"] == 3
     assert row["model.output_activation"] == "relu" and row["model.norm"] == "none"
     assert (row["init"], row["init.nonlinearity"]) == ("kaiming_normal", "relu")
     assert (row["loss"], row["optimizer"], row["optimizer.lr"]) == ("cross_entropy", "sgd", 0.01)
     assert not any(key.split(".")[-1].startswith("_") for key in row)
-    assert {"val/acc", "test/acc", "evidence/classes_predicted"} <= set(HPARAM_METRICS)
+    assert {VAL_ACC, TEST_ACC, "evidence/classes_predicted"} <= set(HPARAM_METRICS)
 
 
 def test_update_ratio_is_measured_from_the_applied_update(tiny_data, tmp_path) -> None:
@@ -108,17 +129,17 @@ def test_saturation_is_logged_for_sigmoid(tiny_data, tmp_path) -> None:
     events = read_events(tmp_path)
     assert "saturated_frac/layer_00" in events.Tags()["scalars"]
     assert "dead_frac/layer_00" not in events.Tags()["scalars"]
-    assert record["evidence/max_saturated_frac"] > 0.3  # randn weights on 784 inputs saturate
+    assert record[MAX_SATURATED] > 0.3  # randn weights on 784 inputs saturate
 
 
 def test_huge_learning_rate_ends_diverged_with_finite_weights(tiny_data, tmp_path) -> None:
     cfg = compose_config([*FAST, "optimizer.lr=1e4", "trainer.max_epochs=3"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record["status"] == "diverged" and record["verdict"] == "diverged"
-    assert record["diverged_at_epoch"] == 0 and 0 < record["diverged_at_step"] < 10
-    assert record["epochs"] == 1  # stopped in its first epoch, not trained on NaNs for 3
+    assert record[STATUS] == "diverged" and record[VERDICT] == "diverged"
+    assert record[DIVERGED_AT_EPOCH] == 0 and 0 < record[DIVERGED_AT_STEP] < 10
+    assert record[EPOCHS] == 1  # stopped in its first epoch, not trained on NaNs for 3
     assert record[FULL_EPOCHS] == 0
-    assert record["test/loss"] == record["test/loss"]  # the kept weights are finite: not NaN
+    assert record[TEST_LOSS] == record[TEST_LOSS]  # the kept weights are finite: not NaN
 
 
 def check_divergence(bad_entry: float | None) -> tuple:
@@ -155,35 +176,35 @@ TRAINED = {FULL_EPOCHS: 1}  # one full pass over the training split
 @pytest.mark.parametrize(
     ("evidence", "expected"),
     [
-        ({"status": "diverged", START: 1.0}, "diverged"),
-        ({"test/loss": math.nan, **TRAINED}, "diverged"),  # no StopOnDivergence (callbacks=none)
-        ({"evidence/dead_classes": 1, START: 1e5, **TRAINED}, "dead"),
-        ({"evidence/max_dead_frac": 1.0, START: 1.0}, "dead"),
+        ({STATUS: "diverged", START: 1.0}, "diverged"),
+        ({TEST_LOSS: math.nan, **TRAINED}, "diverged"),  # no StopOnDivergence (callbacks=none)
+        ({DEAD_CLASSES: 1, START: 1e5, **TRAINED}, "dead"),
+        ({MAX_DEAD: 1.0, START: 1.0}, "dead"),
         ({START: 101.0}, "exploding"),
-        ({START: 0.009, "evidence/classes_predicted": 1, **TRAINED}, "vanishing"),
-        ({START: 1.0, "evidence/classes_predicted": 9, **TRAINED}, "dead"),
-        ({START: 1.0, "evidence/max_saturated_frac": 0.5}, "vanishing"),
-        ({START: 101.0, "evidence/max_saturated_frac": 0.9}, "exploding"),
-        ({START: 0.011, "evidence/classes_predicted": 10, **TRAINED}, "trained"),
-        ({START: 99.0, "evidence/max_dead_frac": 0.99, **TRAINED}, "trained"),
-        ({"evidence/classes_predicted": 10, **TRAINED}, "trained"),  # no GradientFlow
+        ({START: 0.009, CLASSES_PREDICTED: 1, **TRAINED}, "vanishing"),
+        ({START: 1.0, CLASSES_PREDICTED: 9, **TRAINED}, "dead"),
+        ({START: 1.0, MAX_SATURATED: 0.5}, "vanishing"),
+        ({START: 101.0, MAX_SATURATED: 0.9}, "exploding"),
+        ({START: 0.011, CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
+        ({START: 99.0, MAX_DEAD: 0.99, **TRAINED}, "trained"),
+        ({CLASSES_PREDICTED: 10, **TRAINED}, "trained"),  # no GradientFlow
         # Without the evidence a rule needs, it does not fire:
         ({}, "too_short"),  # max_epochs=0: nothing measured, no full pass
-        ({START: 1.0, "evidence/classes_predicted": 1}, "too_short"),  # fast_dev_run
-        ({"evidence/dead_classes": 3, "evidence/classes_predicted": 2}, "too_short"),
-        ({"evidence/max_dead_frac": 1.0, **TRAINED}, "trained"),  # dead_frac needs a measurement
+        ({START: 1.0, CLASSES_PREDICTED: 1}, "too_short"),  # fast_dev_run
+        ({DEAD_CLASSES: 3, CLASSES_PREDICTED: 2}, "too_short"),
+        ({MAX_DEAD: 1.0, **TRAINED}, "trained"),  # dead_frac needs a measurement
     ],
 )
 def test_verdict_rules_in_order_and_the_evidence_each_needs(evidence, expected) -> None:
-    assert verdict({"status": "completed", CLASSES: 10, **evidence}) == expected
+    assert verdict({STATUS: "completed", CLASSES: 10, **evidence}) == expected
 
 
 def test_zero_gradients_and_zero_weights_are_logged_without_failing(tiny_data, tmp_path) -> None:
     # init=zeros: every hidden gradient is exactly 0 (log10 undefined), histograms of constants.
     cfg = compose_config([*FAST, "init=zeros", "trainer.max_epochs=2"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record["status"] == "completed"
-    assert record["grad_norms_at_start"][0] == 0.0
+    assert record[STATUS] == "completed"
+    assert record[GRAD_NORMS_AT_START][0] == 0.0
     assert "gradient_flow" in read_events(tmp_path).Tags()["images"]
 
 
@@ -202,5 +223,5 @@ def test_gradient_flow_and_divergence_stop_work_in_either_order(tiny_data, tmp_p
         cfg = compose_config([*FAST, "optimizer.lr=1e4", *order], tiny_data, output_dir)
         record = fit_and_test(cfg)
         records.append({k: v for k, v in record.items() if not k.endswith("_seconds")})
-    assert records[0]["status"] == "diverged" and START in records[0]
+    assert records[0][STATUS] == "diverged" and START in records[0]
     assert json.dumps(records[0], sort_keys=True) == json.dumps(records[1], sort_keys=True)

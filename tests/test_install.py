@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, REPO_ROOT
+from vanishlab.results import (
+    STATUS,
+)
 
 pytestmark = pytest.mark.slow  # builds and installs a wheel, then runs the command line
 
@@ -80,7 +83,7 @@ def test_console_scripts_train_sweep_and_report_under_the_cwd(env_bin, tiny_data
     result = run(env_bin, tmp_path, "vanishlab-train", *FAST, data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.glob("outputs/runs/*/*")
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "metrics.json").read_text())[STATUS] == "completed"
     assert (run_dir / "train.log").is_file()  # the job is named `train`, as with python -m
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -95,7 +98,7 @@ def test_console_scripts_train_sweep_and_report_under_the_cwd(env_bin, tiny_data
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = tmp_path.glob("outputs/sweeps/*/*")
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
-    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert [r[STATUS] for r in records] == ["completed", "completed"]
 
     result = run(env_bin, tmp_path, "vanishlab-report", data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REAL_DATA_DIR, compose_config
+from vanishlab.results import (
+    FIRST_OVER_LAST,
+    TEST_ACC,
+    TEST_LOSS,
+    VERDICT,
+)
 from vanishlab.train import fit_and_test
 
 HAS_MNIST = bool(REAL_DATA_DIR) and (Path(REAL_DATA_DIR) / "MNIST" / "raw").is_dir()
@@ -27,19 +33,19 @@ def run_real(experiment: str, tmp_path: Path, *overrides: str) -> dict:
 
 def test_seed_experiment_reaches_reference_accuracy_after_one_epoch(tmp_path) -> None:
     record = run_real("seed", tmp_path)
-    assert 0.88 <= record["test/acc"] <= 0.92, record
+    assert 0.88 <= record[TEST_ACC] <= 0.92, record
 
 
 def test_seed_randn_stays_flat(tmp_path) -> None:
     record = run_real("seed_randn", tmp_path)
-    assert 2.28 <= record["test/loss"] <= 2.33, record
-    assert record["test/acc"] < 0.115, record
+    assert 2.28 <= record[TEST_LOSS] <= 2.33, record
+    assert record[TEST_ACC] < 0.115, record
 
 
 def first_logged_ratio(run_dir: Path) -> float:
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return events.Scalars("grad_norm/first_over_last")[0].value
+    return events.Scalars(FIRST_OVER_LAST)[0].value
 
 
 SHORT = ["model.depth=8", "trainer.limit_val_batches=5"]  # a full epoch: evidence of training
@@ -58,4 +64,4 @@ def test_gradient_ratio_and_verdict_at_depth_8(overrides, low, high, expected, t
     record = run_real("seed", tmp_path, *SHORT, *overrides)
     ratio = first_logged_ratio(tmp_path)
     assert low < ratio < high
-    assert record["verdict"] == expected, record
+    assert record[VERDICT] == expected, record

@@ -15,7 +15,12 @@ from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
 from vanishlab.init import initialise, mean_field, zeros
 from vanishlab.nets import MLP, Probe, Residual
-from vanishlab.results import VERDICT
+from vanishlab.results import (
+    CLASSES_PREDICTED,
+    GRAD_NORMS_AT_START,
+    MAX_DEAD,
+    VERDICT,
+)
 from vanishlab.train import build, evidence_on_test_split, fit_and_test
 
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -43,7 +48,7 @@ def test_every_model_trains_and_every_probe_is_logged(model, remedy, tiny_data, 
         for family in ("grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std"):
             assert f"{family}/{probe.name}" in tags
     assert record[VERDICT] in ("trained", "vanishing", "exploding", "dead", "too_short")
-    assert len(record["grad_norms_at_start"]) == sum(not p.is_norm for p in probes)
+    assert len(record[GRAD_NORMS_AT_START]) == sum(not p.is_norm for p in probes)
 
 
 def test_batches_keep_the_image_shape_and_the_network_gets_the_data_shapes(tiny_data, tmp_path):
@@ -113,7 +118,7 @@ def test_only_relu_units_can_be_dead(activation, dead_logged, tiny_data, tmp_pat
     assert set(hidden) == {activation} and output == "identity"
     record = fit_and_test(cfg)
     assert ("dead_frac/layer_00" in scalar_tags(tmp_path)) == dead_logged
-    assert dead_logged or record["evidence/max_dead_frac"] == 0
+    assert dead_logged or record[MAX_DEAD] == 0
     assert record[VERDICT] != "dead"
 
 
@@ -131,7 +136,7 @@ def test_evidence_on_test_split_uses_eval_mode(tiny_data, tmp_path) -> None:
     with torch.no_grad():
         images, _ = datamodule.splits["test"]
         predicted = module(images).argmax(dim=1).unique().numel()
-    assert evidence["evidence/classes_predicted"] == predicted
+    assert evidence[CLASSES_PREDICTED] == predicted
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,24 @@ from omegaconf import OmegaConf
 from conftest import FAST, compose_config, run_cli
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
-from vanishlab.results import FULL_EPOCHS, START, job_identity
+from vanishlab.results import (
+    EPOCHS,
+    FIRST_OVER_LAST,
+    FULL_EPOCHS,
+    GRAD_NORMS_AT_START,
+    JOB_CONFIG,
+    RESUMED_FROM,
+    START,
+    STATUS,
+    STEPS,
+    TAGS,
+    TEST_ACC,
+    TEST_LOSS,
+    TESTED,
+    VAL_ACC,
+    VERDICT,
+    job_identity,
+)
 from vanishlab.train import build, fit_and_test
 
 SWEEP_PRESETS = sorted(
@@ -28,16 +45,16 @@ SWEEP_PRESETS = sorted(
 
 def test_fast_dev_run_records_one_step_and_no_trained_network_verdict(tiny_data, tmp_path) -> None:
     record = fit_and_test(compose_config([*FAST, "debug=fdr"], tiny_data, tmp_path))
-    assert record["status"] == "completed" and record["steps"] == 1
+    assert record[STATUS] == "completed" and record[STEPS] == 1
     assert record[FULL_EPOCHS] == 0
     assert START in record  # the first step's gradient ratio is measured: evidence at step 1
-    assert record["verdict"] in ("too_short", "vanishing", "exploding")
+    assert record[VERDICT] in ("too_short", "vanishing", "exploding")
 
 
 def test_zero_epochs_is_too_short_not_dead(tiny_data, tmp_path) -> None:
     record = fit_and_test(compose_config([*FAST, "trainer.max_epochs=0"], tiny_data, tmp_path))
-    assert record["steps"] == 0 and record["epochs"] == 0
-    assert record["verdict"] == "too_short"
+    assert record[STEPS] == 0 and record[EPOCHS] == 0
+    assert record[VERDICT] == "too_short"
 
 
 def test_limited_batches_are_not_a_full_pass(tiny_data, tmp_path) -> None:
@@ -45,22 +62,22 @@ def test_limited_batches_are_not_a_full_pass(tiny_data, tmp_path) -> None:
         [*FAST, "trainer.limit_train_batches=3", "trainer.max_epochs=2"], tiny_data, tmp_path
     )
     record = fit_and_test(cfg)
-    assert record["steps"] == 6 and record["epochs"] == 2 and record[FULL_EPOCHS] == 0
-    assert record["verdict"] != "trained"
+    assert record[STEPS] == 6 and record[EPOCHS] == 2 and record[FULL_EPOCHS] == 0
+    assert record[VERDICT] != "trained"
 
 
 def test_a_full_epoch_is_evidence_of_a_trained_network(tiny_data, tmp_path) -> None:
     cfg = compose_config([*FAST, "optimizer.lr=0.1", "trainer.max_epochs=2"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record[FULL_EPOCHS] == 2 and record["steps"] == 20  # 500 images, batches of 50
-    assert record["verdict"] == "trained"
+    assert record[FULL_EPOCHS] == 2 and record[STEPS] == 20  # 500 images, batches of 50
+    assert record[VERDICT] == "trained"
 
 
 def test_without_callbacks_the_verdict_rests_on_the_test_split(tiny_data, tmp_path) -> None:
     cfg = compose_config([*FAST, "callbacks=none", "optimizer.lr=0.1"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert START not in record and record["steps"] == 10
-    assert record["verdict"] == "trained"
+    assert START not in record and record[STEPS] == 10
+    assert record[VERDICT] == "trained"
 
 
 # --- GradientFlow under gradient accumulation --------------------------------------------------
@@ -74,7 +91,7 @@ def test_accumulated_gradient_is_measured_at_the_step_that_applies_it(tiny_data,
     ]
     cfg = compose_config(overrides, tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record["steps"] == 5  # 10 batches, 2 per step
+    assert record[STEPS] == 5  # 10 batches, 2 per step
 
     # The same network and first two batches, by hand: Lightning scales each loss by 1/2.
     torch.manual_seed(cfg.seed)
@@ -88,7 +105,7 @@ def test_accumulated_gradient_is_measured_at_the_step_that_applies_it(tiny_data,
     events = read_scalars(tmp_path, "grad_norm/layer_00")
     assert [step for step, _ in events] == [0, 1, 2, 3, 4]  # one point per optimizer step
     assert events[0][1] == pytest.approx(expected, rel=1e-5)
-    assert record["grad_norms_at_start"][0] == pytest.approx(expected, rel=1e-5)
+    assert record[GRAD_NORMS_AT_START][0] == pytest.approx(expected, rel=1e-5)
 
 
 def read_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -111,10 +128,10 @@ def test_resume_with_ckpt_path_ends_as_an_uninterrupted_run(tiny_data, tmp_path)
     run("first", "trainer.max_epochs=2")
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     resumed = run("resumed", "trainer.max_epochs=4", f"ckpt_path={ckpt}")
-    assert resumed["resumed_from"] == str(ckpt)
-    assert resumed["steps"] == whole["steps"] == 40 and resumed["epochs"] == 4
+    assert resumed[RESUMED_FROM] == str(ckpt)
+    assert resumed[STEPS] == whole[STEPS] == 40 and resumed[EPOCHS] == 4
     # Epochs 2 and 3 saw the batches the uninterrupted run's epochs 2 and 3 saw.
-    for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
+    for key in (TEST_ACC, TEST_LOSS, VAL_ACC, "val/loss"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
     assert resumed[START] == whole[START]  # the first step's evidence came with the checkpoint
 
@@ -122,8 +139,8 @@ def test_resume_with_ckpt_path_ends_as_an_uninterrupted_run(tiny_data, tmp_path)
     done = run(
         "done", "trainer.max_epochs=4", f"ckpt_path={tmp_path / 'whole/checkpoints/last.ckpt'}"
     )
-    assert done["steps"] == 40 and done["verdict"] == whole["verdict"]
-    assert done["grad_norm/first_over_last"] == whole["grad_norm/first_over_last"]
+    assert done[STEPS] == 40 and done[VERDICT] == whole[VERDICT]
+    assert done[FIRST_OVER_LAST] == whole[FIRST_OVER_LAST]
 
 
 def test_train_then_test_only_gives_the_same_test_figures(tiny_data, tmp_path) -> None:
@@ -131,9 +148,9 @@ def test_train_then_test_only_gives_the_same_test_figures(tiny_data, tmp_path) -
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     overrides = [*FAST, "train=false", "test=true", f"ckpt_path={ckpt}"]
     tested = fit_and_test(compose_config(overrides, tiny_data, tmp_path / "test"))
-    assert tested["tested"] == str(ckpt) and "verdict" not in tested  # an evaluation, not a run
-    assert tested["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
-    assert tested["test/loss"] == pytest.approx(trained["test/loss"], abs=1e-6)
+    assert tested[TESTED] == str(ckpt) and "verdict" not in tested  # an evaluation, not a run
+    assert tested[TEST_ACC] == pytest.approx(trained[TEST_ACC], abs=1e-6)
+    assert tested[TEST_LOSS] == pytest.approx(trained[TEST_LOSS], abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -153,7 +170,7 @@ def test_train_test_and_ckpt_path_that_cannot_work_are_refused(
 
 def test_a_run_without_a_logger_works(tiny_data, tmp_path) -> None:
     record = fit_and_test(compose_config([*FAST, "~logger"], tiny_data, tmp_path))
-    assert record["status"] == "completed" and record["verdict"]
+    assert record[STATUS] == "completed" and record[VERDICT]
     assert not list(tmp_path.glob("events.out.tfevents.*"))
 
 
@@ -172,7 +189,7 @@ def assert_one_record_per_job(sweep_dir: Path, jobs: int) -> dict[Path, dict]:
     assert len(records) == jobs, sorted(p.name for p in records)
     for job_dir, record in records.items():
         saved = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-        assert record["job_config"] == job_identity(saved), job_dir.name
+        assert record[JOB_CONFIG] == job_identity(saved), job_dir.name
     return records
 
 
@@ -192,8 +209,8 @@ def test_every_preset_as_a_fast_dev_run_sweep(experiment, tiny_data, tmp_path) -
     assert result.returncode == 0, result.stderr[-3000:]
     (launched,) = re.findall(r"Launching (\d+) jobs locally", result.stderr + result.stdout)
     records = assert_one_record_per_job(tmp_path, int(launched))
-    assert all(r["status"] in ("completed", "diverged") for r in records.values())
-    assert all(r["steps"] <= 1 and r["verdict"] != "trained" for r in records.values())
+    assert all(r[STATUS] in ("completed", "diverged") for r in records.values())
+    assert all(r[STEPS] <= 1 and r[VERDICT] != "trained" for r in records.values())
     if experiment == "glob(*)":
         assert int(launched) == len(list((CONFIG_DIR / "experiment").glob("*.yaml")))
 
@@ -235,7 +252,7 @@ def test_a_rerun_takes_only_records_of_its_own_config(tiny_data, tmp_path) -> No
     assert {p: p.read_text() for p in first} == first  # the old records are untouched
     assert {p: p.read_text() for p in first_configs} == first_configs
     new = [r for p, r in records.items() if "~" in p.name]
-    assert len(new) == 2 and all(r["epochs"] == 2 for r in new)
+    assert len(new) == 2 and all(r[EPOCHS] == 2 for r in new)
 
     assert run(max_epochs=2).count("Skipping") == 2
 
@@ -249,7 +266,7 @@ def test_a_finished_run_directory_is_never_written_again(tiny_data, tmp_path) ->
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "already holds a run" in result.stderr and "ckpt_path=" in result.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept
-    assert json.loads((tmp_path / "metrics.json").read_text())["tags"] == ["first"]
+    assert json.loads((tmp_path / "metrics.json").read_text())[TAGS] == ["first"]
 
 
 @pytest.mark.slow
@@ -266,7 +283,7 @@ def test_seed_null_draws_a_seed_that_the_record_keeps(tiny_data, tmp_path) -> No
         return json.loads((tmp_path / name / "metrics.json").read_text())
 
     drawn = run("drawn", "null")
-    assert isinstance(drawn["seed"], int) and drawn["job_config"]["seed"] is None
+    assert isinstance(drawn["seed"], int) and drawn[JOB_CONFIG]["seed"] is None
     again = run("again", str(drawn["seed"]))
-    results = ("status", "seed", "steps", "test/acc", "test/loss", "val/acc", "verdict")
+    results = (STATUS, "seed", STEPS, TEST_ACC, TEST_LOSS, VAL_ACC, VERDICT)
     assert {k: again[k] for k in results} == {k: drawn[k] for k in results}

@@ -25,6 +25,23 @@ from vanishlab.report import (
     varied_keys,
     write_report,
 )
+from vanishlab.results import (
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
+    EPOCHS,
+    ERROR,
+    FIRST_OVER_LAST,
+    GRAD_NORMS_AT_START,
+    MAX_DEAD,
+    MAX_SATURATED,
+    START,
+    STATUS,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_SECONDS,
+    VAL_ACC,
+    VERDICT,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
@@ -33,21 +50,21 @@ TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
 def finished(verdict: str, acc: float, ratio: float, depth: int, **extra) -> dict:
     """A metrics.json as `train` writes it, with a gradient profile that falls by `ratio`."""
     return {
-        "status": "completed",
-        "epochs": 1,
-        "train_seconds": 1.5,
+        STATUS: "completed",
+        EPOCHS: 1,
+        TRAIN_SECONDS: 1.5,
         "val/loss": 0.5,
-        "val/acc": acc,
-        "grad_norm/first_over_last": ratio,
-        "evidence/first_over_last_at_start": ratio,
-        "evidence/max_dead_frac": 0.0,
-        "evidence/max_saturated_frac": 0.0,
-        "evidence/dead_classes": 0,
-        "grad_norms_at_start": np.geomspace(ratio, 1.0, depth + 1).tolist(),
-        "test/loss": 0.5,
-        "test/acc": acc,
-        "evidence/classes_predicted": 10,
-        "verdict": verdict,
+        VAL_ACC: acc,
+        FIRST_OVER_LAST: ratio,
+        START: ratio,
+        MAX_DEAD: 0.0,
+        MAX_SATURATED: 0.0,
+        DEAD_CLASSES: 0,
+        GRAD_NORMS_AT_START: np.geomspace(ratio, 1.0, depth + 1).tolist(),
+        TEST_LOSS: 0.5,
+        TEST_ACC: acc,
+        CLASSES_PREDICTED: 10,
+        VERDICT: verdict,
         **extra,
     }
 
@@ -96,7 +113,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     add_job(
         sweep,
         ["init=kaiming_normal", "model.depth=4"],
-        {"status": "failed", "error": "ConfigError: optimizer.lr=0 is not allowed"},
+        {STATUS: "failed", ERROR: "ConfigError: optimizer.lr=0 is not allowed"},
     )
     add_job(sweep, ["init=normal", "model.activation=sigmoid", "model.depth=4"], None)
     write_report(sweep)
@@ -105,7 +122,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_varied_keys_are_the_ones_that_differ(sweep) -> None:
     results = pd.read_csv(sweep / "report" / "results.csv")
-    varied = list(results.columns[1 : results.columns.get_loc("status")])
+    varied = list(results.columns[1 : results.columns.get_loc(STATUS)])
     # init=normal brings a key (std) that kaiming_normal does not have, and the reverse.
     assert sorted(varied) == ["activation", "depth", "init", "init.std", "nonlinearity"]
     assert set(results["init"]) == {"kaiming_normal", "normal"}
@@ -146,8 +163,8 @@ def test_results_csv_has_every_job_with_its_status_and_verdict(sweep) -> None:
         (4, "relu", "failed", "nan"),
         (4, "sigmoid", "unfinished", "nan"),
     }
-    failed = results[results["status"] == "failed"].iloc[0]
-    assert failed["error"].startswith("ConfigError: optimizer.lr=0")
+    failed = results[results[STATUS] == "failed"].iloc[0]
+    assert failed[ERROR].startswith("ConfigError: optimizer.lr=0")
 
 
 def table_rows(report_md: str) -> list[dict[str, str]]:
@@ -161,8 +178,8 @@ def test_report_table_is_sorted_with_failed_and_unfinished_last(sweep) -> None:
     report_md = (sweep / "report" / "report.md").read_text()
     assert "6 jobs" in report_md and "1 failed" in report_md and "1 unfinished" in report_md
     rows = table_rows(report_md)
-    assert [row["status"] for row in rows[-2:]] == ["failed", "unfinished"]
-    accuracies = [float(row["test/acc"]) for row in rows[:-2]]
+    assert [row[STATUS] for row in rows[-2:]] == ["failed", "unfinished"]
+    accuracies = [float(row[TEST_ACC]) for row in rows[:-2]]
     assert accuracies == sorted(accuracies, reverse=True) == [0.95, 0.9, 0.3, 0.1]
 
 

@@ -16,6 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, REPO_ROOT, run_cli
+from vanishlab.results import (
+    EPOCHS,
+    ERROR,
+    JOB_CONFIG,
+    RESUMED_FROM,
+    STATUS,
+)
 
 
 def cluster_up() -> bool:
@@ -52,7 +59,7 @@ def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path)
     result = run_cli(*command(tmp_path, "seed=0,1"), data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
     by_name = records(tmp_path)
-    assert sorted(r["status"] for r in by_name.values()) == ["completed", "completed"]
+    assert sorted(r[STATUS] for r in by_name.values()) == ["completed", "completed"]
     logs = [p.read_text() for p in tmp_path.glob("*/train.log")]
     assert len(logs) == 2 and all("torch threads: 1" in log for log in logs)  # cpus_per_task
 
@@ -60,9 +67,9 @@ def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path)
 def test_a_failing_job_is_recorded_and_the_others_complete(tiny_data, tmp_path) -> None:
     result = run_cli(*command(tmp_path, "model.depth=0,1"), data_dir=tiny_data)
     assert result.returncode == 1, result.stderr[-3000:]
-    by_status = {r["status"]: r for r in records(tmp_path).values()}
-    assert by_status["failed"]["error"].startswith("ConfigError: model.depth=0")
-    assert by_status["completed"]["job_config"]["model"]["depth"] == 1
+    by_status = {r[STATUS]: r for r in records(tmp_path).values()}
+    assert by_status["failed"][ERROR].startswith("ConfigError: model.depth=0")
+    assert by_status["completed"][JOB_CONFIG]["model"]["depth"] == 1
 
 
 def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path) -> None:
@@ -89,12 +96,12 @@ def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path)
             os.killpg(sweep.pid, signal.SIGKILL)
     assert sweep.returncode == 1, output[-3000:]  # the sweep finished, and says a job did not
     assert "1 completed, 1 cancelled" in output
-    by_seed = {r["job_config"]["seed"]: r for r in records(tmp_path).values()}
-    assert by_seed[0]["status"] == "completed"
-    assert by_seed[1]["status"] == "cancelled" and "CANCELLED" in by_seed[1]["error"]
+    by_seed = {r[JOB_CONFIG]["seed"]: r for r in records(tmp_path).values()}
+    assert by_seed[0][STATUS] == "completed"
+    assert by_seed[1][STATUS] == "cancelled" and "CANCELLED" in by_seed[1][ERROR]
 
     result = run_cli(*args, data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
-    by_seed = {r["job_config"]["seed"]: r for r in records(tmp_path).values()}
-    assert by_seed[1]["status"] == "completed" and by_seed[1]["resumed_from"]
-    assert by_seed[1]["epochs"] == 150
+    by_seed = {r[JOB_CONFIG]["seed"]: r for r in records(tmp_path).values()}
+    assert by_seed[1][STATUS] == "completed" and by_seed[1][RESUMED_FROM]
+    assert by_seed[1][EPOCHS] == 150

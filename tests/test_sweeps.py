@@ -13,6 +13,18 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, REPO_ROOT, compose_config, run_cli
+from vanishlab.results import (
+    EPOCHS,
+    ERROR,
+    JOB_CONFIG,
+    RESUMED_FROM,
+    START,
+    STATUS,
+    STEPS,
+    TEST_LOSS,
+    VERDICT,
+    WORLD_SIZE,
+)
 from vanishlab.train import fit_and_test
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
@@ -46,21 +58,20 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path) -> N
     assert len(by_name) == 4  # the jobs after the failing ones still ran
     for name, record in by_name.items():
         if "accelerator=tpu" in name:
-            assert record["status"] == "failed"
+            assert record[STATUS] == "failed"
             assert (
-                record["error"].startswith("InstantiationException")
-                and "torch_xla" in record["error"]
+                record[ERROR].startswith("InstantiationException") and "torch_xla" in record[ERROR]
             )
         else:
-            assert record["status"] == "completed"
+            assert record[STATUS] == "completed"
 
 
 def test_bad_value_in_one_job_fails_only_that_job(tiny_data, tmp_path) -> None:
     result = sweep(tmp_path, tiny_data, "model.depth=0,1")
     assert result.returncode == 1
     by_name = records(tmp_path)
-    assert job(by_name, "model.depth=0")["error"].startswith("ConfigError: model.depth=0")
-    assert job(by_name, "model.depth=1")["status"] == "completed"
+    assert job(by_name, "model.depth=0")[ERROR].startswith("ConfigError: model.depth=0")
+    assert job(by_name, "model.depth=1")[STATUS] == "completed"
 
 
 def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_path) -> None:
@@ -95,20 +106,20 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_pa
     first_metrics = (first / "metrics.json").read_text()
     first_events = sorted(p.name for p in first.glob("events.*"))
     interrupted = json.loads(next(tmp_path.glob("*seed=1*/metrics.json")).read_text())
-    assert interrupted["status"] == "started" and interrupted["job_config"]["seed"] == 1
+    assert interrupted[STATUS] == "started" and interrupted[JOB_CONFIG]["seed"] == 1
 
     result = sweep(tmp_path, tiny_data, "seed=0,1,2", "trainer.max_epochs=6")
     assert result.returncode == 0, result.stderr[-2000:]
     by_name = records(tmp_path)
-    assert len(by_name) == 3 and all(r["status"] == "completed" for r in by_name.values())
-    assert all(r["epochs"] == 6 for r in by_name.values())
+    assert len(by_name) == 3 and all(r[STATUS] == "completed" for r in by_name.values())
+    assert all(r[EPOCHS] == 6 for r in by_name.values())
     # The finished job was skipped: same record, no new TensorBoard events.
     assert (first / "metrics.json").read_text() == first_metrics
     assert sorted(p.name for p in first.glob("events.*")) == first_events
     # The interrupted job went on from its checkpoint and kept its first-step evidence.
     resumed = job(by_name, "seed=1")
-    assert resumed["resumed_from"].endswith("last.ckpt")
-    assert resumed["evidence/first_over_last_at_start"] > 0
+    assert resumed[RESUMED_FROM].endswith("last.ckpt")
+    assert resumed[START] > 0
     assert "resumed_from" not in job(by_name, "seed=2")
 
 
@@ -132,7 +143,7 @@ def test_submitit_local_launcher_runs_two_jobs(tiny_data, tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     by_name = records(tmp_path)
-    assert len(by_name) == 2 and all(r["status"] == "completed" for r in by_name.values())
+    assert len(by_name) == 2 and all(r[STATUS] == "completed" for r in by_name.values())
     assert list(tmp_path.glob(".submitit/*/*_log.out"))
 
 
@@ -140,7 +151,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tiny_data, tmp_path) -> 
     result = sweep(tmp_path, tiny_data, "hparams_search=optuna_lr", "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-2000:]
     by_name = records(tmp_path)
-    assert len(by_name) == 2 and all(r["status"] == "completed" for r in by_name.values())
+    assert len(by_name) == 2 and all(r[STATUS] == "completed" for r in by_name.values())
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "optimizer.lr" in best and "best_value" in best
 
@@ -157,7 +168,7 @@ def test_optuna_search_goes_on_past_a_failed_trial(tiny_data, tmp_path) -> None:
         data_dir=tiny_data,
     )
     assert result.returncode == 1, result.stderr[-3000:]  # the exit code says a trial failed
-    statuses = sorted(r["status"] for r in records(tmp_path).values())
+    statuses = sorted(r[STATUS] for r in records(tmp_path).values())
     assert len(statuses) == 6 and "failed" in statuses and "completed" in statuses, statuses
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "model.depth: 1" in best and "best_value" in best
@@ -174,20 +185,20 @@ def test_ddp_trains_one_run_on_two_cpu_processes(tiny_data, tmp_path) -> None:
     result = ddp_run(run_dir, tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "completed" and record["world_size"] == 2
+    assert record[STATUS] == "completed" and record[WORLD_SIZE] == 2
     # data.batch_size is global: the two processes take the steps one process takes.
     single = fit_and_test(compose_config(FAST, tiny_data, tmp_path / "single"))
-    assert record["steps"] == single["steps"] == 10
-    for key in ("test/loss", "val/loss", "evidence/first_over_last_at_start"):
+    assert record[STEPS] == single[STEPS] == 10
+    for key in (TEST_LOSS, "val/loss", START):
         assert record[key] == pytest.approx(single[key], rel=1e-4), key
-    assert record["verdict"] == single["verdict"]
+    assert record[VERDICT] == single[VERDICT]
 
 
 def test_ddp_is_refused_where_it_would_not_run_once_per_job(tiny_data, tmp_path) -> None:
     result = sweep(tmp_path / "sweep", tiny_data, "trainer=ddp_sim", "seed=0,1")
     assert result.returncode == 1 and (result.stdout + result.stderr).count("Launching 2 jobs") == 1
     for record in records(tmp_path / "sweep").values():
-        assert "is not allowed in a sweep" in record["error"]
+        assert "is not allowed in a sweep" in record[ERROR]
     result = ddp_run(tmp_path / "spawn", tiny_data, "trainer.strategy=ddp_spawn")
     assert result.returncode == 2 and "trainer.strategy='ddp_spawn' is not allowed" in result.stderr
 

@@ -12,6 +12,18 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, compose_config, run_cli
 from vanishlab.data import TensorBatches
+from vanishlab.results import (
+    CLASSES_PREDICTED,
+    EPOCHS,
+    JOB_ID,
+    STATUS,
+    STEPS,
+    TAGS,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_SECONDS,
+    VAL_ACC,
+)
 from vanishlab.train import fit_and_test, torch_threads
 
 
@@ -28,10 +40,10 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed"
-    assert metrics["epochs"] == 1 and metrics["steps"] == 10 and metrics["train_seconds"] > 0
-    assert metrics["tags"] == ["smoke"] and metrics["seed"] == 0 and len(metrics["job_id"]) == 16
-    for key in ("test/acc", "test/loss", "val/acc", "val/loss"):
+    assert metrics[STATUS] == "completed"
+    assert metrics[EPOCHS] == 1 and metrics[STEPS] == 10 and metrics[TRAIN_SECONDS] > 0
+    assert metrics[TAGS] == ["smoke"] and metrics["seed"] == 0 and len(metrics[JOB_ID]) == 16
+    for key in (TEST_ACC, TEST_LOSS, VAL_ACC, "val/loss"):
         assert 0 <= metrics[key] < 100, key
 
     # Evaluating the last checkpoint, copied out of its run directory (it describes itself),
@@ -50,9 +62,9 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["data_overrides"] == ["data.batch_size=7"]
-    assert evaluated["evidence/classes_predicted"] == metrics["evidence/classes_predicted"]
-    assert abs(evaluated["test/acc"] - metrics["test/acc"]) < 1e-6
-    assert abs(evaluated["test/loss"] - metrics["test/loss"]) < 1e-5
+    assert evaluated[CLASSES_PREDICTED] == metrics[CLASSES_PREDICTED]
+    assert abs(evaluated[TEST_ACC] - metrics[TEST_ACC]) < 1e-6
+    assert abs(evaluated[TEST_LOSS] - metrics[TEST_LOSS]) < 1e-5
 
     # A checkpoint whose config names code that is not vanishlab's or torch's is refused, and
     # nothing it names runs.
@@ -74,7 +86,7 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
 def test_training_learns_the_tiny_task(tiny_data, tmp_path) -> None:
     cfg = compose_config([*FAST, "trainer.max_epochs=5", "optimizer.lr=0.1"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record["test/acc"] > 0.8, record
+    assert record[TEST_ACC] > 0.8, record
 
 
 def test_same_seed_gives_same_metrics(tiny_data, tmp_path) -> None:
@@ -91,8 +103,8 @@ def test_same_seed_gives_same_metrics(tiny_data, tmp_path) -> None:
 def test_val_size_zero_validates_on_the_test_split(tiny_data, tmp_path) -> None:
     cfg = compose_config([*FAST, "data.val_size=0"], tiny_data, tmp_path)
     record = fit_and_test(cfg)
-    assert record["val/acc"] == record["test/acc"]
-    assert abs(record["val/loss"] - record["test/loss"]) < 1e-6
+    assert record[VAL_ACC] == record[TEST_ACC]
+    assert abs(record["val/loss"] - record[TEST_LOSS]) < 1e-6
 
 
 def test_ddp_ranks_share_out_each_global_batch() -> None:

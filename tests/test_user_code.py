@@ -10,6 +10,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, run_cli
+from vanishlab.results import (
+    JOB_CONFIG,
+    STATUS,
+    TEST_ACC,
+    VERDICT,
+)
 
 USER_NETS = '''
 """A second model family with its own layout: named attributes, no vanishlab Blocks."""
@@ -69,8 +75,8 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "completed" and record["verdict"] in ("trained", "too_short")
-    assert record["job_config"]["model"]["_target_"] == "mynets.OneHidden"
+    assert record[STATUS] == "completed" and record[VERDICT] in ("trained", "too_short")
+    assert record[JOB_CONFIG]["model"]["_target_"] == "mynets.OneHidden"
     events = EventAccumulator(str(run_dir))
     events.Reload()
     for probe in ("layer_00", "layer_01"):
@@ -87,4 +93,4 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
     trusted = run_cli("vanishlab.eval", *evaluate, data_dir=tiny_data, cwd=project)
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     evaluated = json.loads((project / "e2" / "metrics.json").read_text())
-    assert evaluated["test/acc"] == pytest.approx(record["test/acc"], abs=1e-6)
+    assert evaluated[TEST_ACC] == pytest.approx(record[TEST_ACC], abs=1e-6)

@@ -12,7 +12,7 @@ they are checked in order; the first that has its evidence and matches names the
 rule         needs                               matches when
 1 diverged   nothing more                        the loss or a gradient became non-finite
                                                  (training stopped there), or test/loss is not
-2 dead       one measured step                   a hidden ReLU-family layer had every unit dead
+2 dead       one measured step                   a hidden ReLU layer had every unit dead
                                                  at the last measured step
 3 dead       one full pass over the training     a class's output is 0 for every test image (an
              split                               output ReLU that died)
@@ -22,7 +22,7 @@ rule         needs                               matches when
                                                  step half or more of a sigmoid/tanh layer's
                                                  outputs saturated (their derivative is ~0)
 6 dead       one full pass over the training     the network never predicts some class on the
-             split                               test split (stuck)
+             split                               test split (stuck; `evidence/classes` counts them)
 7 trained    one full pass over the training     none of the above
              split
 8 too_short  -                                   no rule had its evidence: e.g. max_epochs=0,
