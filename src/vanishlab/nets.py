@@ -113,10 +113,8 @@ def output_block(width: int, num_classes: int, output_activation: str | None) ->
     return Block(nn.Linear(width, num_classes), OUTPUT_ACTIVATIONS[output_activation]())
 
 
-def with_skips(blocks: list[Block], start: int, scale: float | None) -> list[nn.Module]:
-    """`blocks`, those from `start` on wrapped in `Residual` (none if `scale` is None)."""
-    if scale is None:
-        return list(blocks)
+def with_skips(blocks: list[Block], start: int, scale: float) -> list[nn.Module]:
+    """`blocks`, those from `start` on wrapped in `Residual`."""
     return [*blocks[:start], *(Residual(block, scale) for block in blocks[start:])]
 
 
@@ -192,9 +190,10 @@ class MLP(nn.Module):
         linears = [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         norms = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
         hidden = hidden_blocks(linears, sizes[1:], activation, norms[norm])
-        skip_scale = residual_scale if residual else None
+        if residual:
+            hidden = with_skips(hidden, 1, residual_scale)
         output = output_block(width, num_classes, output_activation)
-        self.blocks = nn.Sequential(*with_skips(hidden, 1, skip_scale), output)
+        self.blocks = nn.Sequential(*hidden, output)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x.flatten(1))
@@ -230,8 +229,9 @@ class CNN(nn.Module):
         ]
         norms = {"none": None, "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}
         hidden = hidden_blocks(convolutions, channels[1:], activation, norms[norm])
-        skip_scale = residual_scale if residual else None
-        self.features = nn.Sequential(*with_skips(hidden, 2, skip_scale))
+        if residual:
+            hidden = with_skips(hidden, 2, residual_scale)
+        self.features = nn.Sequential(*hidden)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.output = output_block(width, num_classes, output_activation)
 
