@@ -225,3 +225,15 @@ def test_gradient_flow_and_divergence_stop_work_in_either_order(tiny_data, tmp_p
         records.append({k: v for k, v in record.items() if not k.endswith("_seconds")})
     assert records[0][STATUS] == "diverged" and START in records[0]
     assert json.dumps(records[0], sort_keys=True) == json.dumps(records[1], sort_keys=True)
+
+
+def test_a_new_group_reaches_the_lr_monitor_and_the_hparams_row(tiny_data, tmp_path) -> None:
+    """`scheduler` is a group added after the HParams row was written: nothing names it there."""
+    cfg = compose_config([*FAST, "scheduler=cosine", "trainer.max_epochs=3"], tiny_data, tmp_path)
+    fit_and_test(cfg)
+    events = read_events(tmp_path)
+    rates = [e.value for e in events.Scalars("lr-SGD")]
+    assert rates[0] == pytest.approx(0.01) and rates == sorted(rates, reverse=True)
+    assert rates[-1] < rates[0]
+    row = hparams_row(events)
+    assert (row["scheduler"], row["scheduler.T_max"]) == ("cosineannealinglr", 3)

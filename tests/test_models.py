@@ -13,6 +13,7 @@ from torch import nn
 from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
+from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise, mean_field, zeros
 from vanishlab.nets import MLP, Probe, Residual
 from vanishlab.results import (
@@ -21,7 +22,7 @@ from vanishlab.results import (
     MAX_DEAD,
     VERDICT,
 )
-from vanishlab.train import build, evidence_on_test_split, fit_and_test
+from vanishlab.train import build, fit_and_test
 
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 REMEDIES = sorted(p.stem for p in (CONFIG_DIR / "remedy").glob("*.yaml"))

@@ -17,7 +17,7 @@ training runs at full speed.
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
 
 Each `histograms_every_n_epochs` epochs it also draws histograms and the gradient-flow figure
-(`dashboard.py`).
+(`dashboard.py`). `evidence_on_test_split` measures the trained network on the test split.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ from torch import Tensor, nn
 from torch.linalg import vector_norm
 
 from vanishlab.dashboard import GradientFlowFigure, write_histograms
+from vanishlab.data import MNISTDataModule
 from vanishlab.nets import Probe
 from vanishlab.results import (
+    CLASSES,
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
     FIRST_OVER_LAST,
     GRAD_NORMS_AT_START,
     MAX_DEAD,
@@ -209,3 +213,23 @@ def saturated(activation: Tensor, kind: str) -> Tensor:
 
 def max_of_family(metrics: dict[str, float], family: str) -> float:
     return max((v for k, v in metrics.items() if k.startswith(f"{family}/")), default=0.0)
+
+
+@torch.no_grad()
+def evidence_on_test_split(
+    module: pl.LightningModule, datamodule: MNISTDataModule
+) -> dict[str, int]:
+    """How many classes the trained network predicts on the whole test split (whichever DDP rank
+    this is), and how many it cannot predict at all: a class whose output is 0 for every test
+    image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its
+    running statistics)."""
+    images, _ = datamodule.splits["test"]
+    was_training = module.training
+    module.eval()
+    outputs = torch.cat([module(x) for x in images.split(datamodule.batch_size)])
+    module.train(was_training)
+    return {
+        CLASSES: datamodule.num_classes,
+        CLASSES_PREDICTED: outputs.argmax(dim=1).unique().numel(),
+        DEAD_CLASSES: int((outputs == 0).all(dim=0).sum()),
+    }

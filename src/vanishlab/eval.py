@@ -27,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_ckpt_path
+from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.module import CONFIG_KEY
 from vanishlab.results import write_json
-from vanishlab.train import build, evidence_on_test_split, scalars
+from vanishlab.train import build, scalars
 
 # What a checkpoint's config may name: the modules vanishlab's groups point into, and torch's
 # layers and optimizers (not all of torch: `torch.hub.load` fetches and runs code).

@@ -33,13 +33,11 @@ from rich.tree import Tree
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_config, check_memory
 from vanishlab.data import MNISTDataModule
+from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
 from vanishlab.module import Classifier
 from vanishlab.nets import Network
 from vanishlab.results import (
-    CLASSES,
-    CLASSES_PREDICTED,
-    DEAD_CLASSES,
     DIVERGED_AT_EPOCH,
     EPOCHS,
     ERROR,
@@ -208,24 +206,6 @@ def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
     whole_epochs = evidence.get(DIVERGED_AT_EPOCH, trainer.current_epoch)
     evidence[FULL_EPOCHS] = whole_epochs if every_batch else 0
     return evidence
-
-
-@torch.no_grad()
-def evidence_on_test_split(module: Classifier, datamodule: MNISTDataModule) -> dict[str, int]:
-    """How many classes the trained network predicts on the whole test split (whichever DDP rank
-    this is), and how many it cannot predict at all: a class whose output is 0 for every test
-    image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its
-    running statistics)."""
-    images, _ = datamodule.splits["test"]
-    was_training = module.training
-    module.eval()
-    outputs = torch.cat([module(x) for x in images.split(datamodule.batch_size)])
-    module.train(was_training)
-    return {
-        CLASSES: datamodule.num_classes,
-        CLASSES_PREDICTED: outputs.argmax(dim=1).unique().numel(),
-        DEAD_CLASSES: int((outputs == 0).all(dim=0).sum()),
-    }
 
 
 def print_config(cfg: DictConfig) -> None:
