@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+import vanishlab.results as rec
 from conftest import compose_config
 from vanishlab.report import (
     column_names,
@@ -25,23 +26,6 @@ from vanishlab.report import (
     varied_keys,
     write_report,
 )
-from vanishlab.results import (
-    CLASSES_PREDICTED,
-    DEAD_CLASSES,
-    EPOCHS,
-    ERROR,
-    FIRST_OVER_LAST,
-    GRAD_NORMS_AT_START,
-    MAX_DEAD,
-    MAX_SATURATED,
-    START,
-    STATUS,
-    TEST_ACC,
-    TEST_LOSS,
-    TRAIN_SECONDS,
-    VAL_ACC,
-    VERDICT,
-)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
@@ -50,21 +34,21 @@ TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
 def finished(verdict: str, acc: float, ratio: float, depth: int, **extra) -> dict:
     """A metrics.json as `train` writes it, with a gradient profile that falls by `ratio`."""
     return {
-        STATUS: "completed",
-        EPOCHS: 1,
-        TRAIN_SECONDS: 1.5,
+        rec.STATUS: "completed",
+        rec.EPOCHS: 1,
+        rec.TRAIN_SECONDS: 1.5,
         "val/loss": 0.5,
-        VAL_ACC: acc,
-        FIRST_OVER_LAST: ratio,
-        START: ratio,
-        MAX_DEAD: 0.0,
-        MAX_SATURATED: 0.0,
-        DEAD_CLASSES: 0,
-        GRAD_NORMS_AT_START: np.geomspace(ratio, 1.0, depth + 1).tolist(),
-        TEST_LOSS: 0.5,
-        TEST_ACC: acc,
-        CLASSES_PREDICTED: 10,
-        VERDICT: verdict,
+        rec.VAL_ACC: acc,
+        rec.FIRST_OVER_LAST: ratio,
+        rec.START: ratio,
+        rec.MAX_DEAD: 0.0,
+        rec.MAX_SATURATED: 0.0,
+        rec.DEAD_CLASSES: 0,
+        rec.GRAD_NORMS_AT_START: np.geomspace(ratio, 1.0, depth + 1).tolist(),
+        rec.TEST_LOSS: 0.5,
+        rec.TEST_ACC: acc,
+        rec.CLASSES_PREDICTED: 10,
+        rec.VERDICT: verdict,
         **extra,
     }
 
@@ -113,7 +97,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     add_job(
         sweep,
         ["init=kaiming_normal", "model.depth=4"],
-        {STATUS: "failed", ERROR: "ConfigError: optimizer.lr=0 is not allowed"},
+        {rec.STATUS: "failed", rec.ERROR: "ConfigError: optimizer.lr=0 is not allowed"},
     )
     add_job(sweep, ["init=normal", "model.activation=sigmoid", "model.depth=4"], None)
     write_report(sweep)
@@ -122,7 +106,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_varied_keys_are_the_ones_that_differ(sweep) -> None:
     results = pd.read_csv(sweep / "report" / "results.csv")
-    varied = list(results.columns[1 : results.columns.get_loc(STATUS)])
+    varied = list(results.columns[1 : results.columns.get_loc(rec.STATUS)])
     # init=normal brings a key (std) that kaiming_normal does not have, and the reverse.
     assert sorted(varied) == ["activation", "depth", "init", "init.std", "nonlinearity"]
     assert set(results["init"]) == {"kaiming_normal", "normal"}
@@ -163,8 +147,8 @@ def test_results_csv_has_every_job_with_its_status_and_verdict(sweep) -> None:
         (4, "relu", "failed", "nan"),
         (4, "sigmoid", "unfinished", "nan"),
     }
-    failed = results[results[STATUS] == "failed"].iloc[0]
-    assert failed[ERROR].startswith("ConfigError: optimizer.lr=0")
+    failed = results[results[rec.STATUS] == "failed"].iloc[0]
+    assert failed[rec.ERROR].startswith("ConfigError: optimizer.lr=0")
 
 
 def table_rows(report_md: str) -> list[dict[str, str]]:
@@ -178,8 +162,8 @@ def test_report_table_is_sorted_with_failed_and_unfinished_last(sweep) -> None:
     report_md = (sweep / "report" / "report.md").read_text()
     assert "6 jobs" in report_md and "1 failed" in report_md and "1 unfinished" in report_md
     rows = table_rows(report_md)
-    assert [row[STATUS] for row in rows[-2:]] == ["failed", "unfinished"]
-    accuracies = [float(row[TEST_ACC]) for row in rows[:-2]]
+    assert [row[rec.STATUS] for row in rows[-2:]] == ["failed", "unfinished"]
+    accuracies = [float(row[rec.TEST_ACC]) for row in rows[:-2]]
     assert accuracies == sorted(accuracies, reverse=True) == [0.95, 0.9, 0.3, 0.1]
 
 

@@ -96,33 +96,6 @@ class Residual(nn.Module):
         return self.block.probes(index)
 
 
-def hidden_blocks(
-    layers: list[nn.Module],
-    sizes: list[int],
-    activation: str,
-    make_norm: Callable[[int], nn.Module] | None,
-) -> list[Block]:
-    """Each weighted layer with a norm of its `size` outputs (if any) and its activation."""
-    return [
-        Block(layer, ACTIVATIONS[activation](), make_norm(size) if make_norm else None)
-        for layer, size in zip(layers, sizes, strict=True)
-    ]
-
-
-def output_block(width: int, num_classes: int, output_activation: str | None) -> Block:
-    return Block(nn.Linear(width, num_classes), OUTPUT_ACTIVATIONS[output_activation]())
-
-
-def with_skips(blocks: list[Block], start: int, scale: float) -> list[nn.Module]:
-    """`blocks`, those from `start` on wrapped in `Residual`."""
-    return [*blocks[:start], *(Residual(block, scale) for block in blocks[start:])]
-
-
-def block_probes(blocks: list[nn.Module]) -> list[Probe]:
-    """The probes of a network that is a stack of (`Residual`) `Block`s, named by position."""
-    return [probe for index, block in enumerate(blocks) for probe in block.probes(index)]
-
-
 def check_arguments(domains: tuple[Domain, ...], values: dict[str, object]) -> None:
     """Each `model.<key>` value inside its `Domain` (raises `ConfigError` before any training)."""
     for domain in domains:
@@ -162,22 +135,26 @@ MODEL_DOMAINS = (
 )
 
 
-class MLP(nn.Module):
-    """`depth` hidden layers of `width` units, then a linear layer to the class logits.
+class BlockNet(nn.Module):
+    """A stack of hidden `Block`s (weighted layer -> optional norm -> activation) and a linear
+    output block: what `MLP` and `CNN` share. A family says which weighted layers it stacks
+    (`weighted_layers`), which norm each `norm` option means (`NORMS`), and from which hidden
+    block on skips can be added (`SKIPS_FROM`: the first whose input has its output's shape).
 
-    `norm` normalises each hidden layer's pre-activation (Linear -> norm -> activation). With
-    `residual`, every hidden layer after the first adds its output to its input,
-    `x + residual_scale * act(norm(W x + b))`; the first maps the input to `width`.
+    `residual` wraps each of those blocks as `x + residual_scale * block(x)`;
     `output_activation="relu"` reproduces the historical course code, which applied a ReLU to
-    the logits. The input is flattened here, so batches keep the image's shape.
+    the logits. Every key is checked as the network is built (`MODEL_DOMAINS`).
     """
 
+    NORMS: dict[str, Callable[[int], nn.Module] | None]
+    SKIPS_FROM: int
+
     def __init__(
         self,
         input_shape: tuple[int, ...],
         num_classes: int,
-        depth: int = 2,
-        width: int = 200,
+        depth: int,
+        width: int,
         activation: str = "relu",
         output_activation: str | None = None,
         norm: str = "none",
@@ -186,57 +163,67 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         check_arguments(MODEL_DOMAINS, locals())
-        sizes = [math.prod(input_shape)] + [width] * depth
-        linears = [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-        norms = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
-        hidden = hidden_blocks(linears, sizes[1:], activation, norms[norm])
+        make_norm = self.NORMS[norm]
+        hidden: list[nn.Module] = [
+            Block(layer, ACTIVATIONS[activation](), make_norm(width) if make_norm else None)
+            for layer in self.weighted_layers(input_shape, depth, width)
+        ]
         if residual:
-            hidden = with_skips(hidden, 1, residual_scale)
-        output = output_block(width, num_classes, output_activation)
-        self.blocks = nn.Sequential(*hidden, output)
+            skips = hidden[self.SKIPS_FROM :]
+            hidden[self.SKIPS_FROM :] = [Residual(block, residual_scale) for block in skips]
+        self.hidden = nn.Sequential(*hidden)
+        output = nn.Linear(width, num_classes)
+        self.output = Block(output, OUTPUT_ACTIVATIONS[output_activation]())
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(x.flatten(1))
+    def weighted_layers(
+        self, input_shape: tuple[int, ...], depth: int, width: int
+    ) -> list[nn.Module]:
+        raise NotImplementedError
 
     def probes(self) -> list[Probe]:
-        return block_probes(list(self.blocks))
+        """Named by position: `layer_00` (and `norm_00`) is the first hidden block."""
+        blocks = [*self.hidden, self.output]
+        return [probe for index, block in enumerate(blocks) for probe in block.probes(index)]
 
 
-class CNN(nn.Module):
+class MLP(BlockNet):
+    """`depth` hidden Linear layers of `width` units on the flattened image, then a linear layer
+    to the class logits; `norm` is BatchNorm1d or LayerNorm, and every hidden layer after the
+    first can take a skip. Batches keep the image's shape: the MLP flattens its own input."""
+
+    NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+    SKIPS_FROM = 1
+
+    def __init__(self, input_shape, num_classes, depth: int = 2, width: int = 200, **options):
+        super().__init__(input_shape, num_classes, depth, width, **options)
+
+    def weighted_layers(self, input_shape, depth, width) -> list[nn.Module]:
+        sizes = [math.prod(input_shape)] + [width] * depth
+        return [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(self.hidden(x.flatten(1)))
+
+
+class CNN(BlockNet):
     """`depth` 3x3 convolutions of `width` channels (the first two halve the image), a global
-    average pool, and a linear layer to the class logits. `norm` and `residual` as in `MLP`
-    (`layer` is a GroupNorm of one group, LayerNorm over channels and positions; the skips start
-    at the third convolution, the first whose input has its shape)."""
+    average pool, and a linear layer to the class logits; `norm` is BatchNorm2d or a GroupNorm of
+    one group (LayerNorm over channels and positions), and skips start at the third convolution.
+    """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        depth: int = 2,
-        width: int = 16,
-        activation: str = "relu",
-        output_activation: str | None = None,
-        norm: str = "none",
-        residual: bool = False,
-        residual_scale: float = 1.0,
-    ) -> None:
-        super().__init__()
-        check_arguments(MODEL_DOMAINS, locals())
+    NORMS = {"none": None, "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}
+    SKIPS_FROM = 2
+
+    def __init__(self, input_shape, num_classes, depth: int = 2, width: int = 16, **options):
+        super().__init__(input_shape, num_classes, depth, width, **options)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def weighted_layers(self, input_shape, depth, width) -> list[nn.Module]:
         channels = [input_shape[0]] + [width] * depth
-        convolutions = [
+        return [
             nn.Conv2d(c_in, c_out, 3, stride=2 if index < 2 else 1, padding=1)
             for index, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True))
         ]
-        norms = {"none": None, "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}
-        hidden = hidden_blocks(convolutions, channels[1:], activation, norms[norm])
-        if residual:
-            hidden = with_skips(hidden, 2, residual_scale)
-        self.features = nn.Sequential(*hidden)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.output = output_block(width, num_classes, output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.output(self.pool(self.features(x)))
-
-    def probes(self) -> list[Probe]:
-        return block_probes([*self.features, self.output])
+        return self.output(self.pool(self.hidden(x)))

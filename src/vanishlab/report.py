@@ -38,35 +38,19 @@ from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event
 
-from vanishlab import ConfigError, exit_with
-from vanishlab.results import (
-    ERROR,
-    FIRST_OVER_LAST,
-    GRAD_NORMS_AT_START,
-    JOB_CONFIG,
-    START,
-    STATUS,
-    TEST_ACC,
-    TEST_LOSS,
-    TRAIN_SECONDS,
-    VAL_ACC,
-    VERDICT,
-    flatten,
-    job_identity,
-    read_record,
-)
+from vanishlab import ConfigError, exit_with, results
 
 # results.csv's columns after the varied keys, and the metrics.json key each one comes from.
 RESULTS = {
-    STATUS: STATUS,
-    VERDICT: VERDICT,
-    VAL_ACC: VAL_ACC,
-    TEST_ACC: TEST_ACC,
-    TEST_LOSS: TEST_LOSS,
-    FIRST_OVER_LAST: FIRST_OVER_LAST,
-    "first_over_last_at_start": START,
-    TRAIN_SECONDS: TRAIN_SECONDS,
-    ERROR: ERROR,
+    results.STATUS: results.STATUS,
+    results.VERDICT: results.VERDICT,
+    results.VAL_ACC: results.VAL_ACC,
+    results.TEST_ACC: results.TEST_ACC,
+    results.TEST_LOSS: results.TEST_LOSS,
+    results.FIRST_OVER_LAST: results.FIRST_OVER_LAST,
+    "first_over_last_at_start": results.START,
+    results.TRAIN_SECONDS: results.TRAIN_SECONDS,
+    results.ERROR: results.ERROR,
 }
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
 LOSS_TAGS = ("train/loss", "val/loss")
@@ -81,19 +65,19 @@ def job_config(job_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """The job's config as dotted keys with resolved values (`${trainer.max_epochs}` reads as the
     number): the identity its record keeps, or, for a job without one, its saved
     `.hydra/config.yaml` resolved the same way. `_`-keys other than `_target_` are left out."""
-    config = record.get(JOB_CONFIG)
+    config = record.get(results.JOB_CONFIG)
     if config is None:
-        config = job_identity(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
+        config = results.job_identity(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
     return {
         key: value
-        for key, value in flatten(config).items()
+        for key, value in results.flatten(config).items()
         if not any(part.startswith("_") and part != "_target_" for part in key.split("."))
     }
 
 
 def job_record(job_dir: Path) -> dict[str, Any]:
     """The job's `metrics.json`; a job that has not written one yet is `unfinished`."""
-    return read_record(job_dir / "metrics.json") or {STATUS: "unfinished"}
+    return results.read_record(job_dir / "metrics.json") or {results.STATUS: "unfinished"}
 
 
 def varied_keys(configs: list[dict[str, Any]]) -> list[str]:
@@ -145,12 +129,12 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             is_target = key.endswith("._target_") and value is not None
             row[column] = str(value).rsplit(".", 1)[-1].lower() if is_target else value
         row.update({column: record.get(source) for column, source in RESULTS.items()})
-        row[GRAD_NORMS_AT_START] = record.get(GRAD_NORMS_AT_START)
+        row[results.GRAD_NORMS_AT_START] = record.get(results.GRAD_NORMS_AT_START)
         rows.append(row)
     table = pd.DataFrame(rows)
-    numbers = [c for c in RESULTS if c not in (STATUS, VERDICT, ERROR)]
+    numbers = [c for c in RESULTS if c not in (results.STATUS, results.VERDICT, results.ERROR)]
     table[numbers] = table[numbers].apply(pd.to_numeric)
-    table = table.sort_values(TEST_ACC, ascending=False, na_position="last", kind="stable")
+    table = table.sort_values(results.TEST_ACC, ascending=False, na_position="last", kind="stable")
     return table.reset_index(drop=True), varied
 
 
@@ -217,7 +201,7 @@ def numeric_columns(table: pd.DataFrame, varied: dict[str, str]) -> list[str]:
 def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> Figure | None:
     others = [key for key, name in varied.items() if name != column]
     table = table.assign(label=labels(table, varied, others))
-    done = table.dropna(subset=[column, TEST_ACC])
+    done = table.dropna(subset=[column, results.TEST_ACC])
     if done.empty:
         return None
     fig = Figure(figsize=(8, 4.5), layout="constrained")
@@ -225,7 +209,9 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     colours = palette(done["label"])
     for label, group in done.groupby("label", sort=True):
         group = group.sort_values(column)
-        ax.plot(group[column], group[TEST_ACC], "o-", color=colours[label], label=label or None)
+        ax.plot(
+            group[column], group[results.TEST_ACC], "o-", color=colours[label], label=label or None
+        )
     low, high = done[column].min(), done[column].max()
     if low > 0 and high / low > 100:  # lr-like: spans more than two decades
         ax.set_xscale("log")
@@ -310,7 +296,7 @@ def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | 
         label=labels(table, varied, [key for key in others if key != row_key]),
         panel=labels(table, varied, inits),
     )
-    table = table[table[GRAD_NORMS_AT_START].map(lambda norms: isinstance(norms, list))]
+    table = table[table[results.GRAD_NORMS_AT_START].map(lambda norms: isinstance(norms, list))]
     if table.empty:
         return None
     panels = sorted(table["panel"].unique())
@@ -372,8 +358,8 @@ def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
     """Train and val loss against step, one line per job, coloured by verdict (or status).
     Diverged jobs are left out: their loss, 1e20 and beyond, would flatten every other line."""
-    table = table[table[STATUS] != "diverged"]
-    outcome = table[VERDICT].fillna(table[STATUS])
+    table = table[table[results.STATUS] != "diverged"]
+    outcome = table[results.VERDICT].fillna(table[results.STATUS])
     colours = palette(outcome)
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = dict(zip(LOSS_TAGS, fig.subplots(1, len(LOSS_TAGS)), strict=True))
@@ -466,8 +452,8 @@ def write_report(sweep_dir: Path) -> Path:
         "\n".join(
             [
                 f"# Sweep report: {sweep_dir.name}\n",
-                f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table[STATUS])}; "
-                f"verdict: {counts(table[VERDICT])}. Varied: "
+                f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table[results.STATUS])}; "
+                f"verdict: {counts(table[results.VERDICT])}. Varied: "
                 f"{', '.join(f'`{c}`' for c in varied.values()) or 'nothing'}.\n",
                 "Best test accuracy first; failed and unfinished jobs last. All rows: "
                 "[results.csv](results.csv).\n",
