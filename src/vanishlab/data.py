@@ -24,6 +24,7 @@ DATASETS: dict[str, type[datasets.MNIST]] = {
 }
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
+SAMPLE_SHAPE = (1, 28, 28)  # one image, channels first: what the network gets per example
 
 
 class TensorBatches:
@@ -96,7 +97,8 @@ def load_split(
     except (AssertionError, ValueError, TypeError) as err:  # a bad magic number or dtype
         raise _corrupt(data_dir, raw, files, err) from None
     images, labels = ds.data, ds.targets
-    if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
+    bad_label = labels.max() >= len(cls.classes)
+    if images.shape[1:] != SAMPLE_SHAPE[1:] or len(images) != len(labels) or bad_label:
         raise _corrupt(data_dir, raw, files, f"{tuple(images.shape)} images, {len(labels)} labels")
     return (images.unsqueeze(1).float() / 255 - mean) / std, labels
 
@@ -135,7 +137,7 @@ class MNISTDataModule(pl.LightningDataModule):
     run's epoch k sees. Under `trainer.overfit_batches` the order is fixed, as Lightning asks.
     """
 
-    sample_shape = (1, 28, 28)  # one image, channels first: what the network gets per example
+    sample_shape = SAMPLE_SHAPE
 
     def __init__(
         self,

@@ -53,10 +53,10 @@ def tag(family: str, probe: Probe) -> str:
     return f"{family}/{probe.name}"
 
 
-def norm_or_nan(grad: Tensor | None) -> Tensor:
-    """A gradient's norm; nan where there is none (a step whose update StopOnDivergence
-    dropped), so the figures do not depend on which of the two callbacks runs first."""
-    return vector_norm(grad) if grad is not None else torch.tensor(math.nan)
+def grad_norm(weight: Tensor) -> Tensor:
+    """The norm of `weight`'s gradient; nan where there is none (a step whose update
+    StopOnDivergence dropped), so the figures do not depend on which callback runs first."""
+    return vector_norm(weight.grad) if weight.grad is not None else weight.new_full((), math.nan)
 
 
 class GradientFlow(pl.Callback):
@@ -141,7 +141,7 @@ class GradientFlow(pl.Callback):
         for hook in self._hooks:
             hook.remove()
         weights = [p.layer.weight for p in self.probes]
-        self._grad_norms = torch.stack([norm_or_nan(w.grad) for w in weights])
+        self._grad_norms = torch.stack([grad_norm(w) for w in weights])
         self._weights_before = [w.detach().clone() for w in weights]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
