@@ -70,7 +70,10 @@ def test_cli_run_writes_config_events_checkpoints_and_metrics(tiny_data, tmp_pat
     # nothing it names runs.
     doctored = torch.load(ckpt, weights_only=True)
     marker = tmp_path / "ran"
-    doctored["vanishlab_config"]["model"] = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    doctored["hyper_parameters"]["config"]["model"] = {
+        "_target_": "os.system",
+        "_args_": [f"touch {marker}"],
+    }
     torch.save(doctored, tmp_path / "doctored.ckpt")
     result = run_cli(
         "vanishlab.eval",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
 import rich
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -28,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from vanishlab import ConfigError, exit_with
 from vanishlab.config import CONFIG_DIR, check_ckpt_path
 from vanishlab.diagnostics import evidence_on_test_split
-from vanishlab.module import CONFIG_KEY
 from vanishlab.results import write_json
 from vanishlab.train import build, scalars
 
@@ -113,12 +113,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_ckpt_path(cfg.ckpt_path)
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
     checkpoint = read_checkpoint(ckpt_path)
-    saved = checkpoint.get(CONFIG_KEY)
+    saved = checkpoint.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("config")
     if not isinstance(saved, dict):
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} holds no config ({CONFIG_KEY!r}), so its network "
-            f"cannot be rebuilt: it was not written by this version of vanishlab. Fix: pass a "
-            f"checkpoint of a run trained with it, or train the run again."
+            f"ckpt_path={str(ckpt_path)!r} holds no config (hyper_parameters.config), so its "
+            f"network cannot be rebuilt: it was not written by this version of vanishlab. Fix: "
+            f"pass a checkpoint of a run trained with it, or train the run again."
         )
     check_targets({key: saved.get(key) for key in BUILT}, list(cfg.trust), ckpt_path)
     overrides = data_overrides()
