@@ -127,7 +127,7 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
         for key, column in varied.items():
             value = config.get(key)
             is_target = key.endswith("._target_") and value is not None
-            row[column] = str(value).rsplit(".", 1)[-1].lower() if is_target else value
+            row[column] = results.option_name(value) if is_target else value
         row.update({column: record.get(source) for column, source in RESULTS.items()})
         row[results.GRAD_NORMS_AT_START] = record.get(results.GRAD_NORMS_AT_START)
         rows.append(row)
@@ -225,23 +225,23 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     return fig
 
 
-def init_keys(varied: dict[str, str]) -> list[str]:
-    return [key for key in varied if key.split(".")[0] == "init"]
-
-
-def longest_numeric(table: pd.DataFrame, varied: dict[str, str], keys: list[str]) -> str | None:
-    """Of `keys`, the numeric one with the most distinct values (depth, lr, width...), if any."""
-    numeric = [key for key in keys if varied[key] in numeric_columns(table, varied)]
-    return max(numeric, key=lambda key: table[varied[key]].nunique(), default=None)
+def gradient_layout(
+    table: pd.DataFrame, varied: dict[str, str]
+) -> tuple[list[str], list[str], str | None]:
+    """How the gradient figures split the varied keys: the `init` group's keys, the others, and
+    of those the numeric one with the most distinct values (depth, lr, width...), if any."""
+    inits = [key for key in varied if key.split(".")[0] == "init"]
+    others = [key for key in varied if key not in inits]
+    numeric = [key for key in others if varied[key] in numeric_columns(table, varied)]
+    row_key = max(numeric, key=lambda key: table[varied[key]].nunique(), default=None)
+    return inits, others, row_key
 
 
 def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
     """log10 gradient ratio at the start, init options as columns. Rows are the numeric varied key
     with the most values (e.g. depth), with a panel per setting of the other keys (e.g.
     activation); without a numeric key, a row per setting of the other keys, in one panel."""
-    inits = init_keys(varied)
-    others = [key for key in varied if key not in inits]
-    row_key = longest_numeric(table, varied, others)
+    inits, others, row_key = gradient_layout(table, varied)
     panel_keys = [key for key in others if key != row_key] if row_key else []
     ratio = table["first_over_last_at_start"]
     table = table.assign(
@@ -289,9 +289,7 @@ def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figu
 def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
     """Per-layer gradient norms at the first logged step: a panel per init option, a colour per
     setting of the other keys but the longest numeric one (depth: a line's length shows it)."""
-    inits = init_keys(varied)
-    others = [key for key in varied if key not in inits]
-    row_key = longest_numeric(table, varied, others)
+    inits, others, row_key = gradient_layout(table, varied)
     table = table.assign(
         label=labels(table, varied, [key for key in others if key != row_key]),
         panel=labels(table, varied, inits),

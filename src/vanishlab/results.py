@@ -135,6 +135,14 @@ def verdict(record: dict[str, Any]) -> str:
     return "too_short"
 
 
+def composed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's composed config, unresolved, as plain containers, without Hydra's node (a
+    resolver sees that node too, but a job's config has none): what a checkpoint keeps."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return container
+
+
 def job_identity(cfg: DictConfig) -> dict[str, Any]:
     """The job's config, resolved, less `IGNORED_KEYS`: what its result depends on.
 
@@ -142,8 +150,7 @@ def job_identity(cfg: DictConfig) -> dict[str, Any]:
     directory under `${paths.output_dir}`) read the same in every job, and the run's own
     directory (`${hydra:runtime.output_dir}`) need not exist yet.
     """
-    container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("hydra", None)  # a resolver sees Hydra's node too; a job's config has none
+    container = composed_config(cfg)
     container["paths"] = {key: f"<paths.{key}>" for key in container.get("paths", {})}
     resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
     return {key: value for key, value in resolved.items() if key not in IGNORED_KEYS}
@@ -191,6 +198,11 @@ def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def option_name(target: str) -> str:
+    """How tables name a group option: its class or function, lowercased (`mlp`, `normal`)."""
+    return str(target).rsplit(".", 1)[-1].lower()
+
+
 def option_columns(config: dict[str, Any]) -> dict[str, Any]:
     """A job's config as table columns: its dotted keys, less `_`-keys (`_partial_`) and values
     that are only `paths` placeholders; an option's `_target_` becomes a column named after its
@@ -199,7 +211,7 @@ def option_columns(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in flatten(config).items():
         *group, leaf = key.split(".")
         if leaf == "_target_":
-            columns[".".join(group)] = str(value).rsplit(".", 1)[-1].lower()
+            columns[".".join(group)] = option_name(value)
         elif not leaf.startswith("_") and not str(value).startswith("<paths."):
             columns[key] = value
     return columns

@@ -57,6 +57,7 @@ from vanishlab.results import (
     VERDICT,
     WORLD_SIZE,
     EvidenceSource,
+    composed_config,
     job_id,
     job_identity,
     log_hparams,
@@ -98,7 +99,7 @@ def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
         instantiate_function(cfg.loss),
         instantiate(cfg.optimizer),
         scheduler,
-        saved_config(cfg),
+        composed_config(cfg),  # in its checkpoints: eval rebuilds the run from it
     )
     return datamodule, module
 
@@ -122,14 +123,6 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
             f"add `def probes(self) -> list[vanishlab.nets.Probe]` (see vanishlab.nets.MLP)."
         )
     return net
-
-
-def saved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The composed config, unresolved and without Hydra's node: what a checkpoint keeps so it
-    describes itself (`vanishlab.eval` rebuilds the run from it, with its own `paths`)."""
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config.pop("hydra", None)
-    return config
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:

@@ -76,23 +76,24 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
     def record_ended(self, overrides: list[str], idx: int, job: Any) -> None:
         """Write the record of a job that SLURM ended, where the job itself would have."""
-        from vanishlab.results import job_id, job_identity, read_record, write_json
+        from vanishlab import results
 
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config.hydra.job):
             config.hydra.job.num = idx
         HydraConfig.instance().set_config(config)
         job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        identity = job_identity(config)
-        started = read_record(job_dir / "metrics.json")
+        identity = results.job_identity(config)
+        started = results.read_record(job_dir / "metrics.json")
         state = job.state
         job_dir.mkdir(parents=True, exist_ok=True)
         record = {
             **started,
-            "status": state.split()[0].lower(),  # "CANCELLED by 0" -> cancelled, TIMEOUT, ...
-            "error": f"SLURM ended the job ({state}); its log: {job.paths.stderr}",
-            "job_id": job_id(identity),
-            "job_config": identity,
+            # "CANCELLED by 0" -> cancelled, TIMEOUT -> timeout, ...
+            results.STATUS: state.split()[0].lower(),
+            results.ERROR: f"SLURM ended the job ({state}); its log: {job.paths.stderr}",
+            results.JOB_ID: results.job_id(identity),
+            results.JOB_CONFIG: identity,
         }
-        write_json(job_dir / "metrics.json", record)
+        results.write_json(job_dir / "metrics.json", record)
         log.error("Job #%d ended by SLURM (%s); recorded in %s", idx, state, job_dir)
