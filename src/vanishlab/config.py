@@ -4,7 +4,7 @@ Hydra rejects unknown group options itself; `check_config` catches bad values of
 before anything is built, so no run starts (or writes checkpoints) on a setting that cannot work.
 Each checked key is one `Domain` row below; a key a config does not have (`init.std` exists for
 `init=normal` only, `callbacks.gradient_flow` not under `callbacks=none`) is not checked.
-A model checks its own keys (`nets.MLP` with `Domain` rows too) as it is built, on PyTorch's
+A model checks its own keys (`nets.BlockNet` with `Domain` rows too) as it is built, on PyTorch's
 `meta` device before anything else, so no row here knows which model a config names.
 """
 

@@ -48,17 +48,17 @@ def add_histogram(
     values = values[torch.isfinite(values)]
     if not len(values):
         return
-    low, high = values.min(), values.max()
-    counts = torch.histc(values, bins, min=low.item(), max=high.item())
-    limits = torch.linspace(low.item(), high.item(), bins + 1)[1:]
+    summary = torch.stack([values.min(), values.max(), values.sum(), values.square().sum()])
+    low, high, total, squares = summary.tolist()  # one host-device sync for the four
+    counts = torch.histc(values, bins, min=low, max=high)
     writer.add_histogram_raw(
         tag,
-        min=low.item(),
-        max=high.item(),
+        min=low,
+        max=high,
         num=len(values),
-        sum=values.sum().item(),
-        sum_squares=values.square().sum().item(),
-        bucket_limits=limits.tolist(),
+        sum=total,
+        sum_squares=squares,
+        bucket_limits=torch.linspace(low, high, bins + 1)[1:].tolist(),
         bucket_counts=counts.tolist(),
         global_step=step,
     )

@@ -222,7 +222,8 @@ def evidence_on_test_split(
     """How many classes the trained network predicts on the whole test split (whichever DDP rank
     this is), and how many it cannot predict at all: a class whose output is 0 for every test
     image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its
-    running statistics)."""
+    running statistics). It is one more forward pass over the 10,000 test images, after the
+    test loop's own, so the figure is the whole split's on any DDP rank without a gather."""
     images, _ = datamodule.splits["test"]
     was_training = module.training
     module.eval()

@@ -120,7 +120,7 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
     if not callable(getattr(net, "probes", None)):
         raise ConfigError(
             f"model={node._target_} has no probes() method, so nothing can measure it. Fix: "
-            f"add `def probes(self) -> list[vanishlab.nets.Probe]` (see vanishlab.nets.MLP)."
+            f"add `def probes(self) -> list[vanishlab.nets.Probe]` (see vanishlab.nets.BlockNet)."
         )
     return net
 
