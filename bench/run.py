@@ -182,10 +182,11 @@ def sweep(sweep_dir: Path, *overrides: str) -> tuple[float, float]:
     return wall, sum(r["train_seconds"] + r["test_seconds"] for r in records)
 
 
-def report(name: str, value: float, target: str, ok: bool, unit: str = "x") -> None:
-    print(
-        f"{name:<66} {value:6.2f}{unit}  (target {target}) {'OK' if ok else 'MISSED'}", flush=True
-    )
+def report(name: str, value: float, limit: float, unit: str = "x") -> None:
+    """A ratio (or time) against its target, `value <= limit`."""
+    target = f"<= {limit:g}{'' if unit == 'x' else unit}"
+    verdict = "OK" if value <= limit else "MISSED"
+    print(f"{name:<66} {value:6.2f}{unit}  (target {target}) {verdict}", flush=True)
 
 
 def reference(name: str, value: float) -> None:
@@ -226,20 +227,10 @@ def main() -> None:
         f"bare Lightning {bare_s:.3f}, DataLoader+transforms {course:.3f}",
         flush=True,
     )
-    report(
-        "1. vanishlab epoch / plain loop on in-memory tensors",
-        vanishlab_s / plain_s,
-        "<= 1.7",
-        vanishlab_s / plain_s <= 1.7,
-    )
+    report("1. vanishlab epoch / plain loop on in-memory tensors", vanishlab_s / plain_s, 1.7)
     reference("1a. floor of 1: bare Lightning epoch / plain loop", bare_s / plain_s)
     reference("2. DataLoader+transforms epoch / vanishlab epoch", course / vanishlab_s)
-    report(
-        "3. epoch with GradientFlow / the same epoch less GradientFlow's time",
-        flow_ratio,
-        "<= 1.10",
-        flow_ratio <= 1.10,
-    )
+    report("3. epoch with GradientFlow / the same epoch less GradientFlow's time", flow_ratio, 1.1)
     reference(
         "3a. cross-check: epoch with GradientFlow / without (other runs)",
         statistics.median(with_flow) / statistics.median(without_flow),
@@ -259,13 +250,7 @@ def main() -> None:
         f"(fit+test {basic_work:.1f}), 8 jobs joblib 2x1 {joblib_wall:.1f}",
         flush=True,
     )
-    report(
-        "4. basic launcher: per-job overhead beyond fit+test",
-        overhead,
-        "<= 1.5 s",
-        overhead <= 1.5,
-        unit=" s",
-    )
+    report("4. basic launcher: per-job overhead beyond fit+test", overhead, 1.5, unit=" s")
     reference("5. joblib 2 jobs x 1 thread / basic launcher, 8-job sweep", joblib_wall / basic_wall)
     floor = joblib_work / 2 / basic_work
     reference("5a. floor of 5: joblib fit+test / 2 workers / basic fit+test", floor)
