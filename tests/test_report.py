@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.image
@@ -24,6 +26,7 @@ from vanishlab.report import (
     plot_accuracy,
     plot_grad_ratio_heatmap,
     varied_keys,
+    without_seed,
     write_report,
 )
 
@@ -151,8 +154,10 @@ def test_results_csv_has_every_job_with_its_status_and_verdict(sweep) -> None:
     assert failed[rec.ERROR].startswith("ConfigError: optimizer.lr=0")
 
 
-def table_rows(report_md: str) -> list[dict[str, str]]:
-    lines = [line for line in report_md.splitlines() if line.startswith("| ")]
+def table_rows(report_md: str, index: int = 0) -> list[dict[str, str]]:
+    """The rows of report.md's `index`-th table."""
+    tables = [block for block in report_md.split("\n\n") if block.startswith("| ")]
+    lines = tables[index].splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
     return [dict(zip(header, row, strict=True)) for row in rows]
@@ -172,6 +177,7 @@ def test_figures_are_valid_pngs_embedded_in_the_report(sweep) -> None:
     # depth is the only numeric key with two values: init.std is 1.0 or absent.
     expected = ["accuracy_vs_depth", "grad_ratio_heatmap", "grad_profiles", "loss_curves"]
     assert sorted(p.stem for p in (sweep / "report").glob("*.png")) == sorted(expected)
+    assert not (sweep / "report" / "seed_summary.csv").exists()  # no seed varied
     for name in expected:
         png = sweep / "report" / f"{name}.png"
         assert png.read_bytes().startswith(PNG_MAGIC)
@@ -191,6 +197,91 @@ def test_heatmap_has_a_panel_per_activation_and_names_init_with_its_keys(sweep) 
     # log10 of the ratios at the start; the failed and unfinished jobs' cells stay empty.
     assert sorted(text.get_text() for text in relu.texts) == ["-0.1", "0.1"]
     assert sorted(text.get_text() for text in sigmoid.texts) == ["-3.0", "-6.0"]
+
+
+# (depth, seed) -> (verdict, test accuracy); None: the job failed.
+SEED_JOBS = {
+    (2, 0): ("trained", 0.9),
+    (2, 1): ("trained", 0.8),
+    (2, 2): ("dead", 0.5),
+    (4, 0): ("vanishing", 0.2),
+    (4, 1): ("vanishing", 0.35),
+    (4, 2): None,
+}
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 depths x 3 seeds (`data.seed` follows `seed`), one of them failed; reported once."""
+    sweep = tmp_path_factory.mktemp("seed_sweep")
+    for (depth, seed), job in SEED_JOBS.items():
+        record = finished(*job, 1.0, depth) if job else {rec.STATUS: "failed", rec.ERROR: "boom"}
+        add_job(sweep, [f"model.depth={depth}", f"seed={seed}"], record)
+    write_report(sweep)
+    return sweep
+
+
+def verdict_counts(cell: str) -> dict[str, int]:
+    """`2 trained, 1 dead` -> {"trained": 2, "dead": 1}."""
+    return {name: int(n) for n, name in (part.split(" ", 1) for part in cell.split(", "))}
+
+
+def test_seed_summary_has_the_mean_spread_and_verdicts_of_each_depth(seed_sweep) -> None:
+    summary = pd.read_csv(seed_sweep / "report" / "seed_summary.csv")
+    columns = ["depth", "seeds", "test/acc mean", "test/acc std", "verdicts"]
+    assert list(summary.columns) == columns  # neither seed nor data.seed is a setting
+    assert sorted(summary["depth"]) == [2, 4]
+    for row in summary.to_dict("records"):
+        jobs = [job for (depth, _), job in SEED_JOBS.items() if depth == row["depth"]]
+        accuracies = [acc for _, acc in filter(None, jobs)]  # the failed job has none
+        assert row["seeds"] == len(jobs)
+        assert row["test/acc mean"] == pytest.approx(statistics.mean(accuracies))
+        assert row["test/acc std"] == pytest.approx(statistics.stdev(accuracies))
+        verdicts = Counter(job[0] if job else "failed" for job in jobs)
+        assert verdict_counts(row["verdicts"]) == verdicts
+    assert list(summary["test/acc mean"]) == sorted(summary["test/acc mean"], reverse=True)
+    results = pd.read_csv(seed_sweep / "report" / "results.csv")
+    assert sorted(results["job"]) == sorted(f"model.depth={d},seed={s}" for d, s in SEED_JOBS)
+
+
+def test_seed_report_shows_the_summary_and_its_figures(seed_sweep) -> None:
+    report = seed_sweep / "report"
+    report_md = (report / "report.md").read_text()
+    summary = pd.read_csv(report / "seed_summary.csv")
+    rows = table_rows(report_md, 0)
+    assert [(row["depth"], row["verdicts"]) for row in rows] == [
+        (str(row.depth), row.verdicts) for row in summary.itertuples()
+    ]
+    assert len(table_rows(report_md, 1)) == len(SEED_JOBS)  # and a row per job after it
+    # No accuracy plot against the seed: the seeds are drawn per setting instead.
+    expected = ["accuracy_over_seeds", "accuracy_vs_depth", "grad_profiles"]
+    assert sorted(p.stem for p in report.glob("*.png")) == expected
+    for name in expected:
+        assert (report / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+        assert f"]({name}.png)" in report_md
+
+
+def test_accuracy_plot_draws_the_mean_over_seeds(seed_sweep) -> None:
+    table, varied = load_sweep(seed_sweep)
+    (ax,) = plot_accuracy(table, without_seed(table, varied), "depth").axes
+    (line,) = (line for line in ax.get_lines() if line.get_linestyle() == "-")
+    means = table.groupby("depth")[rec.TEST_ACC].mean()
+    assert list(line.get_xdata()) == list(means.index)
+    assert list(line.get_ydata()) == pytest.approx(list(means))
+
+
+def test_sweep_over_seeds_only_has_one_summary_row_and_a_figure(tmp_path) -> None:
+    accuracies = [0.9, 0.1, 0.85, 0.95]
+    for seed, acc in enumerate(accuracies):
+        verdict = "trained" if acc > 0.5 else "dead"
+        add_job(tmp_path, [f"seed={seed}"], finished(verdict, acc, 1.0, 2))
+    write_report(tmp_path)
+    (row,) = pd.read_csv(tmp_path / "report" / "seed_summary.csv").to_dict("records")
+    assert row["seeds"] == len(accuracies)
+    assert row["test/acc mean"] == pytest.approx(statistics.mean(accuracies))
+    assert verdict_counts(row["verdicts"]) == {"trained": 3, "dead": 1}
+    png = tmp_path / "report" / "accuracy_over_seeds.png"
+    assert png.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_loss_curves_read_the_events_and_survive_a_cut_record(sweep, tmp_path) -> None:

@@ -146,6 +146,14 @@ DOMAINS = (
         "GradientFlow writes histograms every n-th epoch",
         "an integer >= 1, e.g. 1",
     ),
+    Domain(
+        "callbacks.gradient_flow.figure_log10_range",
+        lambda v: (
+            OmegaConf.is_list(v) and len(v) == 2 and all(map(number(-math.inf), v)) and v[0] < v[1]
+        ),
+        "it is the gradient-flow figure's y-range, log10 low and high",
+        "two numbers, low < high, e.g. [-16,4]",
+    ),
 )
 ABSENT = object()
 

@@ -1,9 +1,17 @@
-"""What `GradientFlow` draws on the TensorBoard dashboard beyond scalars: per-probe histograms
-and the gradient-flow figure. Loggers other than TensorBoard's are skipped."""
+"""What vanishlab shows on TensorBoard beyond the raw scalars, made to be read on TensorBoard's
+defaults (linear axes, outliers ignored, every card its own y-range):
+
+- `Log10/<tag>`: log10 of the families that span decades (`LOG10_FAMILIES`), clamped to
+  [`LOG10_FLOOR`, `LOG10_CEILING`]: a zero gradient shows as -30, not 0 or -inf. Capitals sort
+  first, so the `Log10` group opens the Time Series tab. Display only: `metrics.json` and the raw
+  tags keep the true values.
+- a custom-scalars layout (`LAYOUT`): every layer of a family on one chart.
+- per-probe histograms, and the gradient-flow figure on a fixed y-range that a key sets.
+
+Loggers other than TensorBoard's are skipped for everything but the scalars.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from matplotlib import colormaps
@@ -14,9 +22,41 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vanishlab.nets import Probe
 
+LOG10 = "Log10/"
+LOG10_FAMILIES = ("grad_norm", "update_ratio")
+LOG10_FLOOR, LOG10_CEILING = -30.0, 30.0  # below 1e-30 (zero included) / above 1e30 (inf)
+PROBE = r"(layer|norm)_\d+"
+# Custom Scalars tab: one multi-line chart per family, a line per probe (select one run to read
+# a run's profile; every selected run adds its lines).
+LAYOUT = {
+    "gradient flow, one line per layer": {
+        "log10 weight-gradient norm": ["Multiline", [rf"^{LOG10}grad_norm/{PROBE}$"]],
+        "log10 update / weight norm": ["Multiline", [rf"^{LOG10}update_ratio/{PROBE}$"]],
+        "log10 first / last layer gradient norm": [
+            "Multiline",
+            [rf"^{LOG10}grad_norm/first_over_last$"],
+        ],
+        "dead fraction (ReLU)": ["Multiline", [rf"^dead_frac/{PROBE}$"]],
+        "saturated fraction (sigmoid, tanh)": ["Multiline", [rf"^saturated_frac/{PROBE}$"]],
+        "activation std": ["Multiline", [rf"^act_std/{PROBE}$"]],
+    }
+}
+
+
+def log10_display(values: Tensor) -> Tensor:
+    """log10, clamped to [`LOG10_FLOOR`, `LOG10_CEILING`] (0 -> floor, inf -> ceiling); nan, a
+    gradient StopOnDivergence dropped, stays nan and is not logged."""
+    return values.log10().clamp(LOG10_FLOOR, LOG10_CEILING)
+
 
 def tensorboard_writers(loggers: list[Logger]) -> list[SummaryWriter]:
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def write_layout(loggers: list[Logger]) -> None:
+    """Each run writes the same layout; TensorBoard merges them into one."""
+    for writer in tensorboard_writers(loggers):
+        writer.add_custom_scalars(LAYOUT)
 
 
 def write_histograms(
@@ -65,20 +105,23 @@ def add_histogram(
 
 
 class GradientFlowFigure:
-    """Per-layer weight-gradient norm on a log axis, one line per epoch, light (first) to dark
-    (last): a line that falls toward layer 0 is a vanishing gradient, one that rises an
-    exploding one.
+    """Per-layer weight-gradient norm, log10, one line per epoch, light (first) to dark (last): a
+    line that falls toward layer 0 is a vanishing gradient, one that rises an exploding one.
 
-    It is drawn every epoch, so it is kept cheap: one figure is kept and redrawn (about 42 ms
-    here, against 54 ms to build and draw a new one), and colours stand in for a legend (a
-    legend costs half as much again, `tight_layout` a quarter)."""
+    The y-range is fixed (`log10_range`, the same in every run of a sweep), so two runs' figures
+    compare side by side; a value beyond it is drawn on its edge as a triangle pointing out.
+    It is drawn every epoch, so it is kept cheap: one figure is kept and redrawn, and colours
+    stand in for a legend (a legend costs half as much again, `tight_layout` a quarter)."""
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, log10_range: tuple[float, float]) -> None:
+        self.low, self.high = log10_range
         self.figure = Figure(figsize=(5, 3.5), dpi=80)
         self.axes = self.figure.add_subplot()
         self.axes.set_xticks(range(n_layers))
+        self.axes.set_ylim(self.low, self.high)
         self.axes.set_xlabel("layer (0 = input side)")
         self.axes.set_ylabel("log10 weight-gradient L2 norm")
+        self.axes.grid(alpha=0.3)
         self.title = self.axes.set_title("")
         self.figure.subplots_adjust(left=0.15, bottom=0.13)  # room for the labels
 
@@ -89,15 +132,17 @@ class GradientFlowFigure:
         writers = tensorboard_writers(loggers)
         if not writers:
             return
-        for line in list(self.axes.lines):
-            line.remove()
+        for artist in [*self.axes.lines, *self.axes.collections]:
+            artist.remove()
         last = max(epoch_profiles)
         for epoch, norms in epoch_profiles.items():
-            log_norms = [math.log10(n) if n > 0 else math.nan for n in norms]  # 0: not drawn
+            log_norms = log10_display(torch.tensor(norms, dtype=torch.float64))
+            shown = log_norms.clamp(self.low, self.high)
             colour = colormaps["viridis_r"](0.15 + 0.85 * epoch / max(last, 1))
-            self.axes.plot(log_norms, marker="o", color=colour)
-        self.axes.relim()
-        self.axes.autoscale_view()
+            self.axes.plot(shown, marker="o", color=colour)
+            for beyond, marker in ((log_norms < self.low, "v"), (log_norms > self.high, "^")):
+                layers = beyond.nonzero().flatten()
+                self.axes.scatter(layers, shown[layers], marker=marker, s=80, color=colour)
         self.title.set_text(f"gradient flow, epochs 0 (light) to {last} (dark)")
         for writer in writers:
             writer.add_figure("gradient_flow", self.figure, step, close=False)

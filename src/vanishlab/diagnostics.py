@@ -15,9 +15,12 @@ training runs at full speed.
 - `saturated_frac/<probe>` sigmoid/tanh hidden layers: outputs within 2% of their bounds
 - `grad_norm/first_over_last`  first layer's gradient norm over the last layer's (layer probes)
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
+- `Log10/grad_norm/...`, `Log10/update_ratio/...`  the same figures as log10, for the eye
+                           (`dashboard.py`)
 
-Each `histograms_every_n_epochs` epochs it also draws histograms and the gradient-flow figure
-(`dashboard.py`). `evidence_on_test_split` measures the trained network on the test split.
+The last optimizer step of training is always measured. Each `histograms_every_n_epochs` epochs,
+and at that last step, it also draws histograms and the gradient-flow figure (`dashboard.py`).
+`evidence_on_test_split` measures the trained network on the test split.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import vector_norm
 
-from vanishlab.dashboard import GradientFlowFigure, write_histograms
+from vanishlab.dashboard import (
+    LOG10,
+    LOG10_FAMILIES,
+    GradientFlowFigure,
+    log10_display,
+    write_histograms,
+    write_layout,
+)
 from vanishlab.data import MNISTDataModule
 from vanishlab.nets import Probe
 from vanishlab.results import (
@@ -67,9 +77,15 @@ class GradientFlow(pl.Callback):
     largest dead and saturated fractions at the last measured step.
     """
 
-    def __init__(self, every_n_steps: int = 25, histograms_every_n_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 25,
+        histograms_every_n_epochs: int = 1,
+        figure_log10_range: tuple[float, float] = (-16.0, 4.0),
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.histograms_every_n_epochs = histograms_every_n_epochs
+        self.figure_log10_range = tuple(figure_log10_range)
         self.at_first_step: dict[str, Any] = {}
         self.at_last_step: dict[str, float] = {}
         self.epoch_profiles: dict[int, list[float]] = {}  # mean grad norm per layer, per epoch
@@ -112,16 +128,18 @@ class GradientFlow(pl.Callback):
         self.saturating = [p for p in hidden if p.kind in BOUNDS]
         self.output_relu = self.probes[self.last].kind == "relu"
         self._profiles_this_epoch: list[list[float]] = []
-        self._figure = GradientFlowFigure(len(layers))
+        self._figure = GradientFlowFigure(len(layers), self.figure_log10_range)
+        write_layout(trainer.loggers)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         # With gradient accumulation several batches lead to one optimizer step: the hooks stay
         # on until that step, so the activations are those of its last batch.
-        if self._logging or trainer.global_step % self.every_n_steps:
+        last = is_last_step(trainer, batch_idx)
+        if self._logging or (trainer.global_step % self.every_n_steps and not last):
             return
         self._logging = True
         self._step = trainer.global_step
-        self._histograms = (
+        self._histograms = last or (
             trainer.current_epoch % self.histograms_every_n_epochs == 0
             and not self._profiles_this_epoch
         )
@@ -192,7 +210,12 @@ class GradientFlow(pl.Callback):
             single["dead_outputs"] = (activations[self.last] == 0).all(0).sum().float()
         values = torch.cat([*(v for _, v in families.values()), torch.stack([*single.values()])])
         names = [tag(family, p) for family, (probes, _) in families.items() for p in probes]
-        return dict(zip([*names, *single], values.tolist(), strict=True))
+        names += [*single]
+        shown = [i for i, name in enumerate(names) if name.split("/")[0] in LOG10_FAMILIES]
+        values = torch.cat([values, log10_display(values[shown])])
+        names += [LOG10 + names[i] for i in shown]
+        metrics = dict(zip(names, values.tolist(), strict=True))
+        return {k: v for k, v in metrics.items() if not (k.startswith(LOG10) and math.isnan(v))}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._profiles_this_epoch:
@@ -200,8 +223,17 @@ class GradientFlow(pl.Callback):
         layers = zip(*self._profiles_this_epoch, strict=True)
         self.epoch_profiles[trainer.current_epoch] = [sum(v) / len(v) for v in layers]
         self._profiles_this_epoch = []
-        if trainer.current_epoch % self.histograms_every_n_epochs == 0:
+        last = trainer.current_epoch + 1 == trainer.max_epochs or trainer.should_stop
+        if last or trainer.current_epoch % self.histograms_every_n_epochs == 0:
             self._figure.draw(trainer.loggers, self.epoch_profiles, trainer.global_step)
+
+
+def is_last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether this batch ends training: the last batch of the last epoch, or the step that
+    reaches `max_steps` (a run StopOnDivergence ends has no last step to foresee)."""
+    last_epoch = trainer.current_epoch + 1 == trainer.max_epochs
+    last_batch = batch_idx + 1 == trainer.num_training_batches
+    return (last_epoch and last_batch) or trainer.global_step + 1 == trainer.max_steps
 
 
 def saturated(activation: Tensor, kind: str) -> Tensor:

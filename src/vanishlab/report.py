@@ -17,6 +17,16 @@ no other config key ends with: `model.depth` -> `depth`, `optimizer.lr` -> `lr`,
 stays `init.std` because `data.std` exists, so a name never hides which key it is. An option's
 `_target_` is named after its group and holds the function or class name, lowercased as in the
 HParams table: `init._target_` -> `init` = `xavier_normal`.
+
+Seeds: when `seed` varies, jobs that differ only in the seed (and keys that copy it, `data.seed`
+= `${seed}`) are one setting run again, so the report summarises them together. `report.md`
+opens with the seed summary, also written as `seed_summary.csv`: a row per setting of the other
+varied keys, with `seeds` (its jobs), `test/acc mean` and `test/acc std` (sample standard
+deviation) over the seeds that have a test accuracy, and `verdicts` (e.g. `2 trained, 1 dead`;
+a job without a verdict counts by its status). The figures treat the seed the same way: the
+accuracy plots draw the mean over seeds with +- one standard deviation, the heatmap takes a cell's
+median, and `accuracy_over_seeds.png` shows every seed's accuracy and verdict per setting, so a
+sweep over seeds alone gets a figure too. `results.csv` keeps one row per job.
 """
 
 from __future__ import annotations
@@ -54,6 +64,9 @@ RESULTS = {
 }
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
 LOSS_TAGS = ("train/loss", "val/loss")
+# The seed summary's columns after the setting's keys.
+SEEDS, ACC_MEAN, ACC_STD, VERDICTS = "seeds", "test/acc mean", "test/acc std", "verdicts"
+SEED_SUMMARY = "seed_summary.csv"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -138,6 +151,40 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     return table.reset_index(drop=True), varied
 
 
+def without_seed(table: pd.DataFrame, varied: dict[str, str]) -> dict[str, str]:
+    """The varied keys less the seed's: `seed` and every key equal to it in each job (`data.seed`
+    reads `${seed}`). Jobs that differ only in those run one setting again with another seed, so
+    the summary and the figures take them together, not as settings of their own."""
+    if results.SEED not in varied:
+        return varied
+    seed = table[varied[results.SEED]]
+    return {key: column for key, column in varied.items() if not (table[column] == seed).all()}
+
+
+def outcomes(table: pd.DataFrame) -> pd.Series:
+    """Each job's verdict, or its status if it has none (failed, unfinished, started)."""
+    return table[results.VERDICT].fillna(table[results.STATUS])
+
+
+def seed_summary(table: pd.DataFrame, settings: dict[str, str]) -> pd.DataFrame:
+    """One row per setting of the `settings` keys (the varied keys less the seed's): their
+    values, the `SEEDS` that ran it, the mean and sample standard deviation of their test
+    accuracy, and how many got each verdict. Best mean first; indexed by the setting's label."""
+    table = table.assign(setting=labels(table, settings, settings), outcome=outcomes(table))
+    rows = {
+        setting: {
+            **group.iloc[0][list(settings.values())].to_dict(),
+            SEEDS: len(group),
+            ACC_MEAN: group[results.TEST_ACC].mean(),
+            ACC_STD: group[results.TEST_ACC].std(),
+            VERDICTS: counts(group["outcome"]),
+        }
+        for setting, group in table.groupby("setting", sort=False)
+    }
+    summary = pd.DataFrame.from_dict(rows, orient="index")
+    return summary.sort_values(ACC_MEAN, ascending=False, na_position="last", kind="stable")
+
+
 def not_a_sweep(path: Path) -> str:
     if not path.exists():
         why = "it does not exist"
@@ -199,6 +246,10 @@ def numeric_columns(table: pd.DataFrame, varied: dict[str, str]) -> list[str]:
 
 
 def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> Figure | None:
+    """Test accuracy against `column`, a line per setting of the other `varied` keys through the
+    mean of its jobs at each value, with bars of +- one standard deviation and a faint dot per
+    job: jobs that share a point differ only in their seed (the seed's keys are not in
+    `varied`), and a line through every seed would zig-zag. One job per point: no bars."""
     others = [key for key, name in varied.items() if name != column]
     table = table.assign(label=labels(table, varied, others))
     done = table.dropna(subset=[column, results.TEST_ACC])
@@ -208,9 +259,16 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     ax = fig.subplots()
     colours = palette(done["label"])
     for label, group in done.groupby("label", sort=True):
-        group = group.sort_values(column)
-        ax.plot(
-            group[column], group[results.TEST_ACC], "o-", color=colours[label], label=label or None
+        ax.plot(group[column], group[results.TEST_ACC], ".", color=colours[label], alpha=0.4)
+        points = group.groupby(column)[results.TEST_ACC].agg(["mean", "std"])
+        ax.errorbar(
+            points.index,
+            points["mean"],
+            yerr=points["std"],
+            fmt="o-",
+            capsize=3,
+            color=colours[label],
+            label=label or None,
         )
     low, high = done[column].min(), done[column].max()
     if low > 0 and high / low > 100:  # lr-like: spans more than two decades
@@ -222,6 +280,34 @@ def plot_accuracy(table: pd.DataFrame, varied: dict[str, str], column: str) -> F
     ax.grid(alpha=0.3)
     if others:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def plot_seeds(
+    table: pd.DataFrame, settings: dict[str, str], summary: pd.DataFrame
+) -> Figure | None:
+    """The seed summary drawn: a row per setting, best mean on top, with a dot per seed's test
+    accuracy coloured by its verdict, and the mean +- one standard deviation in black. The dots
+    show what a mean and a spread hide: seeds that split into two clusters (a class that died)."""
+    table = table.assign(setting=labels(table, settings, settings), outcome=outcomes(table))
+    done = table.dropna(subset=[results.TEST_ACC])
+    if done.empty:
+        return None
+    colours = palette(done["outcome"])
+    fig = Figure(figsize=(8, 0.6 * len(summary) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    for y, (setting, row) in enumerate(summary.iterrows()):
+        jobs = done[done["setting"] == setting]
+        spread = np.linspace(-0.2, 0.2, len(jobs) + 2)[1:-1]  # seeds side by side, not stacked
+        ax.scatter(jobs[results.TEST_ACC], y + spread, c=[colours[o] for o in jobs["outcome"]])
+        ax.errorbar(row[ACC_MEAN], y, xerr=row[ACC_STD], fmt="|", color="black", capsize=4)
+    ticks = [f"{setting or 'every job'}\n{row[VERDICTS]}" for setting, row in summary.iterrows()]
+    ax.set_yticks(range(len(summary)), ticks, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="test accuracy", xlim=(-0.02, 1.02))
+    ax.set_title("final test accuracy of each seed, per setting")
+    ax.grid(alpha=0.3, axis="x")
+    legend(ax, colours)
     return fig
 
 
@@ -357,7 +443,7 @@ def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
     """Train and val loss against step, one line per job, coloured by verdict (or status).
     Diverged jobs are left out: their loss, 1e20 and beyond, would flatten every other line."""
     table = table[table[results.STATUS] != "diverged"]
-    outcome = table[results.VERDICT].fillna(table[results.STATUS])
+    outcome = outcomes(table)
     colours = palette(outcome)
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = dict(zip(LOSS_TAGS, fig.subplots(1, len(LOSS_TAGS)), strict=True))
@@ -406,28 +492,45 @@ def write_report(sweep_dir: Path) -> Path:
     """Write `results.csv`, the figures and `report.md` into `<sweep_dir>/report/`; return the
     path of `report.md`. Figures that do not apply to this sweep are left out."""
     table, varied = load_sweep(sweep_dir)
+    settings = without_seed(table, varied)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     columns = ["job", *varied.values(), *RESULTS]
     table[columns].to_csv(out / "results.csv", index=False)
-
-    figures = {
-        figure_name(column): (
-            plot_accuracy(table, varied, column),
-            f"Final test accuracy against `{column}`, one line per setting of the other varied "
-            f"keys: a line near 0.1 (chance) is a setting that did not learn.",
+    seeds_md, figures = [], {}
+    if settings != varied:
+        summary = seed_summary(table, settings)
+        summary.to_csv(out / SEED_SUMMARY, index=False)
+        seed_columns = [column for key, column in varied.items() if key not in settings]
+        seeds_md = [
+            f"Jobs that differ only in `{'`, `'.join(seed_columns)}`, together: `{ACC_MEAN}` and "
+            f"`{ACC_STD}` (sample standard deviation) over the seeds with a test accuracy; "
+            f"`{VERDICTS}` counts the seeds' verdicts (a job without one by its status). Best "
+            f"mean first; also [{SEED_SUMMARY}]({SEED_SUMMARY}).\n",
+            markdown_table(summary) + "\n",
+        ]
+        figures["accuracy_over_seeds.png"] = (
+            plot_seeds(table, settings, summary),
+            "Each setting's seeds: a dot per seed's final test accuracy, coloured by its verdict "
+            "(its status if it has none), and in black their mean +- one standard deviation; "
+            "the label's second line counts the verdicts, jobs without an accuracy included.",
         )
-        for column in numeric_columns(table, varied)
-    }
+    for column in numeric_columns(table, settings):
+        figures[figure_name(column)] = (
+            plot_accuracy(table, settings, column),
+            f"Final test accuracy against `{column}`, one line per setting of the other varied "
+            f"keys (with seeds: the mean over them, bars +- one standard deviation, a faint dot "
+            f"per seed): a line near 0.1 (chance) is a setting that did not learn.",
+        )
     figures["grad_ratio_heatmap.png"] = (
-        plot_grad_ratio_heatmap(table, varied),
+        plot_grad_ratio_heatmap(table, settings),
         "log10 of the first-layer over last-layer gradient norm as initialised (first logged "
         "step; median over a cell's jobs): 0 is balanced, strongly negative means the "
         "input-side layers get vanishing gradients, strongly positive exploding ones; grey "
         "cells have no data.",
     )
     figures["grad_profiles.png"] = (
-        plot_grad_profiles(table, varied),
+        plot_grad_profiles(table, settings),
         "Each line is one job's weight-gradient norm per layer at the first logged step (layer 0 "
         "is the input side, log scale): a line rising steeply to the right means the gradient "
         "vanishes on its way back to the input, one falling to the right means it explodes.",
@@ -453,6 +556,7 @@ def write_report(sweep_dir: Path) -> Path:
                 f"`{sweep_dir}`: {len(table)} jobs; status: {counts(table[results.STATUS])}; "
                 f"verdict: {counts(table[results.VERDICT])}. Varied: "
                 f"{', '.join(f'`{c}`' for c in varied.values()) or 'nothing'}.\n",
+                *seeds_md,
                 "Best test accuracy first; failed and unfinished jobs last. All rows: "
                 "[results.csv](results.csv).\n",
                 markdown_table(table[[*columns[1:], "job"]]) + "\n",

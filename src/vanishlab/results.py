@@ -1,4 +1,4 @@
-"""A run's result record: `metrics.json`, its identity, its verdict, and its HParams row.
+"""A run's result record: `metrics.json`, its identity and its verdict.
 
 One job, one record. A job's identity is its config as it runs, less the keys that cannot change
 its result (`IGNORED_KEYS`; Hydra's own node, and so the launcher, is not in a job's config at all).
@@ -36,21 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only
-
-from vanishlab import ConfigError, exit_with
-
-log = logging.getLogger(__name__)
 
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
@@ -90,21 +81,6 @@ DEAD_CLASSES = "evidence/dead_classes"
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 # Config keys that cannot change a job's result: where files go, torch's thread count, labels.
 IGNORED_KEYS = ("paths", "threads", TAGS)
-
-# Numbers shown beside each run in the HParams table: final metrics and the verdict's evidence.
-HPARAM_METRICS = (
-    VAL_ACC,
-    TEST_ACC,
-    TEST_LOSS,
-    FIRST_OVER_LAST,
-    START,
-    MAX_DEAD,
-    DEAD_CLASSES,
-    MAX_SATURATED,
-    CLASSES_PREDICTED,
-    FULL_EPOCHS,
-    STEPS,
-)
 
 
 @runtime_checkable
@@ -160,21 +136,6 @@ def job_id(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def job_dir_name(sweep_dir: str, name: str, *, _root_: DictConfig) -> str:
-    """A sweep job's directory (resolver `vanishlab.job_dir`): `name` (its overrides), unless
-    that directory holds a job of another config, kept as it is; then `name~<job_id>`."""
-    name = name or "defaults"
-    try:
-        own_id = job_id(job_identity(_root_))
-    except Exception:  # the job itself reports the config that does not resolve
-        return name
-    stored = read_record(Path(sweep_dir) / name / "metrics.json")
-    return name if not stored or stored.get(JOB_ID) == own_id else f"{name}~{own_id[:8]}"
-
-
-OmegaConf.register_new_resolver("vanishlab.job_dir", job_dir_name, replace=True)
-
-
 def read_record(path: Path) -> dict[str, Any]:
     """A run's `metrics.json`, or {} where there is none."""
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -215,69 +176,3 @@ def option_columns(config: dict[str, Any]) -> dict[str, Any]:
         elif not leaf.startswith("_") and not str(value).startswith("<paths."):
             columns[key] = value
     return columns
-
-
-def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The HParams row: every resolved value of the job's config (`job_identity`) that a sweep
-    can vary, as `option_columns` names them, so a new group or model key is a column with no
-    edit here. The instruments (`callbacks`, `logger`) are left out; values TensorBoard cannot
-    show (null, lists) become text."""
-    identity = {k: v for k, v in job_identity(cfg).items() if k not in ("callbacks", "logger")}
-    return {
-        key: value if isinstance(value, bool | int | float | str) else str(value)
-        for key, value in option_columns(identity).items()
-    }
-
-
-def log_hparams(loggers: list[Logger], cfg: DictConfig, record: dict[str, Any], step: int) -> None:
-    """Write the run's HParams row: hyperparameters, status and verdict, and the final metrics
-    (also written as scalars at the run's last step, which is where the table reads them)."""
-    params = {**hparams(cfg), STATUS: record[STATUS], VERDICT: record[VERDICT]}
-    metrics = {k: record[k] for k in HPARAM_METRICS if isinstance(record.get(k), float | int)}
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics, step=step)
-            logger.finalize("success")
-
-
-class Records(Callback):
-    """Hydra callback that keeps records true: a single run never writes into a directory that
-    holds a run's record already, and a sweep ends with its jobs counted by status (exit 1 if
-    any did not finish: failed, or cancelled or timed out by a scheduler).
-
-    `on_run_start` runs before Hydra writes anything into the run directory (`.hydra/`, the log),
-    so a refused run changes nothing. A sweep job that raises is recorded and returns normally,
-    so the sweep goes on; `on_multirun_end` restores the signal that something failed.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir)
-        # Under DDP, Lightning starts the other ranks into the same directory: only rank 0 checks.
-        previous = read_record(run_dir / "metrics.json")
-        if previous and rank_zero_only.rank == 0:
-            exit_with(
-                ConfigError(
-                    f"hydra.run.dir={str(run_dir)!r} already holds a run (status "
-                    f"{previous.get(STATUS)!r}); it is kept as it is and nothing was written. "
-                    f"Fix: leave hydra.run.dir at its default (a new directory per run), pick a "
-                    f"new one, or continue that run with ckpt_path={run_dir}/checkpoints/last.ckpt "
-                    f"(it trains on into a new directory)."
-                )
-            )
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        records = {p.parent.name: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
-        counts = Counter(record.get(STATUS, "unknown") for record in records.values())
-        log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
-        unfinished = [
-            name for name, record in records.items() if record.get(STATUS) not in FINISHED
-        ]
-        if unfinished:
-            log.error(
-                "%d job(s) did not finish (failed, or ended by the scheduler; see their "
-                "metrics.json): %s",
-                len(unfinished),
-                unfinished,
-            )
-            raise SystemExit(1)

@@ -60,13 +60,14 @@ from vanishlab.results import (
     composed_config,
     job_id,
     job_identity,
-    log_hparams,
     read_record,
     verdict,
     write_json,
 )
+from vanishlab.sweep import register_job_dir_resolver
 
 log = logging.getLogger(__name__)
+register_job_dir_resolver()
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
@@ -179,7 +180,6 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
         record.update(evidence_on_test_split(module, datamodule))
     if train:
         record[VERDICT] = verdict(record)
-        log_hparams(trainer.loggers, cfg, record, step=trainer.global_step)
     return record
 
 

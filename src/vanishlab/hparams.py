@@ -1,0 +1,191 @@
+"""The HParams tab, written from the records when a run or a sweep ends (`sweep.Records`).
+
+Each job's directory gets an event file of its own (`*.hparams`, replaced when a sweep runs
+again) with its row (a session: its config, `Status`, `Verdict`) and the metrics the table
+shows; the run's or sweep's directory gets the table's configuration (the experiment). Both come
+from the `metrics.json` files alone, so the table says what the records say; and only the whole
+sweep knows which columns vary.
+
+What TensorBoard (2.21, measured in Chromium) shows without a click: of the hparams, the first
+five of those marked `differs`, sorted by name with capitals first; of the metrics, the first five
+in the configuration's order. So:
+- `Status` and `Verdict` are capitalised and always marked, then come the keys the sweep varies
+  (marked because their values differ); constant keys (`data.batch_size`) are not marked;
+- text and booleans get discrete domains; integers are text, so `16` does not read `16.000`;
+- `METRICS` leads with accuracy and the log10 gradient ratios (`dashboard.LOG10`; `Log10/test/loss`
+  keeps a diverged run's 1e23 on a readable axis);
+- a session's status is `Success` only for a completed run: diverged and failed runs (and those a
+  scheduler ended) are `Failure`, a run still `started` is `Unknown`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboard.plugins.hparams.plugin_data_pb2 import (
+    HParamsPluginData,
+    SessionEndInfo,
+    SessionStartInfo,
+)
+from torch.utils.tensorboard.summary import scalar
+from torch.utils.tensorboard.writer import FileWriter
+
+from vanishlab.dashboard import LOG10, log10_display
+from vanishlab.results import (
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
+    FIRST_OVER_LAST,
+    FULL_EPOCHS,
+    JOB_CONFIG,
+    MAX_DEAD,
+    MAX_SATURATED,
+    START,
+    STATUS,
+    STEPS,
+    TEST_ACC,
+    TEST_LOSS,
+    VAL_ACC,
+    VERDICT,
+    option_columns,
+    read_record,
+)
+
+STATUS_COLUMN, VERDICT_COLUMN = "Status", "Verdict"
+# In the table's order: the first five show without a click.
+METRICS = (
+    TEST_ACC,
+    VAL_ACC,
+    LOG10 + START,
+    LOG10 + FIRST_OVER_LAST,
+    LOG10 + TEST_LOSS,
+    MAX_SATURATED,
+    MAX_DEAD,
+    DEAD_CLASSES,
+    CLASSES_PREDICTED,
+    FULL_EPOCHS,
+    STEPS,
+)
+SESSION_STATUS = {"completed": api_pb2.STATUS_SUCCESS, "started": api_pb2.STATUS_UNKNOWN}
+DATA_TYPES = {
+    bool: api_pb2.DATA_TYPE_BOOL,
+    float: api_pb2.DATA_TYPE_FLOAT64,
+    str: api_pb2.DATA_TYPE_STRING,
+}
+LISTED_FLOATS = 10  # a float column with more distinct values gets a range, not a list
+FILE_SUFFIX = ".hparams"
+
+
+def row(record: dict[str, Any]) -> dict[str, bool | float | str]:
+    """A run's hparams: `Status`, `Verdict`, and every key of its config that a sweep can vary
+    (`results.option_columns`; the instruments, `callbacks` and `logger`, left out). Booleans and
+    floats stay numbers; the rest, integers included, is text."""
+    identity = {k: v for k, v in record[JOB_CONFIG].items() if k not in ("callbacks", "logger")}
+    columns = {
+        key: value if isinstance(value, bool | float) else str(value)
+        for key, value in option_columns(identity).items()
+    }
+    return {STATUS_COLUMN: record[STATUS], VERDICT_COLUMN: record.get(VERDICT, "none"), **columns}
+
+
+def metric_values(record: dict[str, Any]) -> dict[str, float]:
+    """The record's `METRICS`; a `Log10/` one is the log10 of the record's value, as displayed
+    everywhere (`dashboard.log10_display`). Missing and nan values are left out."""
+    values = {}
+    for name in METRICS:
+        value = record.get(name.removeprefix(LOG10))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name.startswith(LOG10):
+            value = log10_display(torch.tensor(float(value), dtype=torch.float64)).item()
+        if not math.isnan(value):
+            values[name] = float(value)
+    return values
+
+
+def order(value: Any) -> tuple[int, float, str]:
+    """Numbers, and text that reads as one (`"16"`), by value; other text after them."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, str(value))
+
+
+def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
+    """Each column's type and domain, from its values in `rows`; a column whose values are of
+    mixed types becomes text in every row."""
+    infos = []
+    for name in dict.fromkeys(key for r in rows for key in r):
+        present = [r for r in rows if name in r]
+        if len({type(r[name]) for r in present}) > 1:
+            for r in present:
+                r[name] = str(r[name])
+        values = sorted({r[name] for r in present}, key=order)
+        info = api_pb2.HParamInfo(
+            name=name, differs=len(values) > 1 or name in (STATUS_COLUMN, VERDICT_COLUMN)
+        )
+        info.type = DATA_TYPES[type(values[0])]
+        if isinstance(values[0], float) and len(values) > LISTED_FLOATS:
+            info.domain_interval.min_value, info.domain_interval.max_value = values[0], values[-1]
+        else:
+            info.domain_discrete.extend(values)
+        infos.append(info)
+    return infos
+
+
+def write_hparams(root: Path, jobs: list[Path]) -> None:
+    """Write the HParams table of the runs in `jobs` (their `metrics.json`): each job's row and
+    metrics into its directory, the table's configuration into `root` (a sweep's directory, or
+    the single run's own)."""
+    records = {job: read_record(job / "metrics.json") for job in jobs}
+    records = {job: record for job, record in records.items() if JOB_CONFIG in record}
+    rows = {job: row(record) for job, record in records.items()}
+    experiment = api_pb2.Experiment(
+        hparam_infos=column_infos(list(rows.values())),
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=name)) for name in METRICS],
+    )
+    events = {root: [(plugin_summary(experiment=experiment), 0)]}
+    for job, record in records.items():
+        step = record.get(STEPS, 0)
+        start = SessionStartInfo()
+        for name, value in rows[job].items():
+            field = {bool: "bool_value", float: "number_value", str: "string_value"}[type(value)]
+            setattr(start.hparams[name], field, value)
+        status = SESSION_STATUS.get(record[STATUS], api_pb2.STATUS_FAILURE)
+        events.setdefault(job, []).extend(
+            [
+                (plugin_summary(session_start_info=start), step),
+                *((scalar(name, value), step) for name, value in metric_values(record).items()),
+                (plugin_summary(session_end_info=SessionEndInfo(status=status)), step),
+            ]
+        )
+    for directory, summaries in events.items():
+        write_events(directory, summaries)
+
+
+def plugin_summary(**data: Any) -> Summary:
+    """An HParams event: the plugin's data (`experiment`, `session_start_info` or
+    `session_end_info`) under its tag."""
+    (field,) = data
+    tag = {
+        "experiment": metadata.EXPERIMENT_TAG,
+        "session_start_info": metadata.SESSION_START_INFO_TAG,
+        "session_end_info": metadata.SESSION_END_INFO_TAG,
+    }[field]
+    content = metadata.create_summary_metadata(HParamsPluginData(**data))
+    return Summary(value=[Summary.Value(tag=tag, metadata=content)])
+
+
+def write_events(directory: Path, summaries: list[tuple[Summary, int]]) -> None:
+    """Replace the directory's HParams event file: TensorBoard takes a tag's first metadata, so
+    an older row left beside a new one would win."""
+    for old in directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}"):
+        old.unlink()
+    writer = FileWriter(str(directory), filename_suffix=FILE_SUFFIX)
+    for summary, step in summaries:
+        writer.add_summary(summary, step)
+    writer.close()

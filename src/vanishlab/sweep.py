@@ -1,0 +1,152 @@
+"""A sweep's jobs, named by what varies and tabulated when it ends: the `Records` Hydra callback
+and the `vanishlab.job_dir` resolver that names a job's directory.
+
+A job's directory is named from the keys the sweep varies, under short aliases, sorted:
+`act=sigmoid,depth=16,init=xavier_normal`, so TensorBoard's run list, cut at about 30
+characters, still shows what tells the runs apart. The sweep declares which keys vary as it
+starts (`varied.json`: its command line's sweep overrides and its sweeper's params); constant
+overrides stay in each job's `.hydra/overrides.yaml`. A name is only a label: a job's identity is
+its config (`results.job_id`), and a directory that holds a record of another config is kept and
+this job's gets its id appended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from vanishlab import ConfigError, exit_with
+from vanishlab.hparams import write_hparams
+from vanishlab.results import FINISHED, JOB_ID, STATUS, job_id, job_identity, read_record
+
+log = logging.getLogger(__name__)
+
+VARIED_FILE = "varied.json"
+# Short names for keys in job names; any other key is named by its last dotted part
+# (`optimizer.lr` -> `lr`), or whole where two varied keys share that part.
+ALIASES = {
+    "model.activation": "act",
+    "model.output_activation": "out_act",
+    "model.residual_scale": "res_scale",
+    "trainer.max_epochs": "epochs",
+    "data.batch_size": "batch",
+}
+
+
+def declared_varied_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: its command line's sweep overrides (`model.depth=1,2`,
+    `seed=range(4)`, `optimizer.lr=interval(1e-3,1)`) and its sweeper's params."""
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each key's name in a job name (rule: `ALIASES`)."""
+    last = Counter(key.split(".")[-1] for key in keys)
+    return {
+        key: ALIASES.get(key) or (key.split(".")[-1] if last[key.split(".")[-1]] == 1 else key)
+        for key in keys
+    }
+
+
+def job_name(overrides: list[str], varied: list[str] | None) -> str:
+    """The job's `varied` overrides (all of them where the sweep declared none) as
+    `alias=value`, sorted by alias; `/` in a value (a path) would nest directories: `_`."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = {
+        o.key_or_group: o.get_value_element_as_str()
+        for o in parsed
+        if not o.is_delete() and (varied is None or o.key_or_group in varied)
+    }
+    names = short_names(list(values))
+    parts = sorted(f"{names[key]}={value.replace('/', '_')}" for key, value in values.items())
+    return ",".join(parts) or "defaults"
+
+
+def job_dir_name(sweep_dir: str, *, _root_: DictConfig) -> str:
+    """A sweep job's directory (resolver `vanishlab.job_dir`): its `job_name`, unless that
+    directory holds a job of another config, kept as it is; then `<name>~<job_id>`."""
+    declared = Path(sweep_dir) / VARIED_FILE
+    varied = json.loads(declared.read_text()) if declared.is_file() else None
+    name = job_name(list(_root_.hydra.overrides.task), varied)
+    try:
+        own_id = job_id(job_identity(_root_))
+    except Exception:  # the job itself reports the config that does not resolve
+        return name
+    stored = read_record(Path(sweep_dir) / name / "metrics.json")
+    return name if not stored or stored.get(JOB_ID) == own_id else f"{name}~{own_id[:8]}"
+
+
+def register_job_dir_resolver() -> None:
+    """`${vanishlab.job_dir:<sweep dir>}` (conf/hydra/default.yaml); every process that runs a
+    job needs it before Hydra names the job's directory."""
+    OmegaConf.register_new_resolver("vanishlab.job_dir", job_dir_name, replace=True)
+
+
+class Records(Callback):
+    """Hydra callback that keeps records true and shows them: a single run never writes into a
+    directory that holds a run's record already; a sweep declares what it varies as it starts,
+    and ends with its jobs counted by status (exit 1 if any did not finish: failed, or cancelled
+    or timed out by a scheduler). A run's or a sweep's end writes the HParams table from the
+    records (`hparams.write_hparams`).
+
+    `on_run_start` runs before Hydra writes anything into the run directory (`.hydra/`, the log),
+    so a refused run changes nothing. A sweep job that raises is recorded and returns normally,
+    so the sweep goes on; `on_multirun_end` restores the signal that something failed.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        # Under DDP, Lightning starts the other ranks into the same directory: only rank 0 checks.
+        previous = read_record(run_dir / "metrics.json")
+        if previous and rank_zero_only.rank == 0:
+            exit_with(
+                ConfigError(
+                    f"hydra.run.dir={str(run_dir)!r} already holds a run (status "
+                    f"{previous.get(STATUS)!r}); it is kept as it is and nothing was written. "
+                    f"Fix: leave hydra.run.dir at its default (a new directory per run), pick a "
+                    f"new one, or continue that run with ckpt_path={run_dir}/checkpoints/last.ckpt "
+                    f"(it trains on into a new directory)."
+                )
+            )
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if rank_zero_only.rank == 0 and (run_dir / "metrics.json").is_file():
+            write_hparams(run_dir, [run_dir])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        declared = sweep_dir / VARIED_FILE
+        if not declared.is_file():  # a re-run sweep keeps its jobs' names
+            declared.write_text(json.dumps(declared_varied_keys(config)) + "\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted(path.parent for path in sweep_dir.glob("*/metrics.json"))
+        records = {job.name: read_record(job / "metrics.json") for job in jobs}
+        write_hparams(sweep_dir, jobs)
+        counts = Counter(record.get(STATUS, "unknown") for record in records.values())
+        log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
+        unfinished = [
+            name for name, record in records.items() if record.get(STATUS) not in FINISHED
+        ]
+        if unfinished:
+            log.error(
+                "%d job(s) did not finish (failed, or ended by the scheduler; see their "
+                "metrics.json): %s",
+                len(unfinished),
+                unfinished,
+            )
+            raise SystemExit(1)
