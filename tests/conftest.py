@@ -86,3 +86,23 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+# A sweep of 4 jobs that vary the activation and the learning rate (ReLU at lr=1e4 diverges), with
+# constant overrides beside them; the dashboard and browser tests read it.
+TINY_SWEEP = ["-m", "model.activation=sigmoid,relu", "optimizer.lr=0.05,1e4"]
+TINY_SWEEP_CONSTANTS = [
+    *FAST,
+    "model.depth=3",
+    "trainer.max_epochs=2",
+    "callbacks.gradient_flow.every_n_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("tiny_sweep")
+    args = [*TINY_SWEEP, *TINY_SWEEP_CONSTANTS, f"hydra.sweep.dir={sweep_dir}"]
+    result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir

@@ -56,20 +56,21 @@ from vanishlab.results import (
 )
 
 STATUS_COLUMN, VERDICT_COLUMN = "Status", "Verdict"
-# In the table's order: the first five show without a click.
-METRICS = (
-    TEST_ACC,
-    VAL_ACC,
-    LOG10 + START,
-    LOG10 + FIRST_OVER_LAST,
-    LOG10 + TEST_LOSS,
-    MAX_SATURATED,
-    MAX_DEAD,
-    DEAD_CLASSES,
-    CLASSES_PREDICTED,
-    FULL_EPOCHS,
-    STEPS,
-)
+# The table's metrics in its order (the first five show without a click), each with the record's
+# key it shows; a `Log10/` one shows log10 of the value, as everywhere (`dashboard.log10_display`).
+METRICS = {
+    TEST_ACC: TEST_ACC,
+    VAL_ACC: VAL_ACC,
+    f"{LOG10}{FIRST_OVER_LAST}_at_start": START,
+    LOG10 + FIRST_OVER_LAST: FIRST_OVER_LAST,
+    LOG10 + TEST_LOSS: TEST_LOSS,
+    MAX_SATURATED: MAX_SATURATED,
+    MAX_DEAD: MAX_DEAD,
+    DEAD_CLASSES: DEAD_CLASSES,
+    CLASSES_PREDICTED: CLASSES_PREDICTED,
+    FULL_EPOCHS: FULL_EPOCHS,
+    STEPS: STEPS,
+}
 SESSION_STATUS = {"completed": api_pb2.STATUS_SUCCESS, "started": api_pb2.STATUS_UNKNOWN}
 DATA_TYPES = {
     bool: api_pb2.DATA_TYPE_BOOL,
@@ -93,11 +94,10 @@ def row(record: dict[str, Any]) -> dict[str, bool | float | str]:
 
 
 def metric_values(record: dict[str, Any]) -> dict[str, float]:
-    """The record's `METRICS`; a `Log10/` one is the log10 of the record's value, as displayed
-    everywhere (`dashboard.log10_display`). Missing and nan values are left out."""
+    """The record's `METRICS`, missing and nan values left out."""
     values = {}
-    for name in METRICS:
-        value = record.get(name.removeprefix(LOG10))
+    for name, key in METRICS.items():
+        value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if name.startswith(LOG10):

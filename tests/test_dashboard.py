@@ -1,0 +1,119 @@
+"""What a sweep shows on TensorBoard besides its scalars: job names that lead with what varies,
+and the HParams table written from the records, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata
+
+from conftest import FAST, run_cli
+from vanishlab.hparams import FILE_SUFFIX, METRICS, STATUS_COLUMN, VERDICT_COLUMN, write_hparams
+from vanishlab.results import JOB_CONFIG, START, STATUS, VERDICT, read_record
+from vanishlab.sweep import job_name
+
+SHOWN = 5  # hparams and metrics TensorBoard 2.21 shows without a click
+
+
+def hparams_content(directory: Path) -> dict[str, bytes]:
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return events.PluginTagToContent("hparams")
+
+
+def experiment(directory: Path) -> api_pb2.Experiment:
+    content = hparams_content(directory)[metadata.EXPERIMENT_TAG]
+    return metadata.parse_experiment_plugin_data(content)
+
+
+def shown_by_default(infos) -> list[str]:
+    """The columns TensorBoard shows before any click: those marked `differs` first, by name
+    (backend_context._sort_and_reduce_to_hparams_limit), then the first five."""
+    ordered = sorted(infos, key=lambda info: (not info.differs, info.name))
+    return [info.name for info in ordered[:SHOWN]]
+
+
+def jobs(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: read_record(p) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def test_job_names_hold_the_varied_keys_under_aliases(tiny_sweep) -> None:
+    records = jobs(tiny_sweep)
+    assert set(records) == {
+        f"act={act},lr={lr}" for act in ("relu", "sigmoid") for lr in ("0.05", "10000.0")
+    }
+    for name, record in records.items():
+        act, lr = (part.split("=")[1] for part in name.split(","))
+        config = record[JOB_CONFIG]
+        assert (config["model"]["activation"], config["optimizer"]["lr"]) == (act, float(lr))
+        # The constant overrides stay in .hydra/, out of the name.
+        overrides = OmegaConf.load(tiny_sweep / name / ".hydra" / "overrides.yaml")
+        assert "model.depth=3" in overrides and config["model"]["depth"] == 3
+
+
+def test_a_job_name_is_sorted_aliases_unique_where_last_parts_clash() -> None:
+    overrides = ["model.width=8", "data.width=2", "model.activation=tanh", "paths.root=/a/b"]
+    assert job_name(overrides, None) == "act=tanh,data.width=2,model.width=8,root=_a_b"
+    assert job_name(overrides, ["model.activation"]) == "act=tanh"
+    assert job_name([], ["seed"]) == "defaults"
+
+
+def test_sweep_hparams_show_status_verdict_and_the_varied_keys_first(tiny_sweep) -> None:
+    config = experiment(tiny_sweep)
+    infos = {info.name: info for info in config.hparam_infos}
+    assert shown_by_default(config.hparam_infos)[:4] == [
+        STATUS_COLUMN,
+        VERDICT_COLUMN,
+        "model.activation",
+        "optimizer.lr",
+    ]
+    assert not infos["data.batch_size"].differs and not infos["model.depth"].differs
+    # Text gets a discrete domain; an integer is text, so it reads 3, not 3.0000.
+    assert list(infos["model.activation"].domain_discrete) == ["relu", "sigmoid"]
+    depth = infos["model.depth"]
+    assert depth.type == api_pb2.DATA_TYPE_STRING and list(depth.domain_discrete) == ["3"]
+    assert list(infos["optimizer.lr"].domain_discrete) == [0.05, 10000.0]
+    assert [m.name.tag for m in config.metric_infos] == list(METRICS)
+
+
+def test_each_session_says_what_its_record_says(tiny_sweep) -> None:
+    records = jobs(tiny_sweep)
+    assert {record[STATUS] for record in records.values()} == {"completed", "diverged"}
+    for name, record in records.items():
+        content = hparams_content(tiny_sweep / name)
+        start = metadata.parse_session_start_info_plugin_data(
+            content[metadata.SESSION_START_INFO_TAG]
+        )
+        end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+        assert start.hparams[STATUS_COLUMN].string_value == record[STATUS]
+        assert start.hparams[VERDICT_COLUMN].string_value == record[VERDICT]
+        succeeded = record[STATUS] == "completed"
+        assert (end.status == api_pb2.STATUS_SUCCESS) == succeeded, name
+        events = EventAccumulator(str(tiny_sweep / name))
+        events.Reload()
+        (at_start,) = [tag for tag, key in METRICS.items() if key == START]
+        shown = events.Scalars(at_start)[-1].value
+        assert shown == pytest.approx(math.log10(record[START]), abs=1e-5)
+
+
+def test_a_single_run_writes_its_own_hparams_table(tiny_data, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("vanishlab.train", *FAST, f"hydra.run.dir={run_dir}", data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shown_by_default(experiment(run_dir).hparam_infos)[:2] == [STATUS_COLUMN, VERDICT_COLUMN]
+    assert metadata.SESSION_START_INFO_TAG in hparams_content(run_dir)
+
+
+def test_writing_again_replaces_the_table(tiny_sweep, tmp_path) -> None:
+    """A re-run sweep writes its table again: TensorBoard reads a tag's first metadata, so an
+    older file beside the new one would win."""
+    sweep_dir = shutil.copytree(tiny_sweep, tmp_path / "sweep")
+    job_dirs = sorted(path.parent for path in sweep_dir.glob("*/metrics.json"))
+    write_hparams(sweep_dir, job_dirs)
+    for directory in (sweep_dir, *job_dirs):
+        assert len(list(directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}"))) == 1
