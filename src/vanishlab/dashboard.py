@@ -141,8 +141,9 @@ class GradientFlowFigure:
             colour = colormaps["viridis_r"](0.15 + 0.85 * epoch / max(last, 1))
             self.axes.plot(shown, marker="o", color=colour)
             for beyond, marker in ((log_norms < self.low, "v"), (log_norms > self.high, "^")):
-                layers = beyond.nonzero().flatten()
-                self.axes.scatter(layers, shown[layers], marker=marker, s=80, color=colour)
+                if beyond.any():
+                    layers = beyond.nonzero().flatten()
+                    self.axes.scatter(layers, shown[layers], marker=marker, s=80, color=colour)
         self.title.set_text(f"gradient flow, epochs 0 (light) to {last} (dark)")
         for writer in writers:
             writer.add_figure("gradient_flow", self.figure, step, close=False)
