@@ -13,7 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from conftest import FAST, run_cli
-from vanishlab.hparams import FILE_SUFFIX, METRICS, STATUS_COLUMN, VERDICT_COLUMN, write_hparams
+from vanishlab.hparams import (
+    FILE_SUFFIX,
+    METRICS,
+    STATUS_COLUMN,
+    VERDICT_COLUMN,
+    column_infos,
+    write_hparams,
+)
 from vanishlab.results import JOB_CONFIG, START, STATUS, VERDICT, read_record
 from vanishlab.sweep import job_name
 
@@ -66,19 +73,34 @@ def test_a_job_name_is_sorted_aliases_unique_where_last_parts_clash() -> None:
 def test_sweep_hparams_show_status_verdict_and_the_varied_keys_first(tiny_sweep) -> None:
     config = experiment(tiny_sweep)
     infos = {info.name: info for info in config.hparam_infos}
-    assert shown_by_default(config.hparam_infos)[:4] == [
+    assert shown_by_default(config.hparam_infos) == [
         STATUS_COLUMN,
         VERDICT_COLUMN,
         "model.activation",
         "optimizer.lr",
     ]
-    assert not infos["data.batch_size"].differs and not infos["model.depth"].differs
-    # Text gets a discrete domain; an integer is text, so it reads 3, not 3.0000.
+    assert list(infos) == shown_by_default(config.hparam_infos)  # constants are no columns
     assert list(infos["model.activation"].domain_discrete) == ["relu", "sigmoid"]
-    depth = infos["model.depth"]
-    assert depth.type == api_pb2.DATA_TYPE_STRING and list(depth.domain_discrete) == ["3"]
     assert list(infos["optimizer.lr"].domain_discrete) == [0.05, 10000.0]
     assert [m.name.tag for m in config.metric_infos] == list(METRICS)
+
+
+def test_columns_are_typed_and_only_what_differs() -> None:
+    rows = [
+        {STATUS_COLUMN: "completed", "depth": "16", "lr": 0.1, "norm": True, "width": "8"},
+        {STATUS_COLUMN: "completed", "depth": "2", "lr": 0.1, "norm": False, "width": "8"},
+        {STATUS_COLUMN: "diverged", "depth": "4", "lr": 1.0, "norm": True, "std": 1.0},
+    ]
+    infos = {info.name: info for info in column_infos(rows)}
+    assert list(infos) == [STATUS_COLUMN, "depth", "lr", "norm", "width", "std"]
+    # An integer is text (it reads 16, not 16.000), its domain in the order of its values.
+    assert infos["depth"].type == api_pb2.DATA_TYPE_STRING
+    assert list(infos["depth"].domain_discrete) == ["2", "4", "16"]
+    assert infos["lr"].type == api_pb2.DATA_TYPE_FLOAT64
+    assert list(infos["norm"].domain_discrete) == [False, True]
+    # `width` is the same where present, but one run has none; so is `std`: both differ.
+    assert all(info.differs for info in infos.values())
+    assert [info.name for info in column_infos(rows[:1])] == [STATUS_COLUMN]  # a lone run
 
 
 def test_each_session_says_what_its_record_says(tiny_sweep) -> None:

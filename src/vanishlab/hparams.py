@@ -7,10 +7,11 @@ from the `metrics.json` files alone, so the table says what the records say; and
 sweep knows which columns vary.
 
 What TensorBoard (2.21, measured in Chromium) shows without a click: of the hparams, the first
-five of those marked `differs`, sorted by name with capitals first; of the metrics, the first five
-in the configuration's order. So:
-- `Status` and `Verdict` are capitalised and always marked, then come the keys the sweep varies
-  (marked because their values differ); constant keys (`data.batch_size`) are not marked;
+five of those marked `differs`, sorted by name with capitals first, then others to make five; of
+the metrics, the first five in the configuration's order. So:
+- the table's columns are `Status` and `Verdict`, capitalised, then the keys whose values differ
+  between its runs, all marked; a constant key (`data.batch_size`) would take a free place among
+  the five, so it is not a column (every job's `.hydra/config.yaml` and the report have it);
 - text and booleans get discrete domains; integers are text, so `16` does not read `16.000`;
 - `METRICS` leads with accuracy and the log10 gradient ratios (`dashboard.LOG10`; `Log10/test/loss`
   keeps a diverged run's 1e23 on a readable axis);
@@ -116,8 +117,9 @@ def order(value: Any) -> tuple[int, float, str]:
 
 
 def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
-    """Each column's type and domain, from its values in `rows`; a column whose values are of
-    mixed types becomes text in every row."""
+    """The table's columns: `Status`, `Verdict` and the keys whose values differ between `rows`
+    (a key only some runs have differs), each with its type and domain. A column whose values
+    are of mixed types becomes text in every row."""
     infos = []
     for name in dict.fromkeys(key for r in rows for key in r):
         present = [r for r in rows if name in r]
@@ -125,10 +127,10 @@ def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
             for r in present:
                 r[name] = str(r[name])
         values = sorted({r[name] for r in present}, key=order)
-        info = api_pb2.HParamInfo(
-            name=name, differs=len(values) > 1 or name in (STATUS_COLUMN, VERDICT_COLUMN)
-        )
-        info.type = DATA_TYPES[type(values[0])]
+        differs = len(values) > 1 or len(present) < len(rows)
+        if not differs and name not in (STATUS_COLUMN, VERDICT_COLUMN):
+            continue
+        info = api_pb2.HParamInfo(name=name, differs=True, type=DATA_TYPES[type(values[0])])
         if isinstance(values[0], float) and len(values) > LISTED_FLOATS:
             info.domain_interval.min_value, info.domain_interval.max_value = values[0], values[-1]
         else:
@@ -144,15 +146,19 @@ def write_hparams(root: Path, jobs: list[Path]) -> None:
     records = {job: read_record(job / "metrics.json") for job in jobs}
     records = {job: record for job, record in records.items() if JOB_CONFIG in record}
     rows = {job: row(record) for job, record in records.items()}
+    columns = column_infos(list(rows.values()))
     experiment = api_pb2.Experiment(
-        hparam_infos=column_infos(list(rows.values())),
+        hparam_infos=columns,
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=name)) for name in METRICS],
     )
     events = {root: [(plugin_summary(experiment=experiment), 0)]}
     for job, record in records.items():
         step = record.get(STEPS, 0)
         start = SessionStartInfo()
-        for name, value in rows[job].items():
+        for name in (info.name for info in columns):
+            value = rows[job].get(name)
+            if value is None:
+                continue
             field = {bool: "bool_value", float: "number_value", str: "string_value"}[type(value)]
             setattr(start.hparams[name], field, value)
         status = SESSION_STATUS.get(record[STATUS], api_pb2.STATUS_FAILURE)
