@@ -103,6 +103,19 @@ def test_columns_are_typed_and_only_what_differs() -> None:
     assert [info.name for info in column_infos(rows[:1])] == [STATUS_COLUMN]  # a lone run
 
 
+def test_what_only_follows_from_another_column_is_not_shown_first() -> None:
+    """`init.std` differs because `init` does, `data.seed` copies `seed`: in the vanishing_depth
+    sweep they sorted before `model.activation` and `model.depth` and hid them."""
+    rows = [
+        {"init": "normal", "init.std": 1.0, "model.depth": "8", "seed": "0", "data.seed": "0"},
+        {"init": "xavier_normal", "model.depth": "16", "seed": "1", "data.seed": "1"},
+    ]
+    infos = column_infos([{STATUS_COLUMN: "completed", **row} for row in rows])
+    marked = {info.name for info in infos if info.differs}
+    assert marked == {STATUS_COLUMN, "init", "model.depth", "seed"}
+    assert {info.name for info in infos} - marked == {"init.std", "data.seed"}
+
+
 def test_each_session_says_what_its_record_says(tiny_sweep) -> None:
     records = jobs(tiny_sweep)
     assert {record[STATUS] for record in records.values()} == {"completed", "diverged"}

@@ -10,8 +10,10 @@ What TensorBoard (2.21, measured in Chromium) shows without a click: of the hpar
 five of those marked `differs`, sorted by name with capitals first, then others to make five; of
 the metrics, the first five in the configuration's order. So:
 - the table's columns are `Status` and `Verdict`, capitalised, then the keys whose values differ
-  between its runs, all marked; a constant key (`data.batch_size`) would take a free place among
-  the five, so it is not a column (every job's `.hydra/config.yaml` and the report have it);
+  between its runs; a constant key (`data.batch_size`) would take a free place among the five,
+  so it is not a column (every job's `.hydra/config.yaml` and the report have it);
+- marked are `Status`, `Verdict` and the keys that say what the runs vary in (`varying`): not
+  `init.std`, which differs only because `init` does, nor `data.seed`, a copy of `seed`;
 - text and booleans get discrete domains; integers are text, so `16` does not read `16.000`;
 - `METRICS` leads with accuracy and the log10 gradient ratios (`dashboard.LOG10`; `Log10/test/loss`
   keeps a diverged run's 1e23 on a readable axis);
@@ -57,6 +59,7 @@ from vanishlab.results import (
 )
 
 STATUS_COLUMN, VERDICT_COLUMN = "Status", "Verdict"
+SHOWN_FIRST = (STATUS_COLUMN, VERDICT_COLUMN)
 # The table's metrics in its order (the first five show without a click), each with the record's
 # key it shows; a `Log10/` one shows log10 of the value, as everywhere (`dashboard.log10_display`).
 METRICS = {
@@ -119,7 +122,8 @@ def order(value: Any) -> tuple[int, float, str]:
 def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
     """The table's columns: `Status`, `Verdict` and the keys whose values differ between `rows`
     (a key only some runs have differs), each with its type and domain. A column whose values
-    are of mixed types becomes text in every row."""
+    are of mixed types becomes text in every row. Marked (`differs`, shown first) are `Status`,
+    `Verdict` and the `varying` columns."""
     infos = []
     for name in dict.fromkeys(key for r in rows for key in r):
         present = [r for r in rows if name in r]
@@ -127,16 +131,29 @@ def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
             for r in present:
                 r[name] = str(r[name])
         values = sorted({r[name] for r in present}, key=order)
-        differs = len(values) > 1 or len(present) < len(rows)
-        if not differs and name not in (STATUS_COLUMN, VERDICT_COLUMN):
+        if len(values) == 1 and len(present) == len(rows) and name not in SHOWN_FIRST:
             continue
-        info = api_pb2.HParamInfo(name=name, differs=True, type=DATA_TYPES[type(values[0])])
+        info = api_pb2.HParamInfo(name=name, type=DATA_TYPES[type(values[0])])
         if isinstance(values[0], float) and len(values) > LISTED_FLOATS:
             info.domain_interval.min_value, info.domain_interval.max_value = values[0], values[-1]
         else:
             info.domain_discrete.extend(values)
         infos.append(info)
+    for info in infos:
+        info.differs = info.name in {*SHOWN_FIRST, *varying([i.name for i in infos], rows)}
     return infos
+
+
+def varying(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The columns that say what the runs vary in, of those whose values differ: less a group's
+    keys where the group's option differs (`init.std` exists only where `init` is `normal`),
+    and less copies (`data.seed` = `${seed}`: of columns with the same values in every row, the
+    shortest name stays)."""
+    own = [c for c in columns if not any(c.startswith(f"{other}.") for other in columns)]
+    kept: dict[tuple, str] = {}
+    for column in sorted(own, key=lambda c: (len(c), c)):
+        kept.setdefault(tuple(repr(r.get(column)) for r in rows), column)
+    return list(kept.values())
 
 
 def write_hparams(root: Path, jobs: list[Path]) -> None:
