@@ -131,11 +131,18 @@ class GradientFlow(pl.Callback):
         self._figure = GradientFlowFigure(len(layers), self.figure_log10_range)
         write_layout(trainer.loggers)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The step that ends training (at max_epochs or max_steps), measured whatever
+        # every_n_steps says; a run StopOnDivergence ends has no last step to foresee.
+        self._last_step = trainer.estimated_stepping_batches - 1
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         # With gradient accumulation several batches lead to one optimizer step: the hooks stay
         # on until that step, so the activations are those of its last batch.
-        last = is_last_step(trainer, batch_idx)
-        if self._logging or (trainer.global_step % self.every_n_steps and not last):
+        if self._logging:
+            return
+        last = trainer.global_step == self._last_step
+        if trainer.global_step % self.every_n_steps and not last:
             return
         self._logging = True
         self._step = trainer.global_step
@@ -226,14 +233,6 @@ class GradientFlow(pl.Callback):
         last = trainer.current_epoch + 1 == trainer.max_epochs or trainer.should_stop
         if last or trainer.current_epoch % self.histograms_every_n_epochs == 0:
             self._figure.draw(trainer.loggers, self.epoch_profiles, trainer.global_step)
-
-
-def is_last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
-    """Whether this batch ends training: the last batch of the last epoch, or the step that
-    reaches `max_steps` (a run StopOnDivergence ends has no last step to foresee)."""
-    last_epoch = trainer.current_epoch + 1 == trainer.max_epochs
-    last_batch = batch_idx + 1 == trainer.num_training_batches
-    return (last_epoch and last_batch) or trainer.global_step + 1 == trainer.max_steps
 
 
 def saturated(activation: Tensor, kind: str) -> Tensor:
