@@ -30,6 +30,12 @@ BAD_VALUES = {
     "callbacks.gradient_flow.histograms_every_n_epochs=0": (
         "callbacks.gradient_flow.histograms_every_n_epochs=0"
     ),
+    "callbacks.gradient_flow.figure_log10_range=[4,-16]": (
+        "callbacks.gradient_flow.figure_log10_range=[4, -16]"
+    ),
+    "callbacks.gradient_flow.figure_log10_range=[-16]": (
+        "callbacks.gradient_flow.figure_log10_range=[-16]"
+    ),
     "init=normal init.std=-1": "init.std=-1",
     "init=orthogonal init.gain=0": "init.gain=0",
     "optimizer.momentum=1.5": "optimizer.momentum=1.5",
