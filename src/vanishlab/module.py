@@ -23,7 +23,7 @@ class Classifier(pl.LightningModule):
     rate set each epoch by the scheduler `make_scheduler` builds (if any). `config`, the
     composed config it was built from, is its one hyperparameter: Lightning saves it in every
     checkpoint (`hyper_parameters`), so a checkpoint describes itself. It is not logged, since
-    the run's HParams row is vanishlab's own (`results.log_hparams`).
+    the run's HParams row is written from its record when it ends (`hparams.py`).
 
     The training step stays lean: it logs only on the trainer's logging steps
     (`log_every_n_steps`), because a `self.log` on every step costs about 1 ms, half a step of
