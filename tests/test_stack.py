@@ -1,0 +1,80 @@
+"""Stacked training: K jobs trained by one Lightning loop train exactly as each would alone."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import FAST, compose_config
+from vanishlab.results import job_identity
+from vanishlab.stack import StackedClassifier, StackedData, stack_key
+from vanishlab.train import build
+
+STEPS = 50
+# Three jobs that differ in seed, init and optimizer hyperparameters (one optimizer class).
+JOBS = [
+    ["seed=0", "init=kaiming_normal", "optimizer.lr=0.05"],
+    ["seed=1", "init=xavier_normal", "optimizer.lr=0.1", "optimizer.weight_decay=0.01"],
+    ["seed=2", "init=normal", "init.std=0.05", "optimizer.lr=0.01"],
+]
+
+
+def trainer(**overrides) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **overrides,
+    )
+
+
+def built(cfg):
+    pl.seed_everything(cfg.seed)  # as train.fit_and_test does before it builds
+    return build(cfg)
+
+
+@pytest.mark.parametrize(
+    ("extras", "trainer_args"),
+    [
+        ([[], ["optimizer.momentum=0.9"], []], {}),  # one job with momentum, two without
+        ([["optimizer=adam"]] * 3, {}),
+        ([[]] * 3, {"gradient_clip_val": 0.05}),  # clipped per job, not over the stack
+    ],
+    ids=["sgd", "adam", "clipped"],
+)
+def test_a_stacked_job_trains_exactly_as_alone(tiny_data, tmp_path, extras, trainer_args) -> None:
+    configs = [
+        compose_config([*FAST, *extra, *job], tiny_data, tmp_path)
+        for extra, job in zip(extras, JOBS, strict=True)
+    ]
+    alone = []
+    for cfg in configs:
+        datamodule, module = built(cfg)
+        trainer(**trainer_args).fit(module, datamodule=datamodule)
+        alone.append(module.net.state_dict())
+
+    jobs = [built(cfg) for cfg in configs]
+    stack = StackedClassifier([module for _, module in jobs])
+    trainer(**trainer_args).fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
+    for job, weights in zip(stack.jobs, alone, strict=True):
+        for name, tensor in job.net.state_dict().items():
+            assert torch.equal(tensor, weights[name]), name
+
+
+def test_jobs_stack_when_they_differ_only_in_init_loss_optimizer_values_and_seed(
+    tiny_data, tmp_path
+) -> None:
+    def key(*overrides: str) -> str:
+        return stack_key(job_identity(compose_config([*FAST, *overrides], tiny_data, tmp_path)))
+
+    base = key()
+    assert key(*JOBS[1]) == base
+    assert key("loss=mse", "seed=7") == base
+    assert key("model.depth=3") != base
+    assert key("optimizer=adam") != base  # another optimizer class
+    assert key("data.batch_size=20") != base
