@@ -7,6 +7,8 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import FAST, compose_config
+from vanishlab.diagnostics import GradientFlow
+from vanishlab.divergence import StopOnDivergence
 from vanishlab.results import job_identity
 from vanishlab.stack import StackedClassifier, StackedData, stack_key
 from vanishlab.train import build
@@ -78,3 +80,40 @@ def test_jobs_stack_when_they_differ_only_in_init_loss_optimizer_values_and_seed
     assert key("model.depth=3") != base
     assert key("optimizer=adam") != base  # another optimizer class
     assert key("data.batch_size=20") != base
+
+
+def instruments() -> list[pl.Callback]:
+    return [GradientFlow(every_n_steps=4), StopOnDivergence()]
+
+
+def findings(callbacks: list[pl.Callback]) -> dict:
+    """What the callbacks found: their evidence, and GradientFlow's per-epoch profiles."""
+    flow, stop = callbacks
+    return {**flow.evidence(), **stop.evidence(), "epoch_profiles": flow.epoch_profiles}
+
+
+def test_each_job_keeps_its_own_callbacks_and_a_diverging_job_stops_alone(
+    tiny_data, tmp_path
+) -> None:
+    """The second job diverges (lr=1e4): it stops at its first non-finite step, as it would
+    alone, with the same weights and evidence; the other two train on to the end."""
+    lrs = ["optimizer.lr=0.05", "optimizer.lr=1e4", "optimizer.lr=0.1"]
+    configs = [
+        compose_config([*FAST, f"seed={i}", lr], tiny_data, tmp_path) for i, lr in enumerate(lrs)
+    ]
+    alone = []
+    for cfg in configs:
+        datamodule, module = built(cfg)
+        callbacks = instruments()
+        trainer(callbacks=callbacks).fit(module, datamodule=datamodule)
+        alone.append((module.net.state_dict(), findings(callbacks)))
+    assert "diverged_at_step" in alone[1][1] and "diverged_at_step" not in alone[0][1]
+
+    jobs = [built(cfg) for cfg in configs]
+    callbacks = [instruments() for _ in jobs]
+    stack = StackedClassifier([module for _, module in jobs], callbacks)
+    trainer().fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
+    for job, own, (weights, evidence) in zip(stack.jobs, callbacks, alone, strict=True):
+        for name, tensor in job.net.state_dict().items():
+            assert torch.equal(tensor, weights[name]), name
+        assert findings(own) == evidence

@@ -12,7 +12,12 @@ class) and the seed (`stack_key`). One Lightning step trains every job of the st
   momentum, weight decay, ...), so each job's update, and its optimizer state (momentum
   buffers, Adam's moments), are its own. A scheduler scales every group as it would scale each
   job's (the scheduler is part of the stack key);
-- gradient clipping is applied per job (`configure_gradient_clipping`), not over the stack.
+- gradient clipping is applied per job (`configure_gradient_clipping`), not over the stack;
+- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, ...), called by the
+  stack's hooks with the job's module and a `JobView` of the trainer: the stack's step and
+  epoch counters, the job's own loggers and its own `should_stop`. A job that stops (it
+  diverged) leaves the stack's loss from that step: its gradients stay None, so the optimizer
+  leaves its weights and state as they are, and the others train on.
 
 So a stacked job runs the float operations it would run alone, and Lightning's per-step cost is
 paid once for the K jobs.
@@ -26,6 +31,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 
 from vanishlab.data import MNISTDataModule, TensorBatches
@@ -95,16 +101,103 @@ class StackedData(pl.LightningDataModule):
         return self.jobs[0].test_dataloader()
 
 
-class StackedClassifier(pl.LightningModule):
-    """K `Classifier`s trained by one Lightning loop (rules: module docstring)."""
+class JobView:
+    """A job's view of the stack's trainer: every attribute is the trainer's (the step and
+    epoch counters, `max_epochs`, ...) but `loggers`, the job's own, and `should_stop`, which
+    stops this job alone."""
 
-    def __init__(self, jobs: list[Classifier]) -> None:
+    def __init__(self, trainer: pl.Trainer, loggers: list[Logger]) -> None:
+        self._trainer = trainer
+        self.loggers = loggers
+        self.should_stop = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
+class JobOptimizer:
+    """What a job's callbacks may do to the stack's optimizer: clear this job's gradients."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class StackedClassifier(pl.LightningModule):
+    """K `Classifier`s trained by one Lightning loop (rules: module docstring), each with its
+    `callbacks` and `loggers` (lists per job)."""
+
+    def __init__(
+        self,
+        jobs: list[Classifier],
+        callbacks: list[list[pl.Callback]] | None = None,
+        loggers: list[list[Logger]] | None = None,
+    ) -> None:
         super().__init__()
         self.jobs = nn.ModuleList(jobs)
+        self.job_callbacks = callbacks or [[] for _ in jobs]
+        self.job_loggers = loggers or [[] for _ in jobs]
+
+    def active(self) -> list[tuple[int, Classifier]]:
+        return [(i, job) for i, job in enumerate(self.jobs) if not self.views[i].should_stop]
+
+    def each(
+        self, hook: str, *args: Any, per_job: list | None = None, jobs: list | None = None
+    ) -> None:
+        """Call `hook` of the callbacks of `jobs` (default: those still running) with the job's
+        view and module, then `args`, then the job's own item of `per_job`."""
+        for i, job in self.running if jobs is None else jobs:
+            own = () if per_job is None else (per_job[i],)
+            for callback in self.job_callbacks[i]:
+                getattr(callback, hook)(self.views[i], job, *args, *own)
+
+    def on_fit_start(self) -> None:
+        self.views = [JobView(self.trainer, loggers) for loggers in self.job_loggers]
+        self.running = self.active()
+        self.each("on_fit_start")
+
+    def on_train_start(self) -> None:
+        self.each("on_train_start")
+
+    def on_train_batch_start(self, batches: list, batch_idx: int) -> None:
+        for i, job in self.running:
+            for callback in self.job_callbacks[i]:
+                callback.on_train_batch_start(self.views[i], job, batches[i], batch_idx)
 
     def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        losses = [job.loss_fn(job(x), y) for job, (x, y) in zip(self.jobs, batches, strict=True)]
-        return torch.stack(losses).sum()
+        self.losses = [None] * len(self.jobs)
+        for i, job in self.running:
+            x, y = batches[i]
+            self.losses[i] = job.loss_fn(job(x), y)
+        return torch.stack([loss for loss in self.losses if loss is not None]).sum()
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.each("on_before_backward", per_job=self.losses)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        jobs = [JobOptimizer(group["params"]) for group in optimizer.param_groups]
+        self.each("on_before_optimizer_step", per_job=jobs)
+
+    def on_train_batch_end(self, outputs: Any, batches: list, batch_idx: int) -> None:
+        """A job that stopped in this step ends its epoch and its training here, as it would
+        alone; the stack stops when every job has."""
+        for i, job in self.running:
+            for callback in self.job_callbacks[i]:
+                callback.on_train_batch_end(self.views[i], job, outputs, batches[i], batch_idx)
+        stopped = [(i, job) for i, job in self.running if self.views[i].should_stop]
+        for hook in ("on_train_epoch_end", "on_train_end"):
+            self.each(hook, jobs=stopped)
+        self.running = self.active()
+        self.trainer.should_stop = self.trainer.should_stop or not self.running
+
+    def on_train_epoch_end(self) -> None:
+        self.each("on_train_epoch_end")
+
+    def on_train_end(self) -> None:
+        self.each("on_train_end")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """One optimizer, a parameter group per job with that job's hyperparameters."""
