@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, compose_config
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.results import job_identity
-from vanishlab.stack import StackedClassifier, StackedData, stack_key
+from vanishlab.stack import JobLoggers, StackedClassifier, StackedData, stack_key
 from vanishlab.train import build
 
 STEPS = 50
@@ -117,3 +119,58 @@ def test_each_job_keeps_its_own_callbacks_and_a_diverging_job_stops_alone(
         for name, tensor in job.net.state_dict().items():
             assert torch.equal(tensor, weights[name]), name
         assert findings(own) == evidence
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in events.Scalars(tag))
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> None:
+    """Train, validation and test metrics and the gradient-flow figures reach each job's own
+    TensorBoard, at the steps and with the values a single run writes."""
+    configs = [
+        compose_config([*FAST, *job, "trainer.max_epochs=2"], tiny_data, tmp_path) for job in JOBS
+    ]
+
+    def loggers(where) -> list:
+        return [TensorBoardLogger(where, name="", version="", default_hp_metric=False)]
+
+    alone = []
+    for i, cfg in enumerate(configs):
+        datamodule, module = built(cfg)
+        run = pl.Trainer(
+            max_epochs=2,
+            logger=loggers(tmp_path / "alone" / str(i)),
+            callbacks=instruments(),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+        )
+        run.fit(module, datamodule=datamodule)
+        run.test(module, datamodule=datamodule, verbose=False)
+        alone.append(scalars(tmp_path / "alone" / str(i)))
+
+    jobs = [built(cfg) for cfg in configs]
+    job_loggers = [loggers(tmp_path / "stacked" / str(i)) for i in range(len(jobs))]
+    stack = StackedClassifier(
+        [module for _, module in jobs], [instruments() for _ in jobs], job_loggers
+    )
+    run = pl.Trainer(
+        max_epochs=2,
+        logger=JobLoggers(job_loggers),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    data = StackedData([dm for dm, _ in jobs])
+    run.fit(stack, datamodule=data)
+    run.test(stack, datamodule=data, verbose=False)
+    for i, expected in enumerate(alone):
+        assert scalars(tmp_path / "stacked" / str(i)) == expected

@@ -35,7 +35,7 @@ from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 
 from vanishlab.data import MNISTDataModule, TensorBatches
-from vanishlab.module import Classifier
+from vanishlab.module import Classifier, accuracy
 from vanishlab.results import SEED, job_id
 
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
@@ -126,6 +126,45 @@ class JobOptimizer:
             p.grad = None
 
 
+class JobLoggers(Logger):
+    """The stack's logger: what the stack logs as `<job>/<name>` (`0/val/acc`) reaches that job's
+    loggers as `<name>`, at the step Lightning gives it; other keys (`epoch`) go along to every
+    job that gets a metric in the same call. So Lightning's own reduction and steps apply."""
+
+    def __init__(self, job_loggers: list[list[Logger]]) -> None:
+        super().__init__()
+        self.job_loggers = job_loggers
+
+    @property
+    def name(self) -> str:
+        return "stack"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        own: list[dict[str, float]] = [{} for _ in self.job_loggers]
+        shared = {}
+        for key, value in metrics.items():
+            job, _, name = key.partition("/")
+            if job.isdigit() and name:
+                own[int(job)][name] = value
+            else:
+                shared[key] = value
+        for loggers, metrics_of_job in zip(self.job_loggers, own, strict=True):
+            for logger in loggers if metrics_of_job else ():
+                logger.log_metrics({**metrics_of_job, **shared}, step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """A job's HParams row is written from its record (`hparams.py`)."""
+
+    def finalize(self, status: str) -> None:
+        for loggers in self.job_loggers:
+            for logger in loggers:
+                logger.finalize(status)
+
+
 class StackedClassifier(pl.LightningModule):
     """K `Classifier`s trained by one Lightning loop (rules: module docstring), each with its
     `callbacks` and `loggers` (lists per job)."""
@@ -168,11 +207,38 @@ class StackedClassifier(pl.LightningModule):
                 callback.on_train_batch_start(self.views[i], job, batches[i], batch_idx)
 
     def training_step(self, batches: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        """The running jobs' losses, summed; each job's loss and accuracy logged as
+        `Classifier.training_step` logs them, under its index."""
         self.losses = [None] * len(self.jobs)
+        logging = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         for i, job in self.running:
             x, y = batches[i]
-            self.losses[i] = job.loss_fn(job(x), y)
+            outputs = job(x)
+            self.losses[i] = job.loss_fn(outputs, y)
+            if logging:
+                metrics = {
+                    f"{i}/train/loss": self.losses[i],
+                    f"{i}/train/acc": accuracy(outputs, y),
+                }
+                self.log_dict(metrics, batch_size=len(y))
         return torch.stack([loss for loss in self.losses if loss is not None]).sum()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        """Every job on the same batch (the jobs share their evaluation splits)."""
+        x, y = batch
+        for i, job in enumerate(self.jobs):
+            outputs = job(x)
+            metrics = {
+                f"{i}/{stage}/loss": job.loss_fn(outputs, y),
+                f"{i}/{stage}/acc": accuracy(outputs, y),
+            }
+            self.log_dict(metrics, batch_size=len(y), sync_dist=True)
 
     def on_before_backward(self, loss: Tensor) -> None:
         self.each("on_before_backward", per_job=self.losses)
