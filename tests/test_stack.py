@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -11,9 +13,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FAST, compose_config
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.results import job_identity
-from vanishlab.stack import JobLoggers, StackedClassifier, StackedData, stack_key
-from vanishlab.train import build
+from vanishlab.results import STATUS, job_identity
+from vanishlab.stack import (
+    STACKED_WITH,
+    JobLoggers,
+    StackedClassifier,
+    StackedData,
+    fit_and_test_stack,
+    stack_key,
+)
+from vanishlab.train import build, fit_and_test
 
 STEPS = 50
 # Three jobs that differ in seed, init and optimizer hyperparameters (one optimizer class).
@@ -174,3 +183,29 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> Non
     run.test(stack, datamodule=data, verbose=False)
     for i, expected in enumerate(alone):
         assert scalars(tmp_path / "stacked" / str(i)) == expected
+
+
+def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
+    """Records from `fit_and_test_stack` equal `fit_and_test`'s, job by job, the diverging
+    job's included, but for the seconds and `stacked_with`."""
+    runs = [*JOBS, ["seed=3", "optimizer.lr=1e4"]]
+
+    def configs(where: str) -> list:
+        return [
+            compose_config(
+                [*FAST, *job, "trainer.max_epochs=2"], tiny_data, tmp_path / where / str(i)
+            )
+            for i, job in enumerate(runs)
+        ]
+
+    def timeless(record: dict) -> dict:
+        return {k: v for k, v in record.items() if not k.endswith("_seconds") and k != STACKED_WITH}
+
+    alone = [fit_and_test(cfg) for cfg in configs("alone")]
+    assert alone[-1][STATUS] == "diverged" and alone[0][STATUS] == "completed"
+    stacked = fit_and_test_stack(configs("stacked"))
+    for own, record in zip(alone, stacked, strict=True):
+        assert json.dumps(timeless(record), sort_keys=True) == json.dumps(
+            timeless(own), sort_keys=True
+        )
+        assert len(record[STACKED_WITH]) == len(runs) - 1

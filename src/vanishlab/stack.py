@@ -26,18 +26,37 @@ paid once for the K jobs.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 
 from vanishlab.data import MNISTDataModule, TensorBatches
+from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.module import Classifier, accuracy
-from vanishlab.results import SEED, job_id
+from vanishlab.results import (
+    SEED,
+    STATUS,
+    TEST_SECONDS,
+    TRAIN_SECONDS,
+    VERDICT,
+    EvidenceSource,
+    job_id,
+    job_identity,
+    verdict,
+)
+from vanishlab.train import build, instruments, scalars, training_evidence
 
+STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
+# The stack's trainer does not take these from the first job's config: they are per job.
+STACK_LEVEL_EXCLUDED = (EvidenceSource, ModelCheckpoint, LearningRateMonitor)
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -256,6 +275,9 @@ class StackedClassifier(pl.LightningModule):
         stopped = [(i, job) for i, job in self.running if self.views[i].should_stop]
         for hook in ("on_train_epoch_end", "on_train_end"):
             self.each(hook, jobs=stopped)
+        for i, _ in stopped:  # where its training ended, as its trainer would read alone
+            self.views[i].global_step = self.trainer.global_step
+            self.views[i].current_epoch = self.trainer.current_epoch + 1  # that epoch ended
         self.running = self.active()
         self.trainer.should_stop = self.trainer.should_stop or not self.running
 
@@ -293,3 +315,51 @@ class StackedClassifier(pl.LightningModule):
                 nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+
+def fit_and_test_stack(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
+    """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
+    record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
+    jobs' `job_id`s) and the stack's seconds shared out.
+
+    Each job is built under its own seed, and gets its own evidence callbacks and loggers from
+    its config; the stack's trainer takes the first job's other callbacks (progress bar), less
+    checkpoints and the learning-rate monitor (per-job versions: to do).
+    """
+    jobs, job_callbacks, job_loggers, shared = [], [], [], []
+    for cfg in cfgs:
+        pl.seed_everything(cfg.seed, workers=True)
+        jobs.append(build(cfg))
+        callbacks, loggers = instruments(cfg)
+        job_callbacks.append([c for c in callbacks if isinstance(c, EvidenceSource)])
+        job_loggers.append(loggers)
+        shared = shared or [c for c in callbacks if not isinstance(c, STACK_LEVEL_EXCLUDED)]
+    stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
+    data = StackedData([datamodule for datamodule, _ in jobs])
+    trainer = instantiate(cfgs[0].trainer, callbacks=shared, logger=JobLoggers(job_loggers))
+    start = time.perf_counter()
+    trainer.fit(stack, datamodule=data)
+    train_seconds = time.perf_counter() - start
+    records = []
+    for i, (cfg, view) in enumerate(zip(cfgs, stack.views, strict=True)):
+        view.callbacks = job_callbacks[i]
+        view.callback_metrics = own_metrics(trainer.callback_metrics, i)
+        record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
+        record[TRAIN_SECONDS] = round(train_seconds / len(cfgs), 3)
+        records.append({**record, **training_evidence(view)})
+    start = time.perf_counter()
+    (tested,) = trainer.test(stack, datamodule=data, verbose=False)
+    test_seconds = round((time.perf_counter() - start) / len(cfgs), 3)
+    for i, (cfg, record, (datamodule, module)) in enumerate(zip(cfgs, records, jobs, strict=True)):
+        record.update(scalars(own_metrics(tested, i), "test/"))
+        record[TEST_SECONDS] = test_seconds
+        record.update(evidence_on_test_split(module, datamodule))
+        record[VERDICT] = verdict(record)
+        record[STACKED_WITH] = [job_id(job_identity(c)) for c in cfgs if c is not cfg]
+    return records
+
+
+def own_metrics(metrics: dict[str, Any], job: int) -> dict[str, Any]:
+    """Job `job`'s metrics (`<job>/val/acc`) under their own names (`val/acc`)."""
+    prefix = f"{job}/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}

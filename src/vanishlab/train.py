@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -126,14 +127,20 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
     return net
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    """The trainer with the config's callbacks and loggers (a null entry is switched off, as in
+def instruments(cfg: DictConfig) -> tuple[list[pl.Callback], list[Logger]]:
+    """The config's callbacks and loggers (a null entry is switched off, as in
     `callbacks.progress_bar=null`). Without a logger there is nothing for Lightning's
     `LearningRateMonitor` to write to (it refuses to start), so it is left out."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks, loggers
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
+    """The trainer with the config's callbacks and loggers."""
+    callbacks, loggers = instruments(cfg)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
