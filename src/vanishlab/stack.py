@@ -250,14 +250,10 @@ class StackedClassifier(pl.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         """Every job on the same batch (the jobs share their evaluation splits)."""
-        x, y = batch
         for i, job in enumerate(self.jobs):
-            outputs = job(x)
-            metrics = {
-                f"{i}/{stage}/loss": job.loss_fn(outputs, y),
-                f"{i}/{stage}/acc": accuracy(outputs, y),
-            }
-            self.log_dict(metrics, batch_size=len(y), sync_dist=True)
+            metrics = job.evaluation_metrics(batch, stage)
+            own = {f"{i}/{name}": value for name, value in metrics.items()}
+            self.log_dict(own, batch_size=len(batch[1]), sync_dist=True)
 
     def on_before_backward(self, loss: Tensor) -> None:
         self.each("on_before_backward", per_job=self.losses)
