@@ -26,6 +26,7 @@ paid once for the K jobs.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -42,6 +43,7 @@ from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.module import Classifier, accuracy
 from vanishlab.results import (
+    JOB_CONFIG,
     SEED,
     STATUS,
     TEST_SECONDS,
@@ -52,11 +54,24 @@ from vanishlab.results import (
     job_identity,
     verdict,
 )
-from vanishlab.train import build, instruments, scalars, training_evidence
+from vanishlab.train import (
+    Job,
+    build,
+    finish,
+    fit_and_test,
+    instruments,
+    job_failed,
+    scalars,
+    training_evidence,
+)
+
+log = logging.getLogger(__name__)
 
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
 # The stack's trainer does not take these from the first job's config: they are per job.
 STACK_LEVEL_EXCLUDED = (EvidenceSource, ModelCheckpoint, LearningRateMonitor)
+# Optimizers whose per-job parameter groups the equivalence test covers.
+STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -359,3 +374,50 @@ def own_metrics(metrics: dict[str, Any], job: int) -> dict[str, Any]:
     """Job `job`'s metrics (`<job>/val/acc`) under their own names (`val/acc`)."""
     prefix = f"{job}/"
     return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def why_alone(job: Job) -> str | None:
+    """Why `job` cannot train in a stack (it then runs alone, as with the basic launcher)."""
+    cfg = job.cfg
+    if job.resume_from is not None:
+        return f"it trains on from its checkpoint {job.resume_from}"
+    if not (cfg.get("train", True) and cfg.get("test", True)) or cfg.get("ckpt_path"):
+        return "it does not both train and test from scratch"
+    if (
+        str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
+        or cfg.trainer.get("num_nodes", 1) > 1
+    ):
+        return "it trains on several processes (DDP)"
+    if cfg.optimizer._target_ not in STACKABLE_OPTIMIZERS:
+        return f"optimizer {cfg.optimizer._target_} is not one a stack is tested with"
+    return None
+
+
+def stacks(jobs: list[Job], max_stack: int) -> list[list[int]]:
+    """The jobs' indices grouped into stacks of at most `max_stack` (`stack_key` equal); a job
+    that cannot stack (`why_alone`) is a stack of one."""
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        reason = why_alone(job)
+        if reason:
+            log.info("%s runs alone: %s", job.record_path.parent.name, reason)
+        key = f"alone {i}" if reason else stack_key(job.identity[JOB_CONFIG])
+        groups.setdefault(key, []).append(i)
+    return [
+        group[start : start + max_stack]
+        for group in groups.values()
+        for start in range(0, len(group), max_stack)
+    ]
+
+
+def run_stack(jobs: list[Job]) -> list[float | None]:
+    """Train and test `jobs` as one stack (or the one job alone) and keep each job's record;
+    return each job's value for the sweeper. A stack that raises fails each of its jobs."""
+    if len(jobs) == 1:
+        (job,) = jobs
+        return [finish(job, lambda: fit_and_test(job.cfg, job.resume_from))]
+    try:
+        records = fit_and_test_stack([job.cfg for job in jobs])
+    except Exception as err:
+        return [job_failed(err, job.identity, job.record_path, job.in_sweep) for job in jobs]
+    return [finish(job, lambda r=record: r) for job, record in zip(jobs, records, strict=True)]
