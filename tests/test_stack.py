@@ -10,10 +10,10 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, compose_config
+from conftest import FAST, compose_config, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.results import STATUS, job_identity
+from vanishlab.results import STATUS, job_identity, read_record
 from vanishlab.stack import (
     STACKED_WITH,
     JobLoggers,
@@ -185,6 +185,12 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> Non
         assert scalars(tmp_path / "stacked" / str(i)) == expected
 
 
+def timeless(record: dict) -> str:
+    """The record as JSON (NaN included), less its seconds and `stacked_with`."""
+    kept = {k: v for k, v in record.items() if not k.endswith("_seconds") and k != STACKED_WITH}
+    return json.dumps(kept, sort_keys=True)
+
+
 def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
     """Records from `fit_and_test_stack` equal `fit_and_test`'s, job by job, the diverging
     job's included, but for the seconds and `stacked_with`."""
@@ -198,14 +204,33 @@ def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> 
             for i, job in enumerate(runs)
         ]
 
-    def timeless(record: dict) -> dict:
-        return {k: v for k, v in record.items() if not k.endswith("_seconds") and k != STACKED_WITH}
-
     alone = [fit_and_test(cfg) for cfg in configs("alone")]
     assert alone[-1][STATUS] == "diverged" and alone[0][STATUS] == "completed"
     stacked = fit_and_test_stack(configs("stacked"))
     for own, record in zip(alone, stacked, strict=True):
-        assert json.dumps(timeless(record), sort_keys=True) == json.dumps(
-            timeless(own), sort_keys=True
-        )
+        assert timeless(record) == timeless(own)
         assert len(record[STACKED_WITH]) == len(runs) - 1
+
+
+@pytest.mark.slow
+def test_the_stacked_launcher_writes_the_records_the_basic_launcher_writes(
+    tiny_data, tmp_path
+) -> None:
+    """A 12-job sweep (depth x lr x seed, a third of it diverging): two stacks of six, and
+    every job's record as the basic launcher leaves it, but for the seconds and
+    `stacked_with`."""
+    sweep = [*FAST, "trainer.max_epochs=2", "model.depth=2,3", "optimizer.lr=0.05,0.1,1e4"]
+    sweep += ["seed=0,1"]
+    records = {}
+    for launcher in ("basic", "stacked"):
+        where = tmp_path / launcher
+        args = ["-m", *sweep, f"hydra/launcher={launcher}", f"hydra.sweep.dir={where}"]
+        result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[launcher] = {p.parent.name: read_record(p) for p in where.glob("*/metrics.json")}
+    assert "12 jobs to train -> 2 stacks (6, 6)" in result.stdout + result.stderr
+    assert len(records["basic"]) == 12 and records["basic"].keys() == records["stacked"].keys()
+    for name, alone in records["basic"].items():
+        stacked = records["stacked"][name]
+        assert len(stacked.pop(STACKED_WITH)) == 5
+        assert timeless(stacked) == timeless(alone), name

@@ -347,7 +347,12 @@ def fit_and_test_stack(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
         shared = shared or [c for c in callbacks if not isinstance(c, STACK_LEVEL_EXCLUDED)]
     stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
     data = StackedData([datamodule for datamodule, _ in jobs])
-    trainer = instantiate(cfgs[0].trainer, callbacks=shared, logger=JobLoggers(job_loggers))
+    trainer = instantiate(
+        cfgs[0].trainer,
+        callbacks=shared,
+        logger=JobLoggers(job_loggers),
+        enable_checkpointing=False,  # per-job checkpoints: to do
+    )
     start = time.perf_counter()
     trainer.fit(stack, datamodule=data)
     train_seconds = time.perf_counter() - start
