@@ -191,6 +191,18 @@ def timeless(record: dict) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
+def same(a, b, skipped=()) -> bool:
+    """Nested checkpoint contents equal, tensors exactly; the keys in `skipped` not compared."""
+    if isinstance(a, dict):
+        keys = set(a) - set(skipped)
+        return keys == set(b) - set(skipped) and all(same(a[k], b[k]) for k in keys)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b or (a != a and b != b)  # nan == nan
+
+
 def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
     """Records from `fit_and_test_stack` equal `fit_and_test`'s, job by job, the diverging
     job's included, but for the seconds and `stacked_with`."""
@@ -207,9 +219,20 @@ def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> 
     alone = [fit_and_test(cfg) for cfg in configs("alone")]
     assert alone[-1][STATUS] == "diverged" and alone[0][STATUS] == "completed"
     stacked = fit_and_test_stack(configs("stacked"))
-    for own, record in zip(alone, stacked, strict=True):
+    for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
         assert timeless(record) == timeless(own)
         assert len(record[STACKED_WITH]) == len(runs) - 1
+        # Its checkpoints are the ones it writes alone (the loops' state of a job that stopped
+        # early is the stack's, which trained on).
+        for name in ("last.ckpt", "best.ckpt"):
+            single, job = (
+                torch.load(tmp_path / where / str(i) / "checkpoints" / name, weights_only=False)
+                for where in ("alone", "stacked")
+            )
+            skipped = {"callbacks", "hyper_parameters"}  # they name the job's own directory
+            skipped |= {"loops"} if own[STATUS] == "diverged" else set()
+            assert same(job, single, skipped), (i, name)
+            assert same(job["callbacks"]["GradientFlow"], single["callbacks"]["GradientFlow"])
 
 
 @pytest.mark.slow

@@ -68,8 +68,9 @@ from vanishlab.train import (
 log = logging.getLogger(__name__)
 
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
-# The stack's trainer does not take these from the first job's config: they are per job.
-STACK_LEVEL_EXCLUDED = (EvidenceSource, ModelCheckpoint, LearningRateMonitor)
+# A job's own callbacks (the others are the stack's, from its first job's config; the
+# learning-rate monitor is left out: a per-job one is to do).
+PER_JOB = (EvidenceSource, ModelCheckpoint)
 # Optimizers whose per-job parameter groups the equivalence test covers.
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
@@ -137,16 +138,29 @@ class StackedData(pl.LightningDataModule):
 
 class JobView:
     """A job's view of the stack's trainer: every attribute is the trainer's (the step and
-    epoch counters, `max_epochs`, ...) but `loggers`, the job's own, and `should_stop`, which
-    stops this job alone."""
+    epoch counters, `max_epochs`, the strategy, ...) but the job's own `callbacks`, `loggers`,
+    `callback_metrics` (its `<job>/` metrics, under their own names), `should_stop` (it stops
+    this job alone) and `save_checkpoint` (the job's checkpoint, as it would be alone)."""
 
-    def __init__(self, trainer: pl.Trainer, loggers: list[Logger]) -> None:
-        self._trainer = trainer
-        self.loggers = loggers
+    def __init__(self, stack: StackedClassifier, job: int) -> None:
+        self._trainer = stack.trainer
+        self._stack, self._job = stack, job
+        self.callbacks = stack.job_callbacks[job]
+        self.loggers = stack.job_loggers[job]
         self.should_stop = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._trainer, name)
+
+    @property
+    def callback_metrics(self) -> dict[str, Any]:
+        return own_metrics(self._trainer.callback_metrics, self._job)
+
+    def save_checkpoint(
+        self, filepath: str, weights_only: bool = False, storage_options: Any = None
+    ) -> None:
+        checkpoint = self._stack.job_checkpoint(self._job)
+        self._trainer.strategy.save_checkpoint(checkpoint, filepath, storage_options)
 
 
 class JobOptimizer:
@@ -227,9 +241,14 @@ class StackedClassifier(pl.LightningModule):
             for callback in self.job_callbacks[i]:
                 getattr(callback, hook)(self.views[i], job, *args, *own)
 
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "views"):  # once: testing after fitting keeps who stopped
+            self.views = [JobView(self, i) for i in range(len(self.jobs))]
+            self.running = self.active()
+            self.stopped: list[tuple[int, Classifier]] = []  # in this epoch
+        self.each("setup", stage)
+
     def on_fit_start(self) -> None:
-        self.views = [JobView(self.trainer, loggers) for loggers in self.job_loggers]
-        self.running = self.active()
         self.each("on_fit_start")
 
     def on_train_start(self) -> None:
@@ -278,22 +297,84 @@ class StackedClassifier(pl.LightningModule):
         self.each("on_before_optimizer_step", per_job=jobs)
 
     def on_train_batch_end(self, outputs: Any, batches: list, batch_idx: int) -> None:
-        """A job that stopped in this step ends its epoch and its training here, as it would
-        alone; the stack stops when every job has."""
+        """A job that stopped in this step leaves the stack; it ends its epoch after the next
+        validation (`end_stopped`); the stack stops when every job has."""
         for i, job in self.running:
             for callback in self.job_callbacks[i]:
                 callback.on_train_batch_end(self.views[i], job, outputs, batches[i], batch_idx)
-        stopped = [(i, job) for i, job in self.running if self.views[i].should_stop]
-        for hook in ("on_train_epoch_end", "on_train_end"):
-            self.each(hook, jobs=stopped)
-        for i, _ in stopped:  # where its training ended, as its trainer would read alone
-            self.views[i].global_step = self.trainer.global_step
-            self.views[i].current_epoch = self.trainer.current_epoch + 1  # that epoch ended
+        for i, job in self.running:
+            if self.views[i].should_stop:
+                self.views[i].global_step = self.trainer.global_step  # where it ended
+                self.stopped.append((i, job))
         self.running = self.active()
         self.trainer.should_stop = self.trainer.should_stop or not self.running
 
+    def on_validation_end(self) -> None:
+        """Each job's checkpoints, the jobs that stopped in this epoch included."""
+        self.each("on_validation_end", jobs=[*self.running, *self.stopped])
+        self.end_stopped()
+
     def on_train_epoch_end(self) -> None:
         self.each("on_train_epoch_end")
+        self.end_stopped()  # when no validation ran
+
+    def end_stopped(self) -> None:
+        """What a job that stops sees alone: its epoch ends after a validation, which runs on
+        the weights it stopped with (they have not moved since), then its training ends."""
+        for hook in ("on_train_epoch_end", "on_train_end"):
+            self.each(hook, jobs=self.stopped)
+        for i, _ in self.stopped:
+            self.views[i].current_epoch = self.trainer.current_epoch + 1  # that epoch ended
+        self.stopped = []
+
+    def job_checkpoint(self, i: int) -> dict[str, Any]:
+        """Job `i`'s checkpoint as Lightning writes it for a single run, so that eval loads it
+        and a single run trains on from it: its weights and hyperparameters, its slice of the
+        optimizer's and schedulers' state, its callbacks' and data module's state, and the
+        loops' state (a running job's steps are the stack's)."""
+        trainer, job, view = self.trainer, self.jobs[i], self.views[i]
+        optimizer = trainer.optimizers[0].state_dict()
+        group = optimizer["param_groups"][i]
+        params = group["params"]
+        own_state = {
+            new: optimizer["state"][old]
+            for new, old in enumerate(params)
+            if old in optimizer["state"]
+        }
+        groups = len(optimizer["param_groups"])
+        return {
+            "epoch": view.current_epoch,
+            "global_step": view.global_step,
+            "pytorch-lightning_version": pl.__version__,
+            "state_dict": job.state_dict(),
+            "loops": {
+                name: getattr(trainer, name).state_dict()
+                for name in ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+            },
+            "callbacks": {
+                callback.state_key: state
+                for callback in view.callbacks
+                if (state := callback.state_dict())
+            },
+            "optimizer_states": [
+                {
+                    "state": own_state,
+                    "param_groups": [{**group, "params": list(range(len(params)))}],
+                }
+            ],
+            "lr_schedulers": [
+                {
+                    key: [value[i]] if isinstance(value, list) and len(value) == groups else value
+                    for key, value in config.scheduler.state_dict().items()
+                }
+                for config in trainer.lr_scheduler_configs
+            ],
+            "hparams_name": job._hparams_name,
+            "hyper_parameters": dict(job.hparams),
+            type(self.trainer.datamodule.jobs[i]).__qualname__: (
+                self.trainer.datamodule.jobs[i].state_dict()
+            ),
+        }
 
     def on_train_end(self) -> None:
         self.each("on_train_end")
@@ -342,24 +423,26 @@ def fit_and_test_stack(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
         pl.seed_everything(cfg.seed, workers=True)
         jobs.append(build(cfg))
         callbacks, loggers = instruments(cfg)
-        job_callbacks.append([c for c in callbacks if isinstance(c, EvidenceSource)])
+        own = [c for c in callbacks if isinstance(c, PER_JOB)]
+        # Checkpoints last, as Lightning orders a trainer's callbacks: they save the others' state.
+        job_callbacks.append(sorted(own, key=lambda c: isinstance(c, ModelCheckpoint)))
         job_loggers.append(loggers)
-        shared = shared or [c for c in callbacks if not isinstance(c, STACK_LEVEL_EXCLUDED)]
+        shared = shared or [
+            c for c in callbacks if not isinstance(c, (*PER_JOB, LearningRateMonitor))
+        ]
     stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
     data = StackedData([datamodule for datamodule, _ in jobs])
     trainer = instantiate(
         cfgs[0].trainer,
         callbacks=shared,
         logger=JobLoggers(job_loggers),
-        enable_checkpointing=False,  # per-job checkpoints: to do
+        enable_checkpointing=False,  # the jobs have their own
     )
     start = time.perf_counter()
     trainer.fit(stack, datamodule=data)
     train_seconds = time.perf_counter() - start
     records = []
-    for i, (cfg, view) in enumerate(zip(cfgs, stack.views, strict=True)):
-        view.callbacks = job_callbacks[i]
-        view.callback_metrics = own_metrics(trainer.callback_metrics, i)
+    for cfg, view in zip(cfgs, stack.views, strict=True):
         record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
         record[TRAIN_SECONDS] = round(train_seconds / len(cfgs), 3)
         records.append({**record, **training_evidence(view)})
