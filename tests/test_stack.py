@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -10,10 +15,10 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, compose_config, run_cli
+from conftest import FAST, REPO_ROOT, compose_config, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.results import STATUS, job_identity, read_record
+from vanishlab.results import RESUMED_FROM, STATUS, job_identity, read_record
 from vanishlab.stack import (
     STACKED_WITH,
     JobLoggers,
@@ -257,3 +262,49 @@ def test_the_stacked_launcher_writes_the_records_the_basic_launcher_writes(
         stacked = records["stacked"][name]
         assert len(stacked.pop(STACKED_WITH)) == 5
         assert timeless(stacked) == timeless(alone), name
+
+
+@pytest.mark.slow
+def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path) -> None:
+    """Killed while its three jobs train as one stack, the sweep run again trains each on
+    alone from its own last checkpoint, and ends with the records of an uninterrupted sweep."""
+    sweep = [*FAST, "seed=0,1,2", "trainer.max_epochs=6"]
+    whole = tmp_path / "whole"
+    result = run_cli(
+        "vanishlab.train", "-m", *sweep, f"hydra.sweep.dir={whole}", data_dir=tiny_data
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "vanishlab.train", "-m", *sweep, "hydra/launcher=stacked"]
+    env = {**os.environ, "DATA_DIR": str(tiny_data)}
+    process = subprocess.Popen(
+        [*args, f"hydra.sweep.dir={killed}"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("*/checkpoints/last.ckpt"))) < 3:
+        time.sleep(0.02)
+    assert process.poll() is None, "the stack finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert {read_record(p)[STATUS] for p in killed.glob("*/metrics.json")} == {"started"}
+
+    result = run_cli(
+        "vanishlab.train",
+        "-m",
+        *sweep,
+        "hydra/launcher=stacked",
+        f"hydra.sweep.dir={killed}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "runs alone: it trains on from its checkpoint" in result.stdout + result.stderr
+    for path in whole.glob("*/metrics.json"):
+        resumed = read_record(killed / path.parent.name / "metrics.json")
+        assert resumed.pop(RESUMED_FROM).endswith("last.ckpt")
+        assert timeless(resumed) == timeless(read_record(path)), path.parent.name

@@ -409,19 +409,29 @@ class StackedClassifier(pl.LightningModule):
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
-def fit_and_test_stack(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
+def built(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
+    """The job's data module and classifier, built under its seed as `train.fit_and_test`
+    builds them; a bad config or missing data fails here, before the stack trains."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    return datamodule, module
+
+
+def fit_and_test_stack(
+    cfgs: list[DictConfig], jobs: list[tuple[MNISTDataModule, Classifier]] | None = None
+) -> list[dict[str, Any]]:
     """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
     record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
-    jobs' `job_id`s) and the stack's seconds shared out.
+    jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs `built` already.
 
-    Each job is built under its own seed, and gets its own evidence callbacks and loggers from
-    its config; the stack's trainer takes the first job's other callbacks (progress bar), less
-    checkpoints and the learning-rate monitor (per-job versions: to do).
+    Each job gets its own evidence callbacks, checkpoints and loggers from its config; the
+    stack's trainer takes the first job's other callbacks (the progress bar), less the
+    learning-rate monitor (a per-job one: to do).
     """
-    jobs, job_callbacks, job_loggers, shared = [], [], [], []
+    jobs = jobs or [built(cfg) for cfg in cfgs]
+    job_callbacks, job_loggers, shared = [], [], []
     for cfg in cfgs:
-        pl.seed_everything(cfg.seed, workers=True)
-        jobs.append(build(cfg))
         callbacks, loggers = instruments(cfg)
         own = [c for c in callbacks if isinstance(c, PER_JOB)]
         # Checkpoints last, as Lightning orders a trainer's callbacks: they save the others' state.
@@ -500,12 +510,28 @@ def stacks(jobs: list[Job], max_stack: int) -> list[list[int]]:
 
 def run_stack(jobs: list[Job]) -> list[float | None]:
     """Train and test `jobs` as one stack (or the one job alone) and keep each job's record;
-    return each job's value for the sweeper. A stack that raises fails each of its jobs."""
+    return each job's value for the sweeper. A job that cannot be built fails alone, before the
+    stack trains; a stack that raises as it trains fails each of its jobs."""
     if len(jobs) == 1:
         (job,) = jobs
         return [finish(job, lambda: fit_and_test(job.cfg, job.resume_from))]
+    values: dict[int, float | None] = {}
+    ready: dict[int, tuple[MNISTDataModule, Classifier]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            ready[i] = built(job.cfg)
+        except Exception as err:
+            values[i] = job_failed(err, job.identity, job.record_path, job.in_sweep)
+    stacked = [jobs[i] for i in ready]
+    if not stacked:
+        return [values[i] for i in range(len(jobs))]
     try:
-        records = fit_and_test_stack([job.cfg for job in jobs])
+        records = fit_and_test_stack([job.cfg for job in stacked], list(ready.values()))
     except Exception as err:
-        return [job_failed(err, job.identity, job.record_path, job.in_sweep) for job in jobs]
-    return [finish(job, lambda r=record: r) for job, record in zip(jobs, records, strict=True)]
+        records = [err] * len(stacked)
+    for i, job, record in zip(ready, stacked, records, strict=True):
+        if isinstance(record, Exception):
+            values[i] = job_failed(record, job.identity, job.record_path, job.in_sweep)
+        else:
+            values[i] = finish(job, lambda r=record: r)
+    return [values[i] for i in range(len(jobs))]
