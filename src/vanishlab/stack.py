@@ -13,11 +13,12 @@ class) and the seed (`stack_key`). One Lightning step trains every job of the st
   buffers, Adam's moments), are its own. A scheduler scales every group as it would scale each
   job's (the scheduler is part of the stack key);
 - gradient clipping is applied per job (`configure_gradient_clipping`), not over the stack;
-- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, ...), called by the
-  stack's hooks with the job's module and a `JobView` of the trainer: the stack's step and
-  epoch counters, the job's own loggers and its own `should_stop`. A job that stops (it
-  diverged) leaves the stack's loss from that step: its gradients stay None, so the optimizer
-  leaves its weights and state as they are, and the others train on.
+- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, its `ModelCheckpoint`),
+  called by the stack's hooks with the job's module and a `JobView` of the trainer: the stack's
+  step and epoch counters, the job's own metrics, loggers, `should_stop` and checkpoints. What
+  the stack logs as `<job>/<name>` reaches the job's own loggers as `<name>` (`JobLoggers`). A
+  job that stops (it diverged) leaves the stack's loss from that step: its gradients stay None,
+  so the optimizer leaves its weights and state as they are, and the others train on.
 
 So a stacked job runs the float operations it would run alone, and Lightning's per-step cost is
 paid once for the K jobs.
@@ -69,10 +70,10 @@ log = logging.getLogger(__name__)
 
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
 # A job's own callbacks (the others are the stack's, from its first job's config; the
-# learning-rate monitor is left out: a per-job one is to do).
+# learning-rate monitor is left out: stacked jobs log no learning rate yet).
 PER_JOB = (EvidenceSource, ModelCheckpoint)
 # Optimizers whose per-job parameter groups the equivalence test covers.
-STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -439,7 +440,7 @@ def fit_and_test_stack(
 
     Each job gets its own evidence callbacks, checkpoints and loggers from its config; the
     stack's trainer takes the first job's other callbacks (the progress bar), less the
-    learning-rate monitor (a per-job one: to do).
+    learning-rate monitor (`PER_JOB`).
     """
     jobs = jobs or [built(cfg) for cfg in cfgs]
     job_callbacks, job_loggers, shared = [], [], []
