@@ -26,6 +26,7 @@ from vanishlab.results import (
     VERDICT,
     WORLD_SIZE,
 )
+from vanishlab.stack import STACKED_WITH
 from vanishlab.train import fit_and_test
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
@@ -52,8 +53,12 @@ def job(records_by_name: dict[str, dict], *overrides: str) -> dict:
     return records_by_name[name]
 
 
-def test_failing_job_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path) -> None:
-    result = sweep(tmp_path, tiny_data, "trainer.accelerator=tpu,cpu", "seed=0,1")
+LAUNCHERS = ["hydra/launcher=basic", "hydra/launcher=stacked"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path, launcher) -> None:
+    result = sweep(tmp_path, tiny_data, "trainer.accelerator=tpu,cpu", "seed=0,1", launcher)
     assert result.returncode == 1, result.stderr[-2000:]  # the exit code says a job failed
     by_name = records(tmp_path)
     assert len(by_name) == 4  # the jobs after the failing ones still ran
@@ -67,12 +72,18 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path) -> N
             assert record[STATUS] == "completed"
 
 
-def test_bad_value_in_one_job_fails_only_that_job(tiny_data, tmp_path) -> None:
-    result = sweep(tmp_path, tiny_data, "model.depth=0,1")
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bad_value_in_one_job_fails_only_that_job(tiny_data, tmp_path, launcher) -> None:
+    # With the stacked launcher the four jobs make one stack (they differ in init keys and
+    # seed): the two with a bad std fail as they are built, the other two train as a stack.
+    result = sweep(tmp_path, tiny_data, "init=normal", "init.std=-1,0.05", "seed=0,1", launcher)
     assert result.returncode == 1
     by_name = records(tmp_path)
-    assert job(by_name, "depth=0")[ERROR].startswith("ConfigError: model.depth=0")
-    assert job(by_name, "depth=1")[STATUS] == "completed"
+    for seed in ("seed=0", "seed=1"):
+        assert job(by_name, "std=-1", seed)[ERROR].startswith("ConfigError: init.std=-1")
+        assert job(by_name, "std=0.05", seed)[STATUS] == "completed"
+        if launcher.endswith("stacked"):
+            assert len(job(by_name, "std=0.05", seed)[STACKED_WITH]) == 1
 
 
 def training_events(job_dir: Path) -> list[str]:

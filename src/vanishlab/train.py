@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -126,14 +128,20 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
     return net
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    """The trainer with the config's callbacks and loggers (a null entry is switched off, as in
+def instruments(cfg: DictConfig) -> tuple[list[pl.Callback], list[Logger]]:
+    """The config's callbacks and loggers (a null entry is switched off, as in
     `callbacks.progress_bar=null`). Without a logger there is nothing for Lightning's
     `LearningRateMonitor` to write to (it refuses to start), so it is left out."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks, loggers
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
+    """The trainer with the config's callbacks and loggers."""
+    callbacks, loggers = instruments(cfg)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -232,6 +240,18 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
         write_json(path, record)
 
 
+@dataclass
+class Job:
+    """A job ready to train: its config, where its record goes, its identity, and the
+    checkpoint it trains on from (an interrupted sweep job's own)."""
+
+    cfg: DictConfig
+    record_path: Path
+    identity: dict[str, Any]
+    resume_from: Path | None
+    in_sweep: bool
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one job and keep its record, `metrics.json`, from its first moment (`started`).
@@ -241,6 +261,16 @@ def main(cfg: DictConfig) -> float | None:
     recorded as `failed` while the sweep goes on. A record of another config is never taken as
     this job's, nor overwritten.
     """
+    job = prepare(cfg)
+    if not isinstance(job, Job):
+        return job
+    return finish(job, lambda: fit_and_test(job.cfg, job.resume_from))
+
+
+def prepare(cfg: DictConfig) -> Job | float | None:
+    """The job, with its `started` record written; or, for a job that is done (skipped: it
+    finished before; or failed: its config does not resolve, or its directory holds another
+    config's record), its value for the sweeper."""
     output_dir = Path(cfg.paths.output_dir)
     record_path = output_dir / "metrics.json"
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -272,15 +302,21 @@ def main(cfg: DictConfig) -> float | None:
     last_ckpt = output_dir / "checkpoints" / "last.ckpt"
     resume_from = last_ckpt if previous and last_ckpt.is_file() else None
     save_record(record_path, {STATUS: "started", SEED: cfg.seed, **identity})
+    return Job(cfg, record_path, identity, resume_from, in_sweep)
+
+
+def finish(job: Job, train_and_test: Callable[[], dict[str, Any]]) -> float | None:
+    """Run `train_and_test` (it returns the job's record) and keep the record; a job that
+    raises is recorded as `failed`. Returns the job's value for the sweeper."""
     try:
-        record = fit_and_test(cfg, resume_from)
+        record = train_and_test()
     except Exception as err:
-        return job_failed(err, identity, record_path, in_sweep)
-    record = {**record, TAGS: list(cfg.get("tags") or []), **identity}
-    save_record(record_path, record)
+        return job_failed(err, job.identity, job.record_path, job.in_sweep)
+    record = {**record, TAGS: list(job.cfg.get("tags") or []), **job.identity}
+    save_record(job.record_path, record)
     hidden = (GRAD_NORMS_AT_START, JOB_CONFIG)
     rich.print({k: v for k, v in record.items() if k not in hidden})
-    return optimized_value(cfg, record)
+    return optimized_value(job.cfg, record)
 
 
 def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float | None:

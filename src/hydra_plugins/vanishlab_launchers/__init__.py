@@ -1,6 +1,10 @@
 """vanishlab's Hydra launchers. Hydra finds launcher plugins only under `hydra_plugins`; this
 module imports vanishlab lazily, so Hydra's plugin discovery stays fast for any application.
 
+`StackedLauncher` (`hydra/launcher=stacked`) trains a sweep's compatible jobs as stacks, one
+Lightning loop each (`vanishlab.stack`); every job still gets its own directory, `.hydra/`
+files, TensorBoard events and record, as Hydra's basic launcher would make them.
+
 `SlurmLauncher` is Hydra's submitit SLURM launcher with one change: a job that SLURM ends before
 it returns (cancelled, timed out, preempted, out of memory, its node failed) is recorded as such
 in its `metrics.json`, and the sweep waits for its other jobs, summarises and exits 1, where the
@@ -18,12 +22,79 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    filter_overrides,
+    run_job,
+    setup_globals,
+)
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+
+class StackedLauncher(Launcher):
+    """Runs a sweep's jobs in this process, as Hydra's basic launcher does, in two passes: each
+    job through Hydra's `run_job` (its directory, `.hydra/` files, log and callbacks) up to the
+    point where it would train (`vanishlab.train.prepare`: skipped, failed or ready); then the
+    ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own."""
+
+    def __init__(self, max_stack: int = 16) -> None:
+        self.max_stack = max_stack
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.hydra_context, self.config = hydra_context, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+        from vanishlab import stack, train
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        returns = [self.prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        ready = [i for i, r in enumerate(returns) if isinstance(r.return_value, train.Job)]
+        jobs = [returns[i].return_value for i in ready]
+        groups = stack.stacks(jobs, self.max_stack)
+        sizes = ", ".join(str(len(group)) for group in groups)
+        log.info("%d jobs to train -> %d stacks (%s)", len(jobs), len(groups), sizes or "none")
+        for group in groups:
+            values = stack.run_stack([jobs[i] for i in group])
+            for i, value in zip(group, values, strict=True):
+                returns[ready[i]].return_value = value
+        return returns
+
+    def prepare(self, overrides: list[str], idx: int) -> JobReturn:
+        """The job up to its training (`prepare_resolved`), in Hydra's `run_job`."""
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.id, config.hydra.job.num = idx, idx
+        return run_job(
+            hydra_context=self.hydra_context,
+            task_function=prepare_resolved,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+
+
+def prepare_resolved(cfg: DictConfig) -> Any:
+    """`vanishlab.train.prepare`, its job's config then resolved while Hydra's config is the
+    job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's."""
+    from vanishlab import train
+
+    job = train.prepare(cfg)
+    if isinstance(job, train.Job):
+        OmegaConf.resolve(job.cfg)
+    return job
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):

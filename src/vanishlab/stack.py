@@ -1,0 +1,550 @@
+"""Stacked sweeps: a sweep's compatible jobs trained in one process by one Lightning loop.
+
+A stack is K jobs whose configs differ only in what does not change the network's shape or the
+data it sees: the init and its keys, the loss, the optimizer's hyperparameters (one optimizer
+class) and the seed (`stack_key`). One Lightning step trains every job of the stack:
+
+- each job keeps its own network, built and initialised under its own seed, its own loss, and
+  its own batches (its data module's own shuffle generator);
+- the step's loss is the sum of the jobs' losses. Their parameters are disjoint, so backward
+  gives each job exactly the gradient its own loss gives it alone;
+- one optimizer holds one parameter group per job, with that job's hyperparameters (lr,
+  momentum, weight decay, ...), so each job's update, and its optimizer state (momentum
+  buffers, Adam's moments), are its own. A scheduler scales every group as it would scale each
+  job's (the scheduler is part of the stack key);
+- gradient clipping is applied per job (`configure_gradient_clipping`), not over the stack;
+- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, its `ModelCheckpoint`),
+  called by the stack's hooks with the job's module and a `JobView` of the trainer: the stack's
+  step and epoch counters, the job's own metrics, loggers, `should_stop` and checkpoints. What
+  the stack logs as `<job>/<name>` reaches the job's own loggers as `<name>` (`JobLoggers`). A
+  job that stops (it diverged) leaves the stack's loss from that step: its gradients stay None,
+  so the optimizer leaves its weights and state as they are, and the others train on.
+
+So a stacked job runs the float operations it would run alone, and Lightning's per-step cost is
+paid once for the K jobs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import Logger
+from torch import Tensor, nn
+
+from vanishlab.data import MNISTDataModule, TensorBatches
+from vanishlab.diagnostics import evidence_on_test_split
+from vanishlab.module import Classifier, accuracy
+from vanishlab.results import (
+    JOB_CONFIG,
+    SEED,
+    STATUS,
+    TEST_SECONDS,
+    TRAIN_SECONDS,
+    VERDICT,
+    EvidenceSource,
+    job_id,
+    job_identity,
+    verdict,
+)
+from vanishlab.train import (
+    Job,
+    build,
+    finish,
+    fit_and_test,
+    instruments,
+    job_failed,
+    scalars,
+    training_evidence,
+)
+
+log = logging.getLogger(__name__)
+
+STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
+# A job's own callbacks (the others are the stack's, from its first job's config; the
+# learning-rate monitor is left out: stacked jobs log no learning rate yet).
+PER_JOB = (EvidenceSource, ModelCheckpoint)
+# Optimizers whose per-job parameter groups the equivalence test covers.
+STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
+# Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
+STACKABLE_KEYS = ("init", "loss", SEED)
+
+
+def stack_key(identity: dict[str, Any]) -> str:
+    """Jobs with the same key train as one stack: their identities (`results.job_identity`)
+    are equal but for `STACKABLE_KEYS`, the data's seed (a copy of `seed`) and the optimizer's
+    hyperparameters; the optimizer's class must match."""
+    shape = copy.deepcopy(identity)
+    for key in STACKABLE_KEYS:
+        shape.pop(key, None)
+    shape.get("data", {}).pop(SEED, None)
+    shape["optimizer"] = {"_target_": identity["optimizer"]["_target_"]}
+    return job_id(shape)
+
+
+class JobBatches:
+    """One step's batches, one per job. Not a collection: Lightning walks a list of batches
+    item by item on every step (to move it to the device, where the tensors are already),
+    which cost a tenth of an epoch for a stack of 8."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.batches = batches
+
+    def __getitem__(self, job: int) -> tuple[Tensor, Tensor]:
+        return self.batches[job]
+
+
+class StackedBatches:
+    """One batch of each job per step, each from that job's own order."""
+
+    def __init__(self, streams: list[TensorBatches]) -> None:
+        self.streams = streams
+
+    def __len__(self) -> int:
+        return len(self.streams[0])
+
+    def __iter__(self) -> Iterator[JobBatches]:
+        return (JobBatches(list(batches)) for batches in zip(*self.streams, strict=True))
+
+
+class StackedData(pl.LightningDataModule):
+    """The jobs' data modules as one: training yields a batch per job; validation and testing
+    use the first job's splits, which are every job's (the split has its own fixed seed)."""
+
+    def __init__(self, jobs: list[MNISTDataModule]) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def prepare_data(self) -> None:
+        for job in self.jobs:
+            job.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        for job in self.jobs:
+            job.trainer = self.trainer
+            job.setup(stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"jobs": [job.state_dict() for job in self.jobs]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for job, state in zip(self.jobs, state_dict["jobs"], strict=True):
+            job.load_state_dict(state)
+
+    def train_dataloader(self) -> StackedBatches:
+        return StackedBatches([job.train_dataloader() for job in self.jobs])
+
+    def val_dataloader(self) -> TensorBatches:
+        return self.jobs[0].val_dataloader()
+
+    def test_dataloader(self) -> TensorBatches:
+        return self.jobs[0].test_dataloader()
+
+
+class JobView:
+    """A job's view of the stack's trainer: every attribute is the trainer's (the step and
+    epoch counters, `max_epochs`, the strategy, ...) but the job's own `callbacks`, `loggers`,
+    `callback_metrics` (its `<job>/` metrics, under their own names), `should_stop` (it stops
+    this job alone) and `save_checkpoint` (the job's checkpoint, as it would be alone)."""
+
+    def __init__(self, stack: StackedClassifier, job: int) -> None:
+        self._trainer = stack.trainer
+        self._stack, self._job = stack, job
+        self.callbacks = stack.job_callbacks[job]
+        self.loggers = stack.job_loggers[job]
+        self.should_stop = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+    @property
+    def callback_metrics(self) -> dict[str, Any]:
+        return own_metrics(self._trainer.callback_metrics, self._job)
+
+    def save_checkpoint(
+        self, filepath: str, weights_only: bool = False, storage_options: Any = None
+    ) -> None:
+        checkpoint = self._stack.job_checkpoint(self._job)
+        self._trainer.strategy.save_checkpoint(checkpoint, filepath, storage_options)
+
+
+class JobOptimizer:
+    """What a job's callbacks may do to the stack's optimizer: clear this job's gradients."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class JobLoggers(Logger):
+    """The stack's logger: what the stack logs as `<job>/<name>` (`0/val/acc`) reaches that job's
+    loggers as `<name>`, at the step Lightning gives it; other keys (`epoch`) go along to every
+    job that gets a metric in the same call. So Lightning's own reduction and steps apply."""
+
+    def __init__(self, job_loggers: list[list[Logger]]) -> None:
+        super().__init__()
+        self.job_loggers = job_loggers
+
+    @property
+    def name(self) -> str:
+        return "stack"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        own: list[dict[str, float]] = [{} for _ in self.job_loggers]
+        shared = {}
+        for key, value in metrics.items():
+            job, _, name = key.partition("/")
+            if job.isdigit() and name:
+                own[int(job)][name] = value
+            else:
+                shared[key] = value
+        for loggers, metrics_of_job in zip(self.job_loggers, own, strict=True):
+            for logger in loggers if metrics_of_job else ():
+                logger.log_metrics({**metrics_of_job, **shared}, step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """A job's HParams row is written from its record (`hparams.py`)."""
+
+    def finalize(self, status: str) -> None:
+        for loggers in self.job_loggers:
+            for logger in loggers:
+                logger.finalize(status)
+
+
+class StackedClassifier(pl.LightningModule):
+    """K `Classifier`s trained by one Lightning loop (rules: module docstring), each with its
+    `callbacks` and `loggers` (lists per job)."""
+
+    def __init__(
+        self,
+        jobs: list[Classifier],
+        callbacks: list[list[pl.Callback]] | None = None,
+        loggers: list[list[Logger]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.jobs = nn.ModuleList(jobs)
+        self.job_callbacks = callbacks or [[] for _ in jobs]
+        self.job_loggers = loggers or [[] for _ in jobs]
+
+    def active(self) -> list[tuple[int, Classifier]]:
+        return [(i, job) for i, job in enumerate(self.jobs) if not self.views[i].should_stop]
+
+    def each(
+        self, hook: str, *args: Any, per_job: list | None = None, jobs: list | None = None
+    ) -> None:
+        """Call `hook` of the callbacks of `jobs` (default: those still running) with the job's
+        view and module, then `args`, then the job's own item of `per_job`."""
+        for i, job in self.running if jobs is None else jobs:
+            own = () if per_job is None else (per_job[i],)
+            for callback in self.job_callbacks[i]:
+                getattr(callback, hook)(self.views[i], job, *args, *own)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "views"):  # once: testing after fitting keeps who stopped
+            self.views = [JobView(self, i) for i in range(len(self.jobs))]
+            self.running = self.active()
+            self.stopped: list[tuple[int, Classifier]] = []  # in this epoch
+        self.each("setup", stage)
+
+    def on_fit_start(self) -> None:
+        self.each("on_fit_start")
+
+    def on_train_start(self) -> None:
+        self.each("on_train_start")
+
+    def on_train_batch_start(self, batches: JobBatches, batch_idx: int) -> None:
+        for i, job in self.running:
+            for callback in self.job_callbacks[i]:
+                callback.on_train_batch_start(self.views[i], job, batches[i], batch_idx)
+
+    def training_step(self, batches: JobBatches, batch_idx: int) -> Tensor:
+        """The running jobs' losses, summed; each job's loss and accuracy logged as
+        `Classifier.training_step` logs them, under its index."""
+        self.losses = [None] * len(self.jobs)
+        logging = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        for i, job in self.running:
+            x, y = batches[i]
+            outputs = job(x)
+            self.losses[i] = job.loss_fn(outputs, y)
+            if logging:
+                metrics = {
+                    f"{i}/train/loss": self.losses[i],
+                    f"{i}/train/acc": accuracy(outputs, y),
+                }
+                self.log_dict(metrics, batch_size=len(y))
+        return torch.stack([loss for loss in self.losses if loss is not None]).sum()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        """Every job on the same batch (the jobs share their evaluation splits)."""
+        for i, job in enumerate(self.jobs):
+            metrics = job.evaluation_metrics(batch, stage)
+            own = {f"{i}/{name}": value for name, value in metrics.items()}
+            self.log_dict(own, batch_size=len(batch[1]), sync_dist=True)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.each("on_before_backward", per_job=self.losses)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        jobs = [JobOptimizer(group["params"]) for group in optimizer.param_groups]
+        self.each("on_before_optimizer_step", per_job=jobs)
+
+    def on_train_batch_end(self, outputs: Any, batches: JobBatches, batch_idx: int) -> None:
+        """A job that stopped in this step leaves the stack; it ends its epoch after the next
+        validation (`end_stopped`); the stack stops when every job has."""
+        for i, job in self.running:
+            for callback in self.job_callbacks[i]:
+                callback.on_train_batch_end(self.views[i], job, outputs, batches[i], batch_idx)
+        for i, job in self.running:
+            if self.views[i].should_stop:
+                self.views[i].global_step = self.trainer.global_step  # where it ended
+                self.stopped.append((i, job))
+        self.running = self.active()
+        self.trainer.should_stop = self.trainer.should_stop or not self.running
+
+    def on_validation_end(self) -> None:
+        """Each job's checkpoints, the jobs that stopped in this epoch included."""
+        self.each("on_validation_end", jobs=[*self.running, *self.stopped])
+        self.end_stopped()
+
+    def on_train_epoch_end(self) -> None:
+        self.each("on_train_epoch_end")
+        self.end_stopped()  # when no validation ran
+
+    def end_stopped(self) -> None:
+        """What a job that stops sees alone: its epoch ends after a validation, which runs on
+        the weights it stopped with (they have not moved since), then its training ends."""
+        for hook in ("on_train_epoch_end", "on_train_end"):
+            self.each(hook, jobs=self.stopped)
+        for i, _ in self.stopped:
+            self.views[i].current_epoch = self.trainer.current_epoch + 1  # that epoch ended
+        self.stopped = []
+
+    def job_checkpoint(self, i: int) -> dict[str, Any]:
+        """Job `i`'s checkpoint as Lightning writes it for a single run, so that eval loads it
+        and a single run trains on from it: its weights and hyperparameters, its slice of the
+        optimizer's and schedulers' state, its callbacks' and data module's state, and the
+        loops' state (a running job's steps are the stack's)."""
+        trainer, job, view = self.trainer, self.jobs[i], self.views[i]
+        optimizer = trainer.optimizers[0].state_dict()
+        group = optimizer["param_groups"][i]
+        params = group["params"]
+        own_state = {
+            new: optimizer["state"][old]
+            for new, old in enumerate(params)
+            if old in optimizer["state"]
+        }
+        groups = len(optimizer["param_groups"])
+        return {
+            "epoch": view.current_epoch,
+            "global_step": view.global_step,
+            "pytorch-lightning_version": pl.__version__,
+            "state_dict": job.state_dict(),
+            "loops": {
+                name: getattr(trainer, name).state_dict()
+                for name in ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+            },
+            "callbacks": {
+                callback.state_key: state
+                for callback in view.callbacks
+                if (state := callback.state_dict())
+            },
+            "optimizer_states": [
+                {
+                    "state": own_state,
+                    "param_groups": [{**group, "params": list(range(len(params)))}],
+                }
+            ],
+            "lr_schedulers": [
+                {
+                    key: [value[i]] if isinstance(value, list) and len(value) == groups else value
+                    for key, value in config.scheduler.state_dict().items()
+                }
+                for config in trainer.lr_scheduler_configs
+            ],
+            "hparams_name": job._hparams_name,
+            "hyper_parameters": dict(job.hparams),
+            type(self.trainer.datamodule.jobs[i]).__qualname__: (
+                self.trainer.datamodule.jobs[i].state_dict()
+            ),
+        }
+
+    def on_train_end(self) -> None:
+        self.each("on_train_end")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """One optimizer, a parameter group per job with that job's hyperparameters."""
+        factories = [job.make_optimizer for job in self.jobs]
+        groups = [
+            {"params": list(job.parameters()), **make.keywords}
+            for job, make in zip(self.jobs, factories, strict=True)
+        ]
+        optimizer = factories[0].func(groups)
+        make_scheduler = self.jobs[0].make_scheduler
+        if make_scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": make_scheduler(optimizer)}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Each job's gradient clipped as it would be alone, over its own parameters."""
+        if gradient_clip_val is None:
+            return
+        for group in optimizer.param_groups:
+            params = group["params"]
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+
+def built(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
+    """The job's data module and classifier, built under its seed as `train.fit_and_test`
+    builds them; a bad config or missing data fails here, before the stack trains."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    return datamodule, module
+
+
+def fit_and_test_stack(
+    cfgs: list[DictConfig], jobs: list[tuple[MNISTDataModule, Classifier]] | None = None
+) -> list[dict[str, Any]]:
+    """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
+    record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
+    jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs `built` already.
+
+    Each job gets its own evidence callbacks, checkpoints and loggers from its config; the
+    stack's trainer takes the first job's other callbacks (the progress bar), less the
+    learning-rate monitor (`PER_JOB`).
+    """
+    jobs = jobs or [built(cfg) for cfg in cfgs]
+    job_callbacks, job_loggers, shared = [], [], []
+    for cfg in cfgs:
+        callbacks, loggers = instruments(cfg)
+        own = [c for c in callbacks if isinstance(c, PER_JOB)]
+        # Checkpoints last, as Lightning orders a trainer's callbacks: they save the others' state.
+        job_callbacks.append(sorted(own, key=lambda c: isinstance(c, ModelCheckpoint)))
+        job_loggers.append(loggers)
+        shared = shared or [
+            c for c in callbacks if not isinstance(c, (*PER_JOB, LearningRateMonitor))
+        ]
+    stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
+    data = StackedData([datamodule for datamodule, _ in jobs])
+    trainer = instantiate(
+        cfgs[0].trainer,
+        callbacks=shared,
+        logger=JobLoggers(job_loggers),
+        enable_checkpointing=False,  # the jobs have their own
+    )
+    start = time.perf_counter()
+    trainer.fit(stack, datamodule=data)
+    train_seconds = time.perf_counter() - start
+    records = []
+    for cfg, view in zip(cfgs, stack.views, strict=True):
+        record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
+        record[TRAIN_SECONDS] = round(train_seconds / len(cfgs), 3)
+        records.append({**record, **training_evidence(view)})
+    start = time.perf_counter()
+    (tested,) = trainer.test(stack, datamodule=data, verbose=False)
+    test_seconds = round((time.perf_counter() - start) / len(cfgs), 3)
+    for i, (cfg, record, (datamodule, module)) in enumerate(zip(cfgs, records, jobs, strict=True)):
+        record.update(scalars(own_metrics(tested, i), "test/"))
+        record[TEST_SECONDS] = test_seconds
+        record.update(evidence_on_test_split(module, datamodule))
+        record[VERDICT] = verdict(record)
+        record[STACKED_WITH] = [job_id(job_identity(c)) for c in cfgs if c is not cfg]
+    return records
+
+
+def own_metrics(metrics: dict[str, Any], job: int) -> dict[str, Any]:
+    """Job `job`'s metrics (`<job>/val/acc`) under their own names (`val/acc`)."""
+    prefix = f"{job}/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def why_alone(job: Job) -> str | None:
+    """Why `job` cannot train in a stack (it then runs alone, as with the basic launcher)."""
+    cfg = job.cfg
+    if job.resume_from is not None:
+        return f"it trains on from its checkpoint {job.resume_from}"
+    if not (cfg.get("train", True) and cfg.get("test", True)) or cfg.get("ckpt_path"):
+        return "it does not both train and test from scratch"
+    if (
+        str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
+        or cfg.trainer.get("num_nodes", 1) > 1
+    ):
+        return "it trains on several processes (DDP)"
+    if cfg.optimizer._target_ not in STACKABLE_OPTIMIZERS:
+        return f"optimizer {cfg.optimizer._target_} is not one a stack is tested with"
+    return None
+
+
+def stacks(jobs: list[Job], max_stack: int) -> list[list[int]]:
+    """The jobs' indices grouped into stacks of at most `max_stack` (`stack_key` equal); a job
+    that cannot stack (`why_alone`) is a stack of one."""
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        reason = why_alone(job)
+        if reason:
+            log.info("%s runs alone: %s", job.record_path.parent.name, reason)
+        key = f"alone {i}" if reason else stack_key(job.identity[JOB_CONFIG])
+        groups.setdefault(key, []).append(i)
+    return [
+        group[start : start + max_stack]
+        for group in groups.values()
+        for start in range(0, len(group), max_stack)
+    ]
+
+
+def run_stack(jobs: list[Job]) -> list[float | None]:
+    """Train and test `jobs` as one stack (or the one job alone) and keep each job's record;
+    return each job's value for the sweeper. A job that cannot be built fails alone, before the
+    stack trains; a stack that raises as it trains fails each of its jobs."""
+    if len(jobs) == 1:
+        (job,) = jobs
+        return [finish(job, lambda: fit_and_test(job.cfg, job.resume_from))]
+    values: dict[int, float | None] = {}
+    ready: dict[int, tuple[MNISTDataModule, Classifier]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            ready[i] = built(job.cfg)
+        except Exception as err:
+            values[i] = job_failed(err, job.identity, job.record_path, job.in_sweep)
+    stacked = [jobs[i] for i in ready]
+    if not stacked:
+        return [values[i] for i in range(len(jobs))]
+    try:
+        records = fit_and_test_stack([job.cfg for job in stacked], list(ready.values()))
+    except Exception as err:
+        records = [err] * len(stacked)
+    for i, job, record in zip(ready, stacked, records, strict=True):
+        if isinstance(record, Exception):
+            values[i] = job_failed(record, job.identity, job.record_path, job.in_sweep)
+        else:
+            values[i] = finish(job, lambda r=record: r)
+    return [values[i] for i in range(len(jobs))]

@@ -1,0 +1,310 @@
+"""Stacked training: K jobs trained by one Lightning loop train exactly as each would alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, REPO_ROOT, compose_config, run_cli
+from vanishlab.diagnostics import GradientFlow
+from vanishlab.divergence import StopOnDivergence
+from vanishlab.results import RESUMED_FROM, STATUS, job_identity, read_record
+from vanishlab.stack import (
+    STACKED_WITH,
+    JobLoggers,
+    StackedClassifier,
+    StackedData,
+    fit_and_test_stack,
+    stack_key,
+)
+from vanishlab.train import build, fit_and_test
+
+STEPS = 50
+# Three jobs that differ in seed, init and optimizer hyperparameters (one optimizer class).
+JOBS = [
+    ["seed=0", "init=kaiming_normal", "optimizer.lr=0.05"],
+    ["seed=1", "init=xavier_normal", "optimizer.lr=0.1", "optimizer.weight_decay=0.01"],
+    ["seed=2", "init=normal", "init.std=0.05", "optimizer.lr=0.01"],
+]
+
+
+def trainer(**overrides) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **overrides,
+    )
+
+
+def built(cfg):
+    pl.seed_everything(cfg.seed)  # as train.fit_and_test does before it builds
+    return build(cfg)
+
+
+@pytest.mark.parametrize(
+    ("extras", "trainer_args"),
+    [
+        ([[], ["optimizer.momentum=0.9"], []], {}),  # one job with momentum, two without
+        ([["optimizer=adam"]] * 3, {}),
+        ([[]] * 3, {"gradient_clip_val": 0.05}),  # clipped per job, not over the stack
+    ],
+    ids=["sgd", "adam", "clipped"],
+)
+def test_a_stacked_job_trains_exactly_as_alone(tiny_data, tmp_path, extras, trainer_args) -> None:
+    configs = [
+        compose_config([*FAST, *extra, *job], tiny_data, tmp_path)
+        for extra, job in zip(extras, JOBS, strict=True)
+    ]
+    alone = []
+    for cfg in configs:
+        datamodule, module = built(cfg)
+        trainer(**trainer_args).fit(module, datamodule=datamodule)
+        alone.append(module.net.state_dict())
+
+    jobs = [built(cfg) for cfg in configs]
+    stack = StackedClassifier([module for _, module in jobs])
+    trainer(**trainer_args).fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
+    for job, weights in zip(stack.jobs, alone, strict=True):
+        for name, tensor in job.net.state_dict().items():
+            assert torch.equal(tensor, weights[name]), name
+
+
+def test_jobs_stack_when_they_differ_only_in_init_loss_optimizer_values_and_seed(
+    tiny_data, tmp_path
+) -> None:
+    def key(*overrides: str) -> str:
+        return stack_key(job_identity(compose_config([*FAST, *overrides], tiny_data, tmp_path)))
+
+    base = key()
+    assert key(*JOBS[1]) == base
+    assert key("loss=mse", "seed=7") == base
+    assert key("model.depth=3") != base
+    assert key("optimizer=adam") != base  # another optimizer class
+    assert key("data.batch_size=20") != base
+
+
+def instruments() -> list[pl.Callback]:
+    return [GradientFlow(every_n_steps=4), StopOnDivergence()]
+
+
+def findings(callbacks: list[pl.Callback]) -> dict:
+    """What the callbacks found: their evidence, and GradientFlow's per-epoch profiles."""
+    flow, stop = callbacks
+    return {**flow.evidence(), **stop.evidence(), "epoch_profiles": flow.epoch_profiles}
+
+
+def test_each_job_keeps_its_own_callbacks_and_a_diverging_job_stops_alone(
+    tiny_data, tmp_path
+) -> None:
+    """The second job diverges (lr=1e4): it stops at its first non-finite step, as it would
+    alone, with the same weights and evidence; the other two train on to the end."""
+    lrs = ["optimizer.lr=0.05", "optimizer.lr=1e4", "optimizer.lr=0.1"]
+    configs = [
+        compose_config([*FAST, f"seed={i}", lr], tiny_data, tmp_path) for i, lr in enumerate(lrs)
+    ]
+    alone = []
+    for cfg in configs:
+        datamodule, module = built(cfg)
+        callbacks = instruments()
+        trainer(callbacks=callbacks).fit(module, datamodule=datamodule)
+        alone.append((module.net.state_dict(), findings(callbacks)))
+    assert "diverged_at_step" in alone[1][1] and "diverged_at_step" not in alone[0][1]
+
+    jobs = [built(cfg) for cfg in configs]
+    callbacks = [instruments() for _ in jobs]
+    stack = StackedClassifier([module for _, module in jobs], callbacks)
+    trainer().fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
+    for job, own, (weights, evidence) in zip(stack.jobs, callbacks, alone, strict=True):
+        for name, tensor in job.net.state_dict().items():
+            assert torch.equal(tensor, weights[name]), name
+        assert findings(own) == evidence
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in events.Scalars(tag))
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> None:
+    """Train, validation and test metrics and the gradient-flow figures reach each job's own
+    TensorBoard, at the steps and with the values a single run writes."""
+    configs = [
+        compose_config([*FAST, *job, "trainer.max_epochs=2"], tiny_data, tmp_path) for job in JOBS
+    ]
+
+    def loggers(where) -> list:
+        return [TensorBoardLogger(where, name="", version="", default_hp_metric=False)]
+
+    alone = []
+    for i, cfg in enumerate(configs):
+        datamodule, module = built(cfg)
+        run = pl.Trainer(
+            max_epochs=2,
+            logger=loggers(tmp_path / "alone" / str(i)),
+            callbacks=instruments(),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+        )
+        run.fit(module, datamodule=datamodule)
+        run.test(module, datamodule=datamodule, verbose=False)
+        alone.append(scalars(tmp_path / "alone" / str(i)))
+
+    jobs = [built(cfg) for cfg in configs]
+    job_loggers = [loggers(tmp_path / "stacked" / str(i)) for i in range(len(jobs))]
+    stack = StackedClassifier(
+        [module for _, module in jobs], [instruments() for _ in jobs], job_loggers
+    )
+    run = pl.Trainer(
+        max_epochs=2,
+        logger=JobLoggers(job_loggers),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    data = StackedData([dm for dm, _ in jobs])
+    run.fit(stack, datamodule=data)
+    run.test(stack, datamodule=data, verbose=False)
+    for i, expected in enumerate(alone):
+        assert scalars(tmp_path / "stacked" / str(i)) == expected
+
+
+def timeless(record: dict) -> str:
+    """The record as JSON (NaN included), less its seconds and `stacked_with`."""
+    kept = {k: v for k, v in record.items() if not k.endswith("_seconds") and k != STACKED_WITH}
+    return json.dumps(kept, sort_keys=True)
+
+
+def same(a, b, skipped=()) -> bool:
+    """Nested checkpoint contents equal, tensors exactly; the keys in `skipped` not compared."""
+    if isinstance(a, dict):
+        keys = set(a) - set(skipped)
+        return keys == set(b) - set(skipped) and all(same(a[k], b[k]) for k in keys)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b or (a != a and b != b)  # nan == nan
+
+
+def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
+    """Records from `fit_and_test_stack` equal `fit_and_test`'s, job by job, the diverging
+    job's included, but for the seconds and `stacked_with`."""
+    runs = [*JOBS, ["seed=3", "optimizer.lr=1e4"]]
+
+    def configs(where: str) -> list:
+        return [
+            compose_config(
+                [*FAST, *job, "trainer.max_epochs=2"], tiny_data, tmp_path / where / str(i)
+            )
+            for i, job in enumerate(runs)
+        ]
+
+    alone = [fit_and_test(cfg) for cfg in configs("alone")]
+    assert alone[-1][STATUS] == "diverged" and alone[0][STATUS] == "completed"
+    stacked = fit_and_test_stack(configs("stacked"))
+    for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
+        assert timeless(record) == timeless(own)
+        assert len(record[STACKED_WITH]) == len(runs) - 1
+        # Its checkpoints are the ones it writes alone (the loops' state of a job that stopped
+        # early is the stack's, which trained on).
+        for name in ("last.ckpt", "best.ckpt"):
+            single, job = (
+                torch.load(tmp_path / where / str(i) / "checkpoints" / name, weights_only=False)
+                for where in ("alone", "stacked")
+            )
+            skipped = {"callbacks", "hyper_parameters"}  # they name the job's own directory
+            skipped |= {"loops"} if own[STATUS] == "diverged" else set()
+            assert same(job, single, skipped), (i, name)
+            assert same(job["callbacks"]["GradientFlow"], single["callbacks"]["GradientFlow"])
+
+
+@pytest.mark.slow
+def test_the_stacked_launcher_writes_the_records_the_basic_launcher_writes(
+    tiny_data, tmp_path
+) -> None:
+    """A 12-job sweep (depth x lr x seed, a third of it diverging): two stacks of six, and
+    every job's record as the basic launcher leaves it, but for the seconds and
+    `stacked_with`."""
+    sweep = [*FAST, "trainer.max_epochs=2", "model.depth=2,3", "optimizer.lr=0.05,0.1,1e4"]
+    sweep += ["seed=0,1"]
+    records = {}
+    for launcher in ("basic", "stacked"):
+        where = tmp_path / launcher
+        args = ["-m", *sweep, f"hydra/launcher={launcher}", f"hydra.sweep.dir={where}"]
+        result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[launcher] = {p.parent.name: read_record(p) for p in where.glob("*/metrics.json")}
+    assert "12 jobs to train -> 2 stacks (6, 6)" in result.stdout + result.stderr
+    assert len(records["basic"]) == 12 and records["basic"].keys() == records["stacked"].keys()
+    for name, alone in records["basic"].items():
+        stacked = records["stacked"][name]
+        assert len(stacked.pop(STACKED_WITH)) == 5
+        assert timeless(stacked) == timeless(alone), name
+
+
+@pytest.mark.slow
+def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path) -> None:
+    """Killed while its three jobs train as one stack, the sweep run again trains each on
+    alone from its own last checkpoint, and ends with the records of an uninterrupted sweep."""
+    sweep = [*FAST, "seed=0,1,2", "trainer.max_epochs=6"]
+    whole = tmp_path / "whole"
+    result = run_cli(
+        "vanishlab.train", "-m", *sweep, f"hydra.sweep.dir={whole}", data_dir=tiny_data
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "vanishlab.train", "-m", *sweep, "hydra/launcher=stacked"]
+    env = {**os.environ, "DATA_DIR": str(tiny_data)}
+    process = subprocess.Popen(
+        [*args, f"hydra.sweep.dir={killed}"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("*/checkpoints/last.ckpt"))) < 3:
+        time.sleep(0.02)
+    assert process.poll() is None, "the stack finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert {read_record(p)[STATUS] for p in killed.glob("*/metrics.json")} == {"started"}
+
+    result = run_cli(
+        "vanishlab.train",
+        "-m",
+        *sweep,
+        "hydra/launcher=stacked",
+        f"hydra.sweep.dir={killed}",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "runs alone: it trains on from its checkpoint" in result.stdout + result.stderr
+    for path in whole.glob("*/metrics.json"):
+        resumed = read_record(killed / path.parent.name / "metrics.json")
+        assert resumed.pop(RESUMED_FROM).endswith("last.ckpt")
+        assert timeless(resumed) == timeless(read_record(path)), path.parent.name
