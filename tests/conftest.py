@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,26 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
             "train",
             overrides=[f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", *overrides],
         )
+
+
+def kill_cli_when(ready: Callable[[], bool], module: str, *args: str, data_dir: Path) -> None:
+    """Run `python -m <module> args` as `run_cli` does and kill its whole process group (as a
+    lost node or a kill -9 would) as soon as `ready()` holds; it must not end before."""
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not ready():
+        assert time.time() < deadline and process.poll() is None, "it ended before the kill"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def run_cli(

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import pytorch_lightning as pl
@@ -15,7 +10,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, REPO_ROOT, compose_config, run_cli
+from conftest import FAST, compose_config, kill_cli_when, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.results import RESUMED_FROM, STATUS, job_identity, read_record
@@ -276,32 +271,15 @@ def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "vanishlab.train", "-m", *sweep, "hydra/launcher=stacked"]
-    env = {**os.environ, "DATA_DIR": str(tiny_data)}
-    process = subprocess.Popen(
-        [*args, f"hydra.sweep.dir={killed}"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(killed.glob("*/checkpoints/last.ckpt"))) < 3:
-        time.sleep(0.02)
-    assert process.poll() is None, "the stack finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    args = ["-m", *sweep, "hydra/launcher=stacked", f"hydra.sweep.dir={killed}"]
+
+    def every_job_checkpointed() -> bool:
+        return len(list(killed.glob("*/checkpoints/last.ckpt"))) == 3
+
+    kill_cli_when(every_job_checkpointed, "vanishlab.train", *args, data_dir=tiny_data)
     assert {read_record(p)[STATUS] for p in killed.glob("*/metrics.json")} == {"started"}
 
-    result = run_cli(
-        "vanishlab.train",
-        "-m",
-        *sweep,
-        "hydra/launcher=stacked",
-        f"hydra.sweep.dir={killed}",
-        data_dir=tiny_data,
-    )
+    result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "runs alone: it trains on from its checkpoint" in result.stdout + result.stderr
     for path in whole.glob("*/metrics.json"):

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO_ROOT, compose_config, run_cli
+from conftest import FAST, compose_config, kill_cli_when, run_cli
 from vanishlab.hparams import FILE_SUFFIX
 from vanishlab.results import (
     EPOCHS,
@@ -91,33 +87,12 @@ def training_events(job_dir: Path) -> list[str]:
 
 
 def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_path) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "vanishlab.train",
-        "-m",
-        *FAST,
-        "seed=0,1,2",
-        "trainer.max_epochs=6",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
-    env = {**os.environ, "DATA_DIR": str(tiny_data)}
-    process = subprocess.Popen(
-        args,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    second_ckpt = None
-    deadline = time.time() + 300
-    while time.time() < deadline and second_ckpt is None:
-        second_ckpt = next(tmp_path.glob("*seed=1*/checkpoints/last.ckpt"), None)
-        time.sleep(0.02)
-    assert second_ckpt is not None and process.poll() is None, "the second job never checkpointed"
-    os.killpg(process.pid, signal.SIGKILL)  # in the middle of the second job
-    process.wait()
+    args = ["-m", *FAST, "seed=0,1,2", "trainer.max_epochs=6", f"hydra.sweep.dir={tmp_path}"]
+
+    def second_job_checkpointed() -> bool:  # kill in the middle of the second job
+        return any(tmp_path.glob("*seed=1*/checkpoints/last.ckpt"))
+
+    kill_cli_when(second_job_checkpointed, "vanishlab.train", *args, data_dir=tiny_data)
     first = next(tmp_path.glob("*seed=0*"))
     first_metrics = (first / "metrics.json").read_text()
     first_events = training_events(first)
