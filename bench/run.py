@@ -11,11 +11,11 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
    printed as a cross-check; only Lightning's dispatch of the hooks, a few us each, is left out)
 4. per-job overhead of the basic launcher: wall time beyond fit + test, per job      (<= 1.5 s)
 5. joblib (2 jobs x 1 thread) / basic launcher wall time, 8-job 1-epoch sweep (for reference)
+   its floor depends on the machine too: each joblib worker first imports torch and Lightning
 6. stacked / basic launcher wall time, 8-job 1-epoch `optimizer.lr` sweep, start-up included
                                                                                     (<= 0.8)
-6a. a job's training epoch in that stack of 8 (its share of the stack's training time) / the
-   plain loop's epoch                                                   (aim 1.1, printed)
-   its floor depends on the machine too: each joblib worker first imports torch and Lightning
+6a. a job's share of that stack of 8's 1-epoch `fit` (validation and the first epoch's warm-up
+   included, so it overstates the epoch) / the plain loop's fastest epoch   (aim 1.1, printed)
 
 Two more lines are the floors of ratios 1 and 5 on this machine, printed for reference:
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
@@ -266,8 +266,8 @@ def main() -> None:
         stacked = [json.loads(p.read_text()) for p in Path(tmp, "stacked").glob("*/metrics.json")]
     print(f"lr sweep seconds: basic {basic_wall:.1f}, stacked {stacked_wall:.1f}", flush=True)
     report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
-    job_epoch = statistics.median(r["train_seconds"] for r in stacked)
-    reference("6a. a job's epoch in a stack of 8 / plain loop epoch", job_epoch / plain_s)
+    job_share = statistics.median(r["train_seconds"] for r in stacked)
+    reference("6a. a job's share of a stack of 8's fit / plain loop epoch", job_share / plain_s)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,6 @@ def test_writing_again_replaces_the_table(tiny_sweep, tmp_path) -> None:
     older file beside the new one would win."""
     sweep_dir = shutil.copytree(tiny_sweep, tmp_path / "sweep")
     job_dirs = sorted(path.parent for path in sweep_dir.glob("*/metrics.json"))
-    write_hparams(sweep_dir, job_dirs)
+    write_hparams(sweep_dir, {job: read_record(job / "metrics.json") for job in job_dirs})
     for directory in (sweep_dir, *job_dirs):
         assert len(list(directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}"))) == 1

@@ -57,8 +57,9 @@ def built(cfg):
         ([[], ["optimizer.momentum=0.9"], []], {}),  # one job with momentum, two without
         ([["optimizer=adam"]] * 3, {}),
         ([[]] * 3, {"gradient_clip_val": 0.05}),  # clipped per job, not over the stack
+        ([["remedy=batchnorm"]] * 3, {}),  # each job's running statistics are its own
     ],
-    ids=["sgd", "adam", "clipped"],
+    ids=["sgd", "adam", "clipped", "batchnorm"],
 )
 def test_a_stacked_job_trains_exactly_as_alone(tiny_data, tmp_path, extras, trainer_args) -> None:
     configs = [

@@ -139,14 +139,12 @@ class GradientFlow(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         # With gradient accumulation several batches lead to one optimizer step: the hooks stay
         # on until that step, so the activations are those of its last batch.
-        if self._logging:
-            return
-        last = trainer.global_step == self._last_step
-        if trainer.global_step % self.every_n_steps and not last:
+        step = trainer.global_step
+        if self._logging or (step % self.every_n_steps and step != self._last_step):
             return
         self._logging = True
-        self._step = trainer.global_step
-        self._histograms = last or (
+        self._step = step
+        self._histograms = step == self._last_step or (
             trainer.current_epoch % self.histograms_every_n_epochs == 0
             and not self._profiles_this_epoch
         )

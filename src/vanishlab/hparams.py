@@ -55,7 +55,6 @@ from vanishlab.results import (
     VAL_ACC,
     VERDICT,
     option_columns,
-    read_record,
 )
 
 STATUS_COLUMN, VERDICT_COLUMN = "Status", "Verdict"
@@ -156,11 +155,10 @@ def varying(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
     return list(kept.values())
 
 
-def write_hparams(root: Path, jobs: list[Path]) -> None:
-    """Write the HParams table of the runs in `jobs` (their `metrics.json`): each job's row and
-    metrics into its directory, the table's configuration into `root` (a sweep's directory, or
-    the single run's own)."""
-    records = {job: read_record(job / "metrics.json") for job in jobs}
+def write_hparams(root: Path, records: dict[Path, dict[str, Any]]) -> None:
+    """Write the HParams table of the runs whose records (`metrics.json`) are `records`, by run
+    directory: each run's row and metrics into its directory, the table's configuration into
+    `root` (a sweep's directory, or the single run's own)."""
     records = {job: record for job, record in records.items() if JOB_CONFIG in record}
     rows = {job: row(record) for job, record in records.items()}
     columns = column_infos(list(rows.values()))

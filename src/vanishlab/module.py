@@ -18,6 +18,17 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=1) == targets).float().mean()
 
 
+def stage_metrics(stage: str, loss: Tensor, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """What a batch logs: `<stage>/loss` and `<stage>/acc`."""
+    return {f"{stage}/loss": loss, f"{stage}/acc": accuracy(outputs, targets)}
+
+
+def logs_this_step(module: pl.LightningModule) -> bool:
+    """Lightning writes on_step values when (global_step + 1) % log_every_n_steps == 0; the
+    training step computes its metrics only then."""
+    return (module.global_step + 1) % module.trainer.log_every_n_steps == 0
+
+
 class Classifier(pl.LightningModule):
     """Trains `net` on `loss_fn` with the optimizer that `make_optimizer` builds, its learning
     rate set each epoch by the scheduler `make_scheduler` builds (if any). `config`, the
@@ -52,11 +63,8 @@ class Classifier(pl.LightningModule):
         x, y = batch
         outputs = self.net(x)
         loss = self.loss_fn(outputs, y)
-        # Lightning writes on_step values when (global_step + 1) % log_every_n_steps == 0.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict(
-                {"train/loss": loss, "train/acc": accuracy(outputs, y)}, batch_size=len(y)
-            )
+        if logs_this_step(self):
+            self.log_dict(stage_metrics("train", loss, outputs, y), batch_size=len(y))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -72,7 +80,7 @@ class Classifier(pl.LightningModule):
     def evaluation_metrics(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         x, y = batch
         outputs = self.net(x)
-        return {f"{stage}/loss": self.loss_fn(outputs, y), f"{stage}/acc": accuracy(outputs, y)}
+        return stage_metrics(stage, self.loss_fn(outputs, y), outputs, y)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer(self.parameters())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -41,13 +41,11 @@ from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 
 from vanishlab.data import MNISTDataModule, TensorBatches
-from vanishlab.diagnostics import evidence_on_test_split
-from vanishlab.module import Classifier, accuracy
+from vanishlab.module import Classifier, logs_this_step, stage_metrics
 from vanishlab.results import (
     JOB_CONFIG,
     SEED,
     STATUS,
-    TEST_SECONDS,
     TRAIN_SECONDS,
     VERDICT,
     EvidenceSource,
@@ -57,16 +55,18 @@ from vanishlab.results import (
 )
 from vanishlab.train import (
     Job,
-    build,
+    build_seeded,
     finish,
     fit_and_test,
     instruments,
     job_failed,
-    scalars,
+    testing_evidence,
     training_evidence,
 )
 
 log = logging.getLogger(__name__)
+
+JobBatches = list[tuple[Tensor, Tensor]]  # one step's batches, one per job
 
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
 # A job's own callbacks (the others are the stack's, from its first job's config; the
@@ -90,18 +90,6 @@ def stack_key(identity: dict[str, Any]) -> str:
     return job_id(shape)
 
 
-class JobBatches:
-    """One step's batches, one per job. Not a collection: Lightning walks a list of batches
-    item by item on every step (to move it to the device, where the tensors are already),
-    which cost a tenth of an epoch for a stack of 8."""
-
-    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
-        self.batches = batches
-
-    def __getitem__(self, job: int) -> tuple[Tensor, Tensor]:
-        return self.batches[job]
-
-
 class StackedBatches:
     """One batch of each job per step, each from that job's own order."""
 
@@ -112,7 +100,7 @@ class StackedBatches:
         return len(self.streams[0])
 
     def __iter__(self) -> Iterator[JobBatches]:
-        return (JobBatches(list(batches)) for batches in zip(*self.streams, strict=True))
+        return (list(batches) for batches in zip(*self.streams, strict=True))
 
 
 class StackedData(pl.LightningDataModule):
@@ -245,21 +233,23 @@ class StackedClassifier(pl.LightningModule):
         return [(i, job) for i, job in enumerate(self.jobs) if not self.views[i].should_stop]
 
     def each(
-        self, hook: str, *args: Any, per_job: list | None = None, jobs: list | None = None
+        self,
+        hook: str,
+        args: Callable[[int], tuple] = lambda i: (),
+        jobs: list[tuple[int, Classifier]] | None = None,
     ) -> None:
         """Call `hook` of the callbacks of `jobs` (default: those still running) with the job's
-        view and module, then `args`, then the job's own item of `per_job`."""
+        view, its module and its own `args(i)`."""
         for i, job in self.running if jobs is None else jobs:
-            own = () if per_job is None else (per_job[i],)
             for callback in self.job_callbacks[i]:
-                getattr(callback, hook)(self.views[i], job, *args, *own)
+                getattr(callback, hook)(self.views[i], job, *args(i))
 
     def setup(self, stage: str) -> None:
         if not hasattr(self, "views"):  # once: testing after fitting keeps who stopped
             self.views = [JobView(self, i) for i in range(len(self.jobs))]
             self.running = self.active()
             self.stopped: list[tuple[int, Classifier]] = []  # in this epoch
-        self.each("setup", stage)
+        self.each("setup", lambda i: (stage,))
 
     def on_fit_start(self) -> None:
         self.each("on_fit_start")
@@ -268,25 +258,19 @@ class StackedClassifier(pl.LightningModule):
         self.each("on_train_start")
 
     def on_train_batch_start(self, batches: JobBatches, batch_idx: int) -> None:
-        for i, job in self.running:
-            for callback in self.job_callbacks[i]:
-                callback.on_train_batch_start(self.views[i], job, batches[i], batch_idx)
+        self.each("on_train_batch_start", lambda i: (batches[i], batch_idx))
 
     def training_step(self, batches: JobBatches, batch_idx: int) -> Tensor:
-        """The running jobs' losses, summed; each job's loss and accuracy logged as
-        `Classifier.training_step` logs them, under its index."""
+        """The running jobs' losses, summed; each job logs as `Classifier.training_step` does,
+        under its index."""
         self.losses = [None] * len(self.jobs)
-        logging = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         for i, job in self.running:
             x, y = batches[i]
             outputs = job(x)
             self.losses[i] = job.loss_fn(outputs, y)
-            if logging:
-                metrics = {
-                    f"{i}/train/loss": self.losses[i],
-                    f"{i}/train/acc": accuracy(outputs, y),
-                }
-                self.log_dict(metrics, batch_size=len(y))
+            if logs_this_step(self):
+                metrics = stage_metrics("train", self.losses[i], outputs, y)
+                self.log_dict(under_job(i, metrics), batch_size=len(y))
         return torch.stack([loss for loss in self.losses if loss is not None]).sum()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -299,22 +283,19 @@ class StackedClassifier(pl.LightningModule):
         """Every job on the same batch (the jobs share their evaluation splits)."""
         for i, job in enumerate(self.jobs):
             metrics = job.evaluation_metrics(batch, stage)
-            own = {f"{i}/{name}": value for name, value in metrics.items()}
-            self.log_dict(own, batch_size=len(batch[1]), sync_dist=True)
+            self.log_dict(under_job(i, metrics), batch_size=len(batch[1]), sync_dist=True)
 
     def on_before_backward(self, loss: Tensor) -> None:
-        self.each("on_before_backward", per_job=self.losses)
+        self.each("on_before_backward", lambda i: (self.losses[i],))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        jobs = [JobOptimizer(group["params"]) for group in optimizer.param_groups]
-        self.each("on_before_optimizer_step", per_job=jobs)
+        groups = optimizer.param_groups
+        self.each("on_before_optimizer_step", lambda i: (JobOptimizer(groups[i]["params"]),))
 
     def on_train_batch_end(self, outputs: Any, batches: JobBatches, batch_idx: int) -> None:
         """A job that stopped in this step leaves the stack; it ends its epoch after the next
         validation (`end_stopped`); the stack stops when every job has."""
-        for i, job in self.running:
-            for callback in self.job_callbacks[i]:
-                callback.on_train_batch_end(self.views[i], job, outputs, batches[i], batch_idx)
+        self.each("on_train_batch_end", lambda i: (outputs, batches[i], batch_idx))
         for i, job in self.running:
             if self.views[i].should_stop:
                 self.views[i].global_step = self.trainer.global_step  # where it ended
@@ -422,27 +403,19 @@ class StackedClassifier(pl.LightningModule):
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
-def built(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
-    """The job's data module and classifier, built under its seed as `train.fit_and_test`
-    builds them; a bad config or missing data fails here, before the stack trains."""
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
-    datamodule.prepare_data()
-    return datamodule, module
-
-
 def fit_and_test_stack(
     cfgs: list[DictConfig], jobs: list[tuple[MNISTDataModule, Classifier]] | None = None
 ) -> list[dict[str, Any]]:
     """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
     record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
-    jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs `built` already.
+    jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs built already
+    (`train.build_seeded`).
 
     Each job gets its own evidence callbacks, checkpoints and loggers from its config; the
     stack's trainer takes the first job's other callbacks (the progress bar), less the
     learning-rate monitor (`PER_JOB`).
     """
-    jobs = jobs or [built(cfg) for cfg in cfgs]
+    jobs = jobs or [build_seeded(cfg) for cfg in cfgs]
     job_callbacks, job_loggers, shared = [], [], []
     for cfg in cfgs:
         callbacks, loggers = instruments(cfg)
@@ -471,14 +444,17 @@ def fit_and_test_stack(
         records.append({**record, **training_evidence(view)})
     start = time.perf_counter()
     (tested,) = trainer.test(stack, datamodule=data, verbose=False)
-    test_seconds = round((time.perf_counter() - start) / len(cfgs), 3)
+    test_seconds = (time.perf_counter() - start) / len(cfgs)
     for i, (cfg, record, (datamodule, module)) in enumerate(zip(cfgs, records, jobs, strict=True)):
-        record.update(scalars(own_metrics(tested, i), "test/"))
-        record[TEST_SECONDS] = test_seconds
-        record.update(evidence_on_test_split(module, datamodule))
+        record.update(testing_evidence(own_metrics(tested, i), test_seconds, module, datamodule))
         record[VERDICT] = verdict(record)
         record[STACKED_WITH] = [job_id(job_identity(c)) for c in cfgs if c is not cfg]
     return records
+
+
+def under_job(job: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Job `job`'s metrics as the stack logs them: `val/acc` -> `<job>/val/acc`."""
+    return {f"{job}/{name}": value for name, value in metrics.items()}
 
 
 def own_metrics(metrics: dict[str, Any], job: int) -> dict[str, Any]:
@@ -532,7 +508,7 @@ def run_stack(jobs: list[Job]) -> list[float | None]:
     ready: dict[int, tuple[MNISTDataModule, Classifier]] = {}
     for i, job in enumerate(jobs):
         try:
-            ready[i] = built(job.cfg)
+            ready[i] = build_seeded(job.cfg)
         except Exception as err:
             values[i] = job_failed(err, job.identity, job.record_path, job.in_sweep)
     stacked = [jobs[i] for i in ready]

@@ -122,8 +122,9 @@ class Records(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
-        if rank_zero_only.rank == 0 and (run_dir / "metrics.json").is_file():
-            write_hparams(run_dir, [run_dir])
+        record = read_record(run_dir / "metrics.json")
+        if rank_zero_only.rank == 0 and record:
+            write_hparams(run_dir, {run_dir: record})
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -134,13 +135,12 @@ class Records(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted(path.parent for path in sweep_dir.glob("*/metrics.json"))
-        records = {job.name: read_record(job / "metrics.json") for job in jobs}
-        write_hparams(sweep_dir, jobs)
+        records = {p.parent: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
+        write_hparams(sweep_dir, records)
         counts = Counter(record.get(STATUS, "unknown") for record in records.values())
         log.info("Sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
         unfinished = [
-            name for name, record in records.items() if record.get(STATUS) not in FINISHED
+            job.name for job, record in records.items() if record.get(STATUS) not in FINISHED
         ]
         if unfinished:
             log.error(

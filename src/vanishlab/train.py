@@ -165,9 +165,7 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
             f"train=true, or test=true with ckpt_path=<run>/checkpoints/last.ckpt to only "
             f"evaluate that checkpoint."
         )
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
-    datamodule.prepare_data()  # missing or corrupt data fails here, before the trainer exists
+    datamodule, module = build_seeded(cfg)
     trainer = build_trainer(cfg)
     record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
     if ckpt_path is not None:
@@ -183,12 +181,31 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
         metrics = trainer.test(
             module, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True
         )
-        record.update(scalars(metrics[0], "test/"))
-        record[TEST_SECONDS] = round(time.perf_counter() - start, 3)
-        record.update(evidence_on_test_split(module, datamodule))
+        seconds = time.perf_counter() - start
+        record.update(testing_evidence(metrics[0], seconds, module, datamodule))
     if train:
         record[VERDICT] = verdict(record)
     return record
+
+
+def build_seeded(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
+    """`build` under the run's seed, its data read: missing or corrupt data fails here, before
+    any trainer exists."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    return datamodule, module
+
+
+def testing_evidence(
+    metrics: dict[str, Any], seconds: float, module: Classifier, datamodule: MNISTDataModule
+) -> dict[str, Any]:
+    """What testing found: the test metrics, their seconds, and the test-split evidence."""
+    return {
+        **scalars(metrics, "test/"),
+        TEST_SECONDS: round(seconds, 3),
+        **evidence_on_test_split(module, datamodule),
+    }
 
 
 def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
