@@ -7,6 +7,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -141,11 +142,14 @@ def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> None:
-    """Train, validation and test metrics and the gradient-flow figures reach each job's own
-    TensorBoard, at the steps and with the values a single run writes."""
-    configs = [
-        compose_config([*FAST, *job, "trainer.max_epochs=2"], tiny_data, tmp_path) for job in JOBS
-    ]
+    """Train, validation and test metrics, the gradient-flow figures and the learning rate (its
+    own, scheduled) reach each job's own TensorBoard, at the steps and with the values a single
+    run writes."""
+    schedule = ["scheduler=step", "scheduler.step_size=1", "trainer.max_epochs=2"]
+    configs = [compose_config([*FAST, *job, *schedule], tiny_data, tmp_path) for job in JOBS]
+
+    def callbacks() -> list[pl.Callback]:
+        return [*instruments(), LearningRateMonitor(logging_interval="epoch")]
 
     def loggers(where) -> list:
         return [TensorBoardLogger(where, name="", version="", default_hp_metric=False)]
@@ -156,7 +160,7 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> Non
         run = pl.Trainer(
             max_epochs=2,
             logger=loggers(tmp_path / "alone" / str(i)),
-            callbacks=instruments(),
+            callbacks=callbacks(),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -169,7 +173,7 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> Non
     jobs = [built(cfg) for cfg in configs]
     job_loggers = [loggers(tmp_path / "stacked" / str(i)) for i in range(len(jobs))]
     stack = StackedClassifier(
-        [module for _, module in jobs], [instruments() for _ in jobs], job_loggers
+        [module for _, module in jobs], [callbacks() for _ in jobs], job_loggers
     )
     run = pl.Trainer(
         max_epochs=2,
@@ -182,7 +186,9 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path) -> Non
     data = StackedData([dm for dm, _ in jobs])
     run.fit(stack, datamodule=data)
     run.test(stack, datamodule=data, verbose=False)
-    for i, expected in enumerate(alone):
+    for i, (cfg, expected) in enumerate(zip(configs, alone, strict=True)):
+        lr = cfg.optimizer.lr
+        assert [rate for _, rate in expected["lr-SGD"]] == pytest.approx([lr, lr * 0.1])
         assert scalars(tmp_path / "stacked" / str(i)) == expected
 
 

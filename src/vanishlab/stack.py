@@ -13,9 +13,10 @@ class) and the seed (`stack_key`). One Lightning step trains every job of the st
   buffers, Adam's moments), are its own. A scheduler scales every group as it would scale each
   job's (the scheduler is part of the stack key);
 - gradient clipping is applied per job (`configure_gradient_clipping`), not over the stack;
-- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, its `ModelCheckpoint`),
-  called by the stack's hooks with the job's module and a `JobView` of the trainer: the stack's
-  step and epoch counters, the job's own metrics, loggers, `should_stop` and checkpoints. What
+- each job has its own callbacks (`GradientFlow`, `StopOnDivergence`, its `ModelCheckpoint` and
+  learning-rate monitor), called by the stack's hooks with the job's module and a `JobView` of
+  the trainer: the stack's step and epoch counters, the job's own metrics, loggers,
+  `should_stop`, checkpoints and share of the optimizer (`job_optimizer`). What
   the stack logs as `<job>/<name>` reaches the job's own loggers as `<name>` (`JobLoggers`). A
   job that stops (it diverged) leaves the stack's loss from that step: its gradients stay None,
   so the optimizer leaves its weights and state as they are, and the others train on.
@@ -27,8 +28,11 @@ paid once for the K jobs.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,9 +73,8 @@ log = logging.getLogger(__name__)
 JobBatches = list[tuple[Tensor, Tensor]]  # one step's batches, one per job
 
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
-# A job's own callbacks (the others are the stack's, from its first job's config; the
-# learning-rate monitor is left out: stacked jobs log no learning rate yet).
-PER_JOB = (EvidenceSource, ModelCheckpoint)
+# A job's own callbacks; the others (the progress bar) are the stack's, from its first job's config.
+PER_JOB = (EvidenceSource, ModelCheckpoint, LearningRateMonitor)
 # Optimizers whose per-job parameter groups the equivalence test covers.
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
@@ -137,11 +140,25 @@ class StackedData(pl.LightningDataModule):
         return self.jobs[0].test_dataloader()
 
 
+def job_optimizer(optimizer: torch.optim.Optimizer, job: int) -> torch.optim.Optimizer:
+    """Job `job`'s share of the stack's optimizer, as its callbacks would see its own optimizer
+    alone: a shallow copy of the same class over the job's parameter group (the same dict, so
+    a scheduler's changes show) and its parameters' state as it is now."""
+    share = copy.copy(optimizer)
+    group = optimizer.param_groups[job]
+    own = {id(p) for p in group["params"]}
+    share.param_groups = [group]
+    share.state = defaultdict(dict, {p: s for p, s in optimizer.state.items() if id(p) in own})
+    return share
+
+
 class JobView:
     """A job's view of the stack's trainer: every attribute is the trainer's (the step and
     epoch counters, `max_epochs`, the strategy, ...) but the job's own `callbacks`, `loggers`,
     `callback_metrics` (its `<job>/` metrics, under their own names), `should_stop` (it stops
-    this job alone) and `save_checkpoint` (the job's checkpoint, as it would be alone)."""
+    this job alone), `save_checkpoint` (the job's checkpoint, as it would be alone), and its
+    share of the optimizer and schedulers (what a learning-rate monitor reads, what
+    `StopOnDivergence` clears)."""
 
     def __init__(self, stack: StackedClassifier, job: int) -> None:
         self._trainer = stack.trainer
@@ -157,22 +174,26 @@ class JobView:
     def callback_metrics(self) -> dict[str, Any]:
         return own_metrics(self._trainer.callback_metrics, self._job)
 
+    @functools.cached_property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [job_optimizer(self._trainer.optimizers[0], self._job)]
+
+    @functools.cached_property
+    def lr_scheduler_configs(self) -> list[Any]:
+        """The stack's schedulers, each over the job's share of the optimizer (the same object
+        as `optimizers`: Lightning's monitor tells schedulers' optimizers by identity)."""
+        configs = []
+        for config in self._trainer.lr_scheduler_configs:
+            scheduler = copy.copy(config.scheduler)
+            scheduler.optimizer = self.optimizers[0]
+            configs.append(dataclasses.replace(config, scheduler=scheduler))
+        return configs
+
     def save_checkpoint(
         self, filepath: str, weights_only: bool = False, storage_options: Any = None
     ) -> None:
         checkpoint = self._stack.job_checkpoint(self._job)
         self._trainer.strategy.save_checkpoint(checkpoint, filepath, storage_options)
-
-
-class JobOptimizer:
-    """What a job's callbacks may do to the stack's optimizer: clear this job's gradients."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
 
 
 class JobLoggers(Logger):
@@ -257,6 +278,9 @@ class StackedClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         self.each("on_train_start")
 
+    def on_train_epoch_start(self) -> None:
+        self.each("on_train_epoch_start")
+
     def on_train_batch_start(self, batches: JobBatches, batch_idx: int) -> None:
         self.each("on_train_batch_start", lambda i: (batches[i], batch_idx))
 
@@ -279,18 +303,40 @@ class StackedClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        self.sums, self.images = 0, 0
+
+    def on_test_epoch_start(self) -> None:
+        self.sums, self.images = 0, 0
+
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        """Every job on the same batch (the jobs share their evaluation splits)."""
-        for i, job in enumerate(self.jobs):
-            metrics = job.evaluation_metrics(batch, stage)
-            self.log_dict(under_job(i, metrics), batch_size=len(batch[1]), sync_dist=True)
+        """Every job on the same batch (the jobs share their evaluation splits). The stack sums
+        their metrics and logs each job's once an epoch (`log_evaluation`): a `self.log` costs
+        about 0.6 ms, which per job, metric and batch would cost more than the forward passes.
+        The sums are Lightning's own mean, in its order and precision (`value * batch_size`
+        summed in float32, divided by the image count), so each job logs what it logs alone."""
+        metrics = [job.evaluation_metrics(batch, stage) for job in self.jobs]
+        self.names = list(metrics[0])
+        values = torch.stack([torch.stack(list(m.values())) for m in metrics])
+        self.sums = self.sums + values * len(batch[1])
+        self.images = self.images + len(batch[1])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation()
+
+    def log_evaluation(self) -> None:
+        means = self.sums / torch.tensor(self.images, device=self.sums.device)
+        for i, values in enumerate(means):
+            self.log_dict(under_job(i, dict(zip(self.names, values, strict=True))), batch_size=1)
 
     def on_before_backward(self, loss: Tensor) -> None:
         self.each("on_before_backward", lambda i: (self.losses[i],))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        groups = optimizer.param_groups
-        self.each("on_before_optimizer_step", lambda i: (JobOptimizer(groups[i]["params"]),))
+        self.each("on_before_optimizer_step", lambda i: (self.views[i].optimizers[0],))
 
     def on_train_batch_end(self, outputs: Any, batches: JobBatches, batch_idx: int) -> None:
         """A job that stopped in this step leaves the stack; it ends its epoch after the next
@@ -327,15 +373,7 @@ class StackedClassifier(pl.LightningModule):
         optimizer's and schedulers' state, its callbacks' and data module's state, and the
         loops' state (a running job's steps are the stack's)."""
         trainer, job, view = self.trainer, self.jobs[i], self.views[i]
-        optimizer = trainer.optimizers[0].state_dict()
-        group = optimizer["param_groups"][i]
-        params = group["params"]
-        own_state = {
-            new: optimizer["state"][old]
-            for new, old in enumerate(params)
-            if old in optimizer["state"]
-        }
-        groups = len(optimizer["param_groups"])
+        groups = len(trainer.optimizers[0].param_groups)
         return {
             "epoch": view.current_epoch,
             "global_step": view.global_step,
@@ -350,12 +388,7 @@ class StackedClassifier(pl.LightningModule):
                 for callback in view.callbacks
                 if (state := callback.state_dict())
             },
-            "optimizer_states": [
-                {
-                    "state": own_state,
-                    "param_groups": [{**group, "params": list(range(len(params)))}],
-                }
-            ],
+            "optimizer_states": [job_optimizer(trainer.optimizers[0], i).state_dict()],
             "lr_schedulers": [
                 {
                     key: [value[i]] if isinstance(value, list) and len(value) == groups else value
@@ -411,9 +444,9 @@ def fit_and_test_stack(
     jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs built already
     (`train.build_seeded`).
 
-    Each job gets its own evidence callbacks, checkpoints and loggers from its config; the
-    stack's trainer takes the first job's other callbacks (the progress bar), less the
-    learning-rate monitor (`PER_JOB`).
+    Each job gets its own evidence callbacks, checkpoints, learning-rate monitor and loggers
+    from its config (`PER_JOB`); the stack's trainer takes the first job's other callbacks (the
+    progress bar).
     """
     jobs = jobs or [build_seeded(cfg) for cfg in cfgs]
     job_callbacks, job_loggers, shared = [], [], []
@@ -423,9 +456,7 @@ def fit_and_test_stack(
         # Checkpoints last, as Lightning orders a trainer's callbacks: they save the others' state.
         job_callbacks.append(sorted(own, key=lambda c: isinstance(c, ModelCheckpoint)))
         job_loggers.append(loggers)
-        shared = shared or [
-            c for c in callbacks if not isinstance(c, (*PER_JOB, LearningRateMonitor))
-        ]
+        shared = shared or [c for c in callbacks if not isinstance(c, PER_JOB)]
     stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
     data = StackedData([datamodule for datamodule, _ in jobs])
     trainer = instantiate(
