@@ -115,7 +115,10 @@ def fixed_point_q(activation: str, sigma_w2: float, sigma_b2: float) -> float:
     when no fixed point holds it (relu above sigma_w2 = 2: the signal grows without bound).
     For the activations here the length map crosses the diagonal at most once above 0."""
     check_variances(sigma_w2, sigma_b2)
-    excess = lambda q: length_map(q, activation, sigma_w2, sigma_b2) - q  # noqa: E731
+
+    def excess(q: float) -> float:
+        return length_map(q, activation, sigma_w2, sigma_b2) - q
+
     if excess(Q_MIN) <= 0:
         return 0.0
     high = 1.0
@@ -158,7 +161,10 @@ def fixed_point_c(activation: str, sigma_w2: float, sigma_b2: float) -> float:
         return 1.0
     if math.isinf(fixed_point_q(activation, sigma_w2, sigma_b2)):
         return math.nan
-    excess = lambda c: correlation_map(c, activation, sigma_w2, sigma_b2) - c  # noqa: E731
+
+    def excess(c: float) -> float:
+        return correlation_map(c, activation, sigma_w2, sigma_b2) - c
+
     return bisect(excess, 0.0, 1 - 1e-9)
 
 
@@ -191,7 +197,10 @@ def critical_sigma_w2(activation: str, sigma_b2: float) -> float:
     """The sigma_w2 at which chi_1 = 1 for this bias variance: the edge between order and chaos,
     where signals and gradients neither vanish nor explode with depth. chi_1 rises with sigma_w2,
     so the search doubles sigma_w2 until chi_1 passes 1, then bisects."""
-    crossing = lambda sigma_w2: chi_1(activation, sigma_w2, sigma_b2) - 1  # noqa: E731
+
+    def crossing(sigma_w2: float) -> float:
+        return chi_1(activation, sigma_w2, sigma_b2) - 1
+
     high = 1.0
     while crossing(high) <= 0:
         high *= 2
