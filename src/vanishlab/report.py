@@ -27,6 +27,10 @@ a job without a verdict counts by its status). The figures treat the seed the sa
 accuracy plots draw the mean over seeds with +- one standard deviation, the heatmap takes a cell's
 median, and `accuracy_over_seeds.png` shows every seed's accuracy and verdict per setting, so a
 sweep over seeds alone gets a figure too. `results.csv` keeps one row per job.
+
+A sweep over `init.sigma_w2` and `model.depth` (`experiment=criticality`) also gets the phase
+diagram: accuracy over the two with mean-field theory drawn on it, for the activation and
+`init.sigma_b2` read from the jobs' configs, whether or not they vary.
 """
 
 from __future__ import annotations
