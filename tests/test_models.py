@@ -14,8 +14,8 @@ from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import evidence_on_test_split
-from vanishlab.init import initialise, mean_field, zeros
-from vanishlab.nets import MLP, Probe, Residual
+from vanishlab.init import initialise, zeros
+from vanishlab.nets import Probe, Residual
 from vanishlab.results import (
     CLASSES_PREDICTED,
     GRAD_NORMS_AT_START,
@@ -75,15 +75,23 @@ def test_init_reaches_every_declared_weight_conv_included(tiny_data, tmp_path) -
     assert {type(p.layer) for p in module.net.probes()} == {nn.Conv2d, nn.BatchNorm2d, nn.Linear}
 
 
-def test_a_mean_field_init_sets_biases_others_leave_them_zero() -> None:
-    net = MLP(input_shape=(1, 28, 28), num_classes=10, depth=2, width=50)
-    initialise(net, lambda w, b: mean_field(w, b, sigma_w=1.5, sigma_b=0.3))
-    biases = torch.cat([p.layer.bias.detach() for p in net.probes()])
-    assert 0.2 < biases.std() < 0.4
-    weight = net.probes()[1].layer.weight.detach()
-    assert weight.std() * 50**0.5 == pytest.approx(1.5, rel=0.1)
-    initialise(net, zeros)
-    assert all(torch.all(p.layer.bias == 0) for p in net.probes())
+def test_variance_scaling_draws_weights_and_biases_with_the_variances_asked(
+    tiny_data, tmp_path
+) -> None:
+    """Variances, not standard deviations: read as stds, 2.5 and 0.09 would give 6.25 and 0.0081.
+    4 million hidden weights and 4,010 biases put the sample variances within 1% and 3%."""
+    sigma_w2, sigma_b2 = 2.5, 0.09
+    init = ["init=variance_scaling", f"init.sigma_w2={sigma_w2}", f"init.sigma_b2={sigma_b2}"]
+    cfg = compose_config([*FAST, *init, "model.width=2000"], tiny_data, tmp_path)
+    probes = build(cfg)[1].net.probes()
+    for probe in probes:
+        weight = probe.layer.weight.detach()
+        assert weight.var().item() * weight.shape[1] == pytest.approx(sigma_w2, rel=0.05)
+    biases = torch.cat([p.layer.bias.detach() for p in probes])
+    assert biases.var().item() == pytest.approx(sigma_b2, rel=0.1)
+    assert abs(biases.mean().item()) < 0.1 * sigma_b2**0.5
+    default = compose_config([*FAST, "model.width=2000"], tiny_data, tmp_path)
+    assert all(torch.all(p.layer.bias == 0) for p in build(default)[1].net.probes())
 
 
 class WithUndeclaredWeight(nn.Module):

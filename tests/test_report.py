@@ -25,6 +25,7 @@ from vanishlab.report import (
     main,
     plot_accuracy,
     plot_grad_ratio_heatmap,
+    plot_phase_diagram,
     varied_keys,
     without_seed,
     write_report,
@@ -367,3 +368,48 @@ def test_cli_without_argument_reports_the_newest_sweep(tmp_path, monkeypatch, ca
     newest = sweeps / "2026-01-02/01-00-00-000000" / "report" / "report.md"
     assert capsys.readouterr().out.strip() == str(newest)
     assert newest.is_file() and not (sweeps / "2026-01-01").joinpath("report").exists()
+
+
+# (init.sigma_w2, model.depth) of a tiny criticality sweep; each job's accuracy is its own.
+PHASE_JOBS = [(sigma_w2, depth) for sigma_w2 in (0.5, 1.76, 4.0) for depth in (3, 12, 50)]
+
+
+@pytest.fixture(scope="module")
+def phase_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The criticality preset's keys on a 3 x 3 grid; reported once."""
+    sweep = tmp_path_factory.mktemp("phase_sweep")
+    for i, (sigma_w2, depth) in enumerate(PHASE_JOBS):
+        overrides = ["experiment=criticality", f"init.sigma_w2={sigma_w2}", f"model.depth={depth}"]
+        add_job(sweep, overrides, finished("trained", 0.1 + 0.08 * i, 1.0, depth))
+    write_report(sweep)
+    return sweep
+
+
+def test_phase_diagram_is_written_and_shown_in_the_report(phase_sweep) -> None:
+    report = phase_sweep / "report"
+    assert (report / "phase_diagram.png").read_bytes().startswith(PNG_MAGIC)
+    assert "](phase_diagram.png)" in (report / "report.md").read_text()
+
+
+def test_phase_diagram_draws_each_jobs_accuracy_and_the_theory_for_its_config(phase_sweep):
+    table, varied = load_sweep(phase_sweep)
+    (ax,) = (ax for ax in plot_phase_diagram(table, varied).axes if ax.get_images())
+    sigmas = [float(label.get_text()) for label in ax.get_xticklabels()]
+    depths = [int(label.get_text()) for label in ax.get_yticklabels()]
+    assert sigmas == [0.5, 1.76, 4.0] and depths == [3, 12, 50]
+    assert ax.get_ylim()[0] < ax.get_ylim()[1]  # depth grows upwards
+    accuracies = {
+        (sigmas[round(text.get_position()[0])], depths[round(text.get_position()[1])]): text
+        for text in ax.texts
+    }
+    for i, job in enumerate(PHASE_JOBS):
+        assert accuracies[job].get_text() == f"{0.1 + 0.08 * i:.2f}"
+    # The preset's tanh and sigma_b2 = 0.05, read from the configs: critical at the 1.76 column
+    # (with sigma_b2 = 0 it would be at 1.0, left of it), trainable depth 7.1 at sigma_w2 = 0.5
+    # (between the rows of depths 3 and 12), and deepest near the critical point.
+    assert ax.get_title() == "theory for tanh, sigma_b2=0.05"
+    curve, critical = ax.get_lines()
+    assert critical.get_xdata()[0] == pytest.approx(1.0, abs=0.01)
+    x, y = curve.get_xdata(), curve.get_ydata()
+    assert x[0] == 0 and 0 < y[0] < 1
+    assert x[np.nanargmax(np.where(np.isfinite(y), y, np.nan))] == pytest.approx(1.0, abs=0.1)

@@ -86,9 +86,12 @@ DOMAINS = (
         "relu, leaky_relu, tanh, sigmoid, linear or selu",
     ),
     Domain(
-        "init.sigma_w", number(0, low_open=True), "it scales the weights", "a number > 0, e.g. 1.0"
+        "init.sigma_w2",
+        number(0, low_open=True),
+        "it is the weights' variance times fan_in (0 would be init=zeros)",
+        "a number > 0, e.g. 1.76",
     ),
-    Domain("init.sigma_b", number(0), "it is a standard deviation", "a number >= 0, e.g. 0.05"),
+    Domain("init.sigma_b2", number(0), "it is the biases' variance", "a number >= 0, e.g. 0.05"),
     Domain(
         "optimizer.lr",
         number(0, low_open=True),

@@ -54,16 +54,16 @@ def zeros(weight: Tensor, bias: Tensor | None) -> None:
     nn.init.zeros_(weight)
 
 
-def mean_field(
-    weight: Tensor, bias: Tensor | None, sigma_w: float = 1.0, sigma_b: float = 0.0
+def variance_scaling(
+    weight: Tensor, bias: Tensor | None, sigma_w2: float = 1.0, sigma_b2: float = 0.0
 ) -> None:
-    """Weights N(0, sigma_w^2 / fan_in) and biases N(0, sigma_b^2): the parametrisation of
-    signal-propagation theory (Poole et al. 2016), whose (sigma_w, sigma_b) plane holds the
-    ordered and chaotic phases."""
+    """Weights N(0, sigma_w2 / fan_in), biases N(0, sigma_b2): the parametrisation of
+    signal-propagation theory (Poole et al. 2016; `vanishlab.theory`), whose (sigma_w2, sigma_b2)
+    plane holds the ordered and chaotic phases and the critical line between them."""
     fan_in = weight[0].numel()
-    nn.init.normal_(weight, std=sigma_w / math.sqrt(fan_in))
+    nn.init.normal_(weight, std=math.sqrt(sigma_w2 / fan_in))
     if bias is not None:
-        nn.init.normal_(bias, std=sigma_b)
+        nn.init.normal_(bias, std=math.sqrt(sigma_b2))
 
 
 @torch.no_grad()

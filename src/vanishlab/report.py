@@ -27,6 +27,10 @@ a job without a verdict counts by its status). The figures treat the seed the sa
 accuracy plots draw the mean over seeds with +- one standard deviation, the heatmap takes a cell's
 median, and `accuracy_over_seeds.png` shows every seed's accuracy and verdict per setting, so a
 sweep over seeds alone gets a figure too. `results.csv` keeps one row per job.
+
+A sweep over `init.sigma_w2` and `model.depth` (`experiment=criticality`) also gets the phase
+diagram: accuracy over the two with mean-field theory drawn on it, for the activation and
+`init.sigma_b2` read from the jobs' configs, whether or not they vary.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event
 
-from vanishlab import ConfigError, exit_with, results
+from vanishlab import ConfigError, exit_with, results, theory
 
 # results.csv's columns after the varied keys, and the metrics.json key each one comes from.
 RESULTS = {
@@ -67,6 +72,14 @@ LOSS_TAGS = ("train/loss", "val/loss")
 # The seed summary's columns after the setting's keys.
 SEEDS, ACC_MEAN, ACC_STD, VERDICTS = "seeds", "test/acc mean", "test/acc std", "verdicts"
 SEED_SUMMARY = "seed_summary.csv"
+CONFIG = "config"  # each job's dotted config, for figures that read keys no job varies
+# The phase diagram's keys: init=variance_scaling's weight and bias variances, and the model's.
+SIGMA_W2, SIGMA_B2, DEPTH, ACTIVATION = (
+    "init.sigma_w2",
+    "init.sigma_b2",
+    "model.depth",
+    "model.activation",
+)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -124,9 +137,9 @@ def column_names(keys: list[str], all_keys: Iterable[str]) -> dict[str, str]:
 
 
 def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One row per job: `job`, the varied keys, the `RESULTS` columns, and `grad_norms_at_start`
-    for the figures; best test accuracy first, so failed and unfinished jobs (no accuracy) come
-    last. Also returns each varied key's column name."""
+    """One row per job: `job`, the varied keys, the `RESULTS` columns, and for the figures
+    `grad_norms_at_start` and the job's `CONFIG`; best test accuracy first, so failed and
+    unfinished jobs (no accuracy) come last. Also returns each varied key's column name."""
     jobs = job_dirs(sweep_dir)
     if not jobs:
         raise ConfigError(not_a_sweep(sweep_dir))
@@ -143,6 +156,7 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             row[column] = results.option_name(value) if is_target else value
         row.update({column: record.get(source) for column, source in RESULTS.items()})
         row[results.GRAD_NORMS_AT_START] = record.get(results.GRAD_NORMS_AT_START)
+        row[CONFIG] = config
         rows.append(row)
     table = pd.DataFrame(rows)
     numbers = [c for c in RESULTS if c not in (results.STATUS, results.VERDICT, results.ERROR)]
@@ -347,29 +361,120 @@ def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figu
         layout="constrained",
     )
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    cmap = colormaps["RdBu_r"].with_extremes(bad="lightgrey")
     for ax, panel in zip(axes, panels, strict=True):
-        cells = (
-            table[table["panel"] == panel]
-            .pivot_table(index="row", columns="init", values="log_ratio", aggfunc="median")
-            .reindex(index=rows, columns=columns)
+        cells = median_cells(
+            table[table["panel"] == panel], "row", rows, "init", columns, "log_ratio"
         )
-        image = ax.imshow(
-            np.ma.masked_invalid(cells.to_numpy(dtype=float)),
-            cmap=cmap,
-            vmin=-limit,
-            vmax=limit,
-            aspect="auto",
-        )
-        for (i, j), value in np.ndenumerate(cells.to_numpy(dtype=float)):
-            if not math.isnan(value):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        image = draw_cells(ax, cells, "RdBu_r", (-limit, limit), ".1f")
         ax.set(xlabel="init", ylabel=varied[row_key] if row_key else "")
         ax.set_title(panel)
     fig.colorbar(image, ax=axes, label="log10(first / last layer grad norm) at start")
     return fig
+
+
+def median_cells(
+    jobs: pd.DataFrame, row: str, rows: list, column: str, columns: list, values: str
+) -> pd.DataFrame:
+    """The median of `values` over the jobs of each (`row`, `column`) cell (a cell's seeds), all
+    `rows` and `columns` in order, NaN where no job has a value."""
+    cells = jobs.pivot_table(index=row, columns=column, values=values, aggfunc="median")
+    return cells.reindex(index=rows, columns=columns)
+
+
+def draw_cells(
+    ax: Axes, cells: pd.DataFrame, cmap: str, limits: tuple[float, float], fmt: str
+) -> AxesImage:
+    """`cells` as a heatmap on `ax`, grey where NaN, each value written in its cell (`fmt`);
+    the ticks name the rows and columns."""
+    values = cells.to_numpy(dtype=float)
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=colormaps[cmap].with_extremes(bad="lightgrey"),
+        vmin=limits[0],
+        vmax=limits[1],
+        aspect="auto",
+    )
+    for (i, j), value in np.ndenumerate(values):
+        if not math.isnan(value):
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cells.columns)), cells.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(cells.index)), cells.index, fontsize=8)
+    return image
+
+
+def plot_phase_diagram(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
+    """Test accuracy over (`init.sigma_w2`, depth) for the jobs with init=variance_scaling, a
+    panel per setting of the other varied keys, and on it what mean-field theory predicts
+    (`vanishlab.theory`) for the panel's activation and `init.sigma_b2`, read from its jobs'
+    configs: the trainable depth, 6 xi_c (a curve), and the critical sigma_w2 (a dashed line).
+    Depth grows upwards, as in Schoenholz et al.'s figures; the cells are evenly spaced whatever
+    the grid, so a theory value between two grid values is drawn between their cells."""
+    if SIGMA_W2 not in varied or DEPTH not in varied:
+        return None
+    sigma, depth = varied[SIGMA_W2], varied[DEPTH]
+    init = table[CONFIG].map(lambda config: results.option_name(config.get("init._target_")))
+    scaled = table[init == "variance_scaling"]
+    others = [key for key in varied if key not in (SIGMA_W2, DEPTH)]
+    done = scaled.dropna(subset=[sigma, depth, results.TEST_ACC])
+    done = done.assign(panel=labels(done, varied, others))
+    if done[sigma].nunique() < 2 or done[depth].nunique() < 2:
+        return None
+    sigmas, depths = sorted(done[sigma].unique()), sorted(done[depth].unique())
+    panels = sorted(done["panel"].unique())
+    fig = Figure(
+        figsize=(len(panels) * (0.8 * len(sigmas) + 2) + 1, 0.5 * len(depths) + 2),
+        layout="constrained",
+    )
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        jobs = done[done["panel"] == panel]
+        cells = median_cells(jobs, depth, depths, sigma, sigmas, results.TEST_ACC)
+        image = draw_cells(ax, cells, "RdYlGn", (0.0, 1.0), ".2f")
+        config = jobs[CONFIG].iloc[0]
+        drawn = draw_theory(ax, config.get(ACTIVATION), config.get(SIGMA_B2), sigmas, depths)
+        ax.set_xlim(-0.5, len(sigmas) - 0.5)
+        ax.set_ylim(-0.5, len(depths) - 0.5)
+        ax.set(xlabel=sigma, ylabel=depth, title="\n".join(filter(None, [panel, drawn])))
+    fig.colorbar(image, ax=axes, label="final test accuracy (median over seeds)")
+    return fig
+
+
+def draw_theory(
+    ax: Axes, activation: Any, sigma_b2: Any, sigmas: list[float], depths: list[float]
+) -> str:
+    """Draw the trainable depth 6 xi_c over the panel's sigma_w2 range and the critical sigma_w2,
+    in the heatmap's cell coordinates; return what was drawn, for the panel's title."""
+    if activation not in theory.ACTIVATIONS or absent(sigma_b2):
+        return f"no mean-field theory for activation={activation}, sigma_b2={sigma_b2}"
+    grid = np.linspace(sigmas[0], sigmas[-1], 60)
+    trainable = [theory.trainable_depth(activation, s, sigma_b2) for s in grid]
+    ax.plot(
+        cell_position(grid, sigmas),
+        cell_position(np.array(trainable), depths),
+        color="tab:blue",
+        linewidth=2.5,
+        label="trainable depth 6 xi_c (theory)",
+    )
+    critical = theory.critical_sigma_w2(activation, sigma_b2)
+    ax.axvline(
+        cell_position(np.array([critical]), sigmas)[0],
+        color="black",
+        linestyle="--",
+        label=f"critical sigma_w2 = {critical:.3f}",
+    )
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
+    return f"theory for {activation}, sigma_b2={sigma_b2}"
+
+
+def cell_position(values: np.ndarray, grid: list[float]) -> np.ndarray:
+    """Where `values` fall on a heatmap axis whose cells hold the sorted `grid`: a grid value
+    at its cell's centre, one between two grid values linearly between their cells, one beyond
+    the ends on the end segment's continuation (the axes clip it); inf and nan stay so."""
+    index = np.arange(len(grid), dtype=float)
+    below = (values - grid[0]) / (grid[1] - grid[0])
+    above = index[-1] + (values - grid[-1]) / (grid[-1] - grid[-2])
+    inside = np.interp(values, grid, index)
+    return np.where(values < grid[0], below, np.where(values > grid[-1], above, inside))
 
 
 def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
@@ -528,6 +633,15 @@ def write_report(sweep_dir: Path) -> Path:
         "step; median over a cell's jobs): 0 is balanced, strongly negative means the "
         "input-side layers get vanishing gradients, strongly positive exploding ones; grey "
         "cells have no data.",
+    )
+    figures["phase_diagram.png"] = (
+        plot_phase_diagram(table, settings),
+        "Final test accuracy over the init's weight variance `sigma_w2` and the depth "
+        "(init=variance_scaling; median over a cell's seeds, grey: no job finished), with "
+        "mean-field theory for the jobs' activation and `sigma_b2` (`vanishlab.theory`): the "
+        "blue curve is Schoenholz et al.'s trainable depth, 6 xi_c (networks deeper than it are "
+        "predicted not to train), and the dashed line the critical `sigma_w2`, where chi_1 = 1 "
+        "and xi_c diverges.",
     )
     figures["grad_profiles.png"] = (
         plot_grad_profiles(table, settings),
