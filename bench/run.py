@@ -14,8 +14,10 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
    its floor depends on the machine too: each joblib worker first imports torch and Lightning
 6. stacked / basic launcher wall time, 8-job 1-epoch `optimizer.lr` sweep, start-up included
                                                                                     (<= 0.8)
-6a. a job's share of that stack of 8's 1-epoch `fit` (validation and the first epoch's warm-up
-   included, so it overstates the epoch) / the plain loop's fastest epoch   (aim 1.1, printed)
+6a. a job's training epoch inside a stack of 8 (the stack's fastest epoch's batches, default
+   callbacks and diagnostics on, over 8) / the plain loop's fastest epoch   (aim 1.1, printed)
+7. peak memory of a stack of 16 (1 epoch) / 16 x a single run's peak: peak RSS of a process
+   that does only that on the CPU, `torch.cuda.max_memory_allocated` on a GPU        (<= 1)
 
 Two more lines are the floors of ratios 1 and 5 on this machine, printed for reference:
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,11 +56,14 @@ from torchvision import datasets, transforms
 
 from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import GradientFlow
-from vanishlab.train import build, build_trainer
+from vanishlab.stack import fit_and_test_stack
+from vanishlab.train import build, build_trainer, fit_and_test
 
 DATA_DIR = os.environ.get("DATA_DIR", str(Path.cwd() / "data"))  # conf/paths' default
 EPOCHS = 4  # per run; the first is a warm-up and is not counted
 ROUNDS = 5
+BASIC = "hydra/launcher=basic"  # the jobs one by one (multiruns stack by default)
+LRS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15]  # the 8-job sweep of ratios 6 and 6a
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # Every GradientFlow method called during training: the Lightning hooks it overrides, and the
 # forward hook it registers on logging steps.
@@ -125,6 +131,50 @@ def vanishlab_epochs(*overrides: str) -> EpochTimer:
         trainer.callbacks.append(timer)  # last, so an epoch's time includes GradientFlow's end
         trainer.fit(module, datamodule=datamodule)
     return timer
+
+
+def stacked_epochs() -> list[float]:
+    """The 8-job lr sweep as one stack, with the default callbacks: each timed epoch's batches,
+    per job."""
+    with tempfile.TemporaryDirectory() as out:
+        cfgs = [
+            config(
+                f"{out}/{lr}",
+                "experiment=seed",
+                f"trainer.max_epochs={EPOCHS}",
+                f"optimizer.lr={lr}",
+            )
+            for lr in LRS
+        ]
+        pl.seed_everything(0, verbose=False)
+        timer = EpochTimer()
+        fit_and_test_stack(cfgs, stack_callbacks=[timer])
+    return [seconds / len(LRS) for seconds in timer.batches]
+
+
+def peak_memory(jobs: int) -> float:
+    """GiB at the peak of a fresh process that trains and tests `jobs` seeds for one epoch, as a
+    stack (one job: a single run)."""
+    child = [sys.executable, __file__, "--peak-memory", str(jobs)]
+    return float(
+        subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1]
+    )
+
+
+def train_for_peak_memory(jobs: int) -> None:
+    """`peak_memory`'s child: trains, then prints its peak."""
+    with tempfile.TemporaryDirectory() as out:
+        cfgs = [
+            config(
+                f"{out}/{seed}", "trainer.max_epochs=1", "~callbacks.progress_bar", f"seed={seed}"
+            )
+            for seed in range(jobs)
+        ]
+        fit_and_test(cfgs[0]) if jobs == 1 else fit_and_test_stack(cfgs)
+    if torch.cuda.is_available():
+        print(torch.cuda.max_memory_allocated() / 2**30)
+    else:  # ru_maxrss is in KiB on Linux
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def plain_epochs(batches: Batches) -> list[float]:
@@ -201,8 +251,10 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     batches = tensor_batches()
     plain, vanishlab, bare, with_flow, without_flow, flow_shares = [], [], [], [], [], []
+    stacked_job = []
     for _ in range(ROUNDS):
         plain += plain_epochs(batches)
+        stacked_job += stacked_epochs()
         timer = vanishlab_epochs()
         vanishlab += timer.batches
         with_flow += timer.whole
@@ -241,9 +293,9 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        one_wall, one_work = sweep(Path(tmp, "one"), "seed=0")
+        one_wall, one_work = sweep(Path(tmp, "one"), "seed=0", BASIC)
         seeds = "seed=" + ",".join(map(str, range(8)))
-        basic_wall, basic_work = sweep(Path(tmp, "basic"), seeds)
+        basic_wall, basic_work = sweep(Path(tmp, "basic"), seeds, BASIC)
         joblib_wall, joblib_work = sweep(
             Path(tmp, "joblib"), seeds, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
         )
@@ -259,16 +311,24 @@ def main() -> None:
     floor = joblib_work / 2 / basic_work
     reference("5a. floor of 5: joblib fit+test / 2 workers / basic fit+test", floor)
 
-    lrs = "optimizer.lr=0.005,0.01,0.02,0.03,0.05,0.07,0.1,0.15"
-    with tempfile.TemporaryDirectory() as tmp:
-        basic_wall, _ = sweep(Path(tmp, "basic"), lrs)
-        stacked_wall, _ = sweep(Path(tmp, "stacked"), lrs, "hydra/launcher=stacked")
-        stacked = [json.loads(p.read_text()) for p in Path(tmp, "stacked").glob("*/metrics.json")]
+    lrs = "optimizer.lr=" + ",".join(map(str, LRS))
+    basic_walls, stacked_walls = [], []
+    for _ in range(2):  # alternated: the host's load hits both sides alike
+        with tempfile.TemporaryDirectory() as tmp:
+            basic_walls.append(sweep(Path(tmp, "basic"), lrs, BASIC)[0])
+            stacked_walls.append(sweep(Path(tmp, "stacked"), lrs, "hydra/launcher=stacked")[0])
+    basic_wall, stacked_wall = min(basic_walls), min(stacked_walls)
     print(f"lr sweep seconds: basic {basic_wall:.1f}, stacked {stacked_wall:.1f}", flush=True)
     report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
-    job_share = statistics.median(r["train_seconds"] for r in stacked)
-    reference("6a. a job's share of a stack of 8's fit / plain loop epoch", job_share / plain_s)
+    reference("6a. a job's epoch in a stack of 8 / plain loop epoch", min(stacked_job) / plain_s)
+
+    single, stack = peak_memory(1), peak_memory(16)
+    print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
+    report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--peak-memory"]:
+        train_for_peak_memory(int(sys.argv[2]))
+    else:
+        main()

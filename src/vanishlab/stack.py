@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -437,7 +437,9 @@ class StackedClassifier(pl.LightningModule):
 
 
 def fit_and_test_stack(
-    cfgs: list[DictConfig], jobs: list[tuple[MNISTDataModule, Classifier]] | None = None
+    cfgs: list[DictConfig],
+    jobs: list[tuple[MNISTDataModule, Classifier]] | None = None,
+    stack_callbacks: Sequence[pl.Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
     record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
@@ -446,7 +448,7 @@ def fit_and_test_stack(
 
     Each job gets its own evidence callbacks, checkpoints, learning-rate monitor and loggers
     from its config (`PER_JOB`); the stack's trainer takes the first job's other callbacks (the
-    progress bar).
+    progress bar) and `stack_callbacks` (a timer, a profiler).
     """
     jobs = jobs or [build_seeded(cfg) for cfg in cfgs]
     job_callbacks, job_loggers, shared = [], [], []
@@ -461,7 +463,7 @@ def fit_and_test_stack(
     data = StackedData([datamodule for datamodule, _ in jobs])
     trainer = instantiate(
         cfgs[0].trainer,
-        callbacks=shared,
+        callbacks=[*shared, *stack_callbacks],
         logger=JobLoggers(job_loggers),
         enable_checkpointing=False,  # the jobs have their own
     )

@@ -59,6 +59,7 @@ class StackedLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs locally, in stacks", len(job_overrides))
         returns = [self.prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
         ready = [i for i, r in enumerate(returns) if isinstance(r.return_value, train.Job)]
         jobs = [returns[i].return_value for i in ready]
