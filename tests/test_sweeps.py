@@ -87,7 +87,9 @@ def training_events(job_dir: Path) -> list[str]:
 
 
 def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_path) -> None:
-    args = ["-m", *FAST, "seed=0,1,2", "trainer.max_epochs=6", f"hydra.sweep.dir={tmp_path}"]
+    """Jobs one by one (a killed stack: tests/test_stack.py)."""
+    sweep_args = ["seed=0,1,2", "trainer.max_epochs=6", "hydra/launcher=basic"]
+    args = ["-m", *FAST, *sweep_args, f"hydra.sweep.dir={tmp_path}"]
 
     def second_job_checkpointed() -> bool:  # kill in the middle of the second job
         return any(tmp_path.glob("*seed=1*/checkpoints/last.ckpt"))
@@ -99,7 +101,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tiny_data, tmp_pa
     interrupted = json.loads(next(tmp_path.glob("*seed=1*/metrics.json")).read_text())
     assert interrupted[STATUS] == "started" and interrupted[JOB_CONFIG]["seed"] == 1
 
-    result = sweep(tmp_path, tiny_data, "seed=0,1,2", "trainer.max_epochs=6")
+    result = sweep(tmp_path, tiny_data, *sweep_args)
     assert result.returncode == 0, result.stderr[-2000:]
     by_name = records(tmp_path)
     assert len(by_name) == 3 and all(r[STATUS] == "completed" for r in by_name.values())
