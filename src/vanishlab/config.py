@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
@@ -191,8 +189,13 @@ def check_strategy(strategy: str) -> None:
             f"run's record. Fix: use trainer=ddp_sim (or trainer.strategy=ddp), whose processes "
             f"start from the command line and keep their own callbacks."
         )
-    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if in_sweep and strategy.startswith("ddp"):
+
+
+def check_sweepable(cfg: DictConfig) -> None:
+    """Refuse what cannot run as one job of a sweep. `train.prepare` calls it for every job of a
+    sweep, in the job's own Hydra context, whichever launcher runs it."""
+    strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    if strategy.startswith("ddp"):
         raise ConfigError(
             f"trainer.strategy={strategy!r} is not allowed in a sweep: Lightning starts each "
             f"extra DDP process by running the command line again, which would run the whole "

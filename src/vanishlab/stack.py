@@ -503,11 +503,6 @@ def why_alone(job: Job) -> str | None:
         return f"it trains on from its checkpoint {job.resume_from}"
     if not (cfg.get("train", True) and cfg.get("test", True)) or cfg.get("ckpt_path"):
         return "it does not both train and test from scratch"
-    if (
-        str(cfg.trainer.get("strategy", "auto")).startswith("ddp")
-        or cfg.trainer.get("num_nodes", 1) > 1
-    ):
-        return "it trains on several processes (DDP)"
     if cfg.optimizer._target_ not in STACKABLE_OPTIMIZERS:
         return f"optimizer {cfg.optimizer._target_} is not one a stack is tested with"
     return None

@@ -33,7 +33,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.config import CONFIG_DIR, check_config, check_memory
+from vanishlab.config import CONFIG_DIR, check_config, check_memory, check_sweepable
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
@@ -308,6 +308,11 @@ def prepare(cfg: DictConfig) -> Job | float | None:
     if previous.get(STATUS) in FINISHED:
         log.info("Skipping %s: already %s", output_dir.name, previous[STATUS])
         return optimized_value(cfg, previous)
+    if in_sweep:
+        try:
+            check_sweepable(cfg)
+        except ConfigError as err:
+            return job_failed(err, identity, record_path, in_sweep)
 
     print_config(cfg)
     torch.set_num_threads(torch_threads(cfg))
