@@ -478,10 +478,11 @@ def fit_and_test_stack(
     start = time.perf_counter()
     (tested,) = trainer.test(stack, datamodule=data, verbose=False)
     test_seconds = (time.perf_counter() - start) / len(cfgs)
-    for i, (cfg, record, (datamodule, module)) in enumerate(zip(cfgs, records, jobs, strict=True)):
+    ids = [job_id(job_identity(cfg)) for cfg in cfgs]
+    for i, (record, (datamodule, module)) in enumerate(zip(records, jobs, strict=True)):
         record.update(testing_evidence(own_metrics(tested, i), test_seconds, module, datamodule))
         record[VERDICT] = verdict(record)
-        record[STACKED_WITH] = [job_id(job_identity(c)) for c in cfgs if c is not cfg]
+        record[STACKED_WITH] = ids[:i] + ids[i + 1 :]
     return records
 
 
