@@ -132,6 +132,10 @@ class MNISTDataModule(pl.LightningDataModule):
     """MNIST or Fashion-MNIST, normalised, with an optional validation split from train.
 
     `val_size=0` evaluates the test split each epoch instead, as the original course code did.
+    `train_subset=n` trains on the first n images of the training split, in its fixed order (so
+    a random but fixed subset, the same in every run, never a validation image; with
+    `val_size=0`, the first n of the file): `batch_size=n` makes each step full-batch gradient
+    descent.
     The training order comes from one generator seeded by `seed`; its state is saved in
     checkpoints (`state_dict`), so a resumed run's epoch k sees the batches an uninterrupted
     run's epoch k sees. Under `trainer.overfit_batches` the order is fixed, as Lightning asks.
@@ -145,6 +149,7 @@ class MNISTDataModule(pl.LightningDataModule):
         dataset: str = "mnist",
         batch_size: int = 200,
         val_size: int = 5000,
+        train_subset: int | None = None,
         download: bool = True,
         mean: float = 0.1307,
         std: float = 0.3081,
@@ -156,6 +161,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.data_dir = str(Path(data_dir).expanduser().resolve())
         self.batch_size = batch_size
         self.val_size = val_size
+        self.train_subset = train_subset
         self.download = download
         self.mean, self.std = mean, std
         self.shuffle = torch.Generator().manual_seed(seed)
@@ -168,8 +174,17 @@ class MNISTDataModule(pl.LightningDataModule):
         self.shuffle.set_state(state_dict["shuffle"])
 
     def prepare_data(self) -> None:
-        for train in (True, False):
-            self._load(train)
+        """Read both splits (missing or corrupt files fail here) and check `train_subset`
+        against the training split they give, before any trainer exists."""
+        train_x, _ = self._load(train=True)
+        self._load(train=False)
+        available = len(train_x) - self.val_size
+        if self.train_subset is not None and self.train_subset > available:
+            raise ConfigError(
+                f"data.train_subset={self.train_subset} is not allowed: the training split has "
+                f"{available} images ({len(train_x)} less data.val_size={self.val_size}). Fix: "
+                f"set data.train_subset to at most {available}, or null to train on them all."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         world_size = self.trainer.world_size if self.trainer else 1
@@ -185,11 +200,12 @@ class MNISTDataModule(pl.LightningDataModule):
         self.splits["test"] = self._load(train=False)
         if self.val_size:
             train_idx, val_idx = split_train_val(len(train_x), self.val_size)
-            self.splits["train"] = (train_x[train_idx], train_y[train_idx])
             self.splits["val"] = (train_x[val_idx], train_y[val_idx])
+            train_x, train_y = train_x[train_idx], train_y[train_idx]
         else:
-            self.splits["train"] = (train_x, train_y)
             self.splits["val"] = self.splits["test"]
+        n = self.train_subset or len(train_x)
+        self.splits["train"] = (train_x[:n], train_y[:n])
 
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         return load_split(self.dataset, self.data_dir, train, self.download, self.mean, self.std)
