@@ -268,6 +268,21 @@ def main() -> None:
     report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
     job_share = statistics.median(r["train_seconds"] for r in stacked)
     reference("6a. a job's share of a stack of 8's fit / plain loop epoch", job_share / plain_s)
+    sharpness_cost()
+
+
+def sharpness_cost() -> None:
+    """7. The sharpness callback at the `edge_of_stability` preset's settings: the full-batch
+    epochs (one step each) of a run with it over those of a run without it, the runs
+    alternating. Totals, not medians: it measures one epoch in `every_n_steps`, and a median
+    epoch would leave its cost out."""
+    preset = ("experiment=edge_of_stability", "optimizer.lr=0.02", "trainer.max_epochs=201")
+    with_it, without = [], []
+    for _ in range(ROUNDS):
+        with_it.append(sum(vanishlab_epochs(*preset).whole))
+        without.append(sum(vanishlab_epochs(*preset, "~callbacks.sharpness").whole))
+    ratio = statistics.median(with_it) / statistics.median(without)
+    reference("7. edge_of_stability: 200 epochs with Sharpness / without", ratio)
 
 
 if __name__ == "__main__":

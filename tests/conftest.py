@@ -52,6 +52,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="session")
+def preset_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images for every preset's data keys: 5000 held out (data.val_size's default) and
+    2000 left to train on (edge_of_stability's data.train_subset)."""
+    return write_tiny_mnist(tmp_path_factory.mktemp("preset_data"), n_train=7000)
+
+
 # Small and quick: a few batches of the tiny data, no progress bar.
 FAST = [
     "data.val_size=100",
