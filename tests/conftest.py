@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -68,6 +69,20 @@ FAST = [
     "trainer.log_every_n_steps=1",
     "++callbacks.progress_bar=null",
 ]
+
+
+def bare_trainer(**overrides) -> pl.Trainer:
+    """Lightning's loop alone: no logger, checkpoints, progress bar, summary or validation
+    (unless `overrides` say otherwise)."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(**{**quiet, **overrides})
 
 
 def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> DictConfig:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
-from conftest import FAST, compose_config
+from conftest import FAST, bare_trainer, compose_config
 from vanishlab.data import TensorBatches
 from vanishlab.losses import squared_error
 from vanishlab.module import Classifier
@@ -41,20 +40,6 @@ class Recorder(Logger):
         pass
 
 
-def fit(module: pl.LightningModule, callbacks: list, steps: int, logger=False, **data) -> None:
-    """`steps` optimizer steps on `data` (`train_dataloaders=` or `datamodule=`)."""
-    pl.Trainer(
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    ).fit(module, **data)
-
-
 def test_a_linear_models_sharpness_is_the_top_eigenvalue_of_its_inputs_second_moment() -> None:
     """With outputs W x + b and `squared_error`, the Hessian is the same at every weight: for
     each class, the second moment of [x, 1] over the batch. Its top eigenvalue is measured at
@@ -68,7 +53,8 @@ def test_a_linear_models_sharpness_is_the_top_eigenvalue_of_its_inputs_second_mo
     module = Classifier(nn.Linear(12, 10), squared_error, partial(torch.optim.SGD, lr=lr))
     sharpness = Sharpness(every_n_steps=2, batch_size=64, tolerance=1e-7, max_iterations=200)
     recorder = Recorder()
-    fit(module, [sharpness], steps=6, logger=recorder, train_dataloaders=TensorBatches(x, y, 128))
+    trainer = bare_trainer(max_steps=6, callbacks=[sharpness], logger=recorder)
+    trainer.fit(module, train_dataloaders=TensorBatches(x, y, 128))
 
     inputs = torch.cat([x[:64], torch.ones(64, 1)], dim=1).double()
     expected = torch.linalg.eigvalsh(inputs.T @ inputs / 64)[-1].item()
@@ -88,7 +74,7 @@ def test_measuring_sharpness_leaves_training_as_it_was(remedy, tiny_data, tmp_pa
     ends = []
     for callbacks in ([], [Sharpness(every_n_steps=1, batch_size=30)]):
         datamodule, module = build_seeded(cfg)
-        fit(module, callbacks, steps=8, datamodule=datamodule)
+        bare_trainer(max_steps=8, callbacks=callbacks).fit(module, datamodule=datamodule)
         grads = [p.grad for p in module.parameters()]
         ends.append((module.net.state_dict(), grads, torch.get_rng_state(), module.training))
     (weights, grads, rng, training), (measured_weights, measured_grads, measured_rng, _) = ends

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, compose_config, kill_cli_when, run_cli
+from conftest import FAST, bare_trainer, compose_config, kill_cli_when, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.results import (
@@ -41,16 +41,7 @@ JOBS = [
 
 
 def trainer(**overrides) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **overrides,
-    )
+    return bare_trainer(max_steps=STEPS, **overrides)
 
 
 def built(cfg):
