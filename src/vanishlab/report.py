@@ -479,7 +479,7 @@ def plot_sharpness(table: pd.DataFrame, varied: dict[str, str], sweep_dir: Path)
     """Each job's logged sharpness against step, a colour per setting of the varied keys, with a
     dashed line at its 2/lr in the same colour: gradient descent's stability limit. Cohen et
     al.'s edge of stability is a line that rises to its dashed line and stays there."""
-    table = table.assign(label=labels(table, varied, varied))
+    table = table.assign(label=labels(table, varied, varied)).sort_values(LR, kind="stable")
     colours = palette(table["label"])
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax = fig.subplots()
