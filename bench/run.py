@@ -18,6 +18,7 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
    callbacks and diagnostics on, over 8) / the plain loop's fastest epoch   (aim 1.1, printed)
 7. peak memory of a stack of 16 (1 epoch) / 16 x a single run's peak: peak RSS of a process
    that does only that on the CPU, `torch.cuda.max_memory_allocated` on a GPU        (<= 1)
+8. the sharpness callback's cost at the `edge_of_stability` preset's settings (for reference)
 
 Two more lines are the floors of ratios 1 and 5 on this machine, printed for reference:
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
@@ -325,6 +326,21 @@ def main() -> None:
     single, stack = peak_memory(1), peak_memory(16)
     print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
     report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
+    sharpness_cost()
+
+
+def sharpness_cost() -> None:
+    """8. The sharpness callback at the `edge_of_stability` preset's settings: the full-batch
+    epochs (one step each) of a run with it over those of a run without it, the runs
+    alternating. Totals, not medians: it measures one epoch in `every_n_steps`, and a median
+    epoch would leave its cost out."""
+    preset = ("experiment=edge_of_stability", "optimizer.lr=0.02", "trainer.max_epochs=201")
+    with_it, without = [], []
+    for _ in range(ROUNDS):
+        with_it.append(sum(vanishlab_epochs(*preset).whole))
+        without.append(sum(vanishlab_epochs(*preset, "~callbacks.sharpness").whole))
+    ratio = statistics.median(with_it) / statistics.median(without)
+    reference("8. edge_of_stability: 200 epochs with Sharpness / without", ratio)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -52,6 +53,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="session")
+def preset_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images for every preset's data keys: 5000 held out (data.val_size's default) and
+    2000 left to train on (edge_of_stability's data.train_subset)."""
+    return write_tiny_mnist(tmp_path_factory.mktemp("preset_data"), n_train=7000)
+
+
 # Small and quick: a few batches of the tiny data, no progress bar.
 FAST = [
     "data.val_size=100",
@@ -61,6 +69,20 @@ FAST = [
     "trainer.log_every_n_steps=1",
     "++callbacks.progress_bar=null",
 ]
+
+
+def bare_trainer(**overrides) -> pl.Trainer:
+    """Lightning's loop alone: no logger, checkpoints, progress bar, summary or validation
+    (unless `overrides` say otherwise)."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(**{**quiet, **overrides})
 
 
 def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> DictConfig:

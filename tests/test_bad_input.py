@@ -25,6 +25,9 @@ BAD_VALUES = {
     "data.batch_size=0": "data.batch_size=0",
     "data.val_size=-1": "data.val_size=-1",
     "data.val_size=60000": "data.val_size=60000",
+    "data.train_subset=0": "data.train_subset=0",
+    "data.train_subset=-5": "data.train_subset=-5",
+    "data.train_subset=501": "data.train_subset=501",  # the tiny training split holds 500
     "model.activation=swish": "model.activation='swish'",
     "callbacks.gradient_flow.every_n_steps=0": "callbacks.gradient_flow.every_n_steps=0",
     "callbacks.gradient_flow.histograms_every_n_epochs=0": (
@@ -35,6 +38,13 @@ BAD_VALUES = {
     ),
     "callbacks.gradient_flow.figure_log10_range=[-16]": (
         "callbacks.gradient_flow.figure_log10_range=[-16]"
+    ),
+    "callbacks=sharpness callbacks.sharpness.every_n_steps=0": (
+        "callbacks.sharpness.every_n_steps=0"
+    ),
+    "callbacks=sharpness callbacks.sharpness.batch_size=0": "callbacks.sharpness.batch_size=0",
+    "callbacks=sharpness callbacks.sharpness.max_iterations=0": (
+        "callbacks.sharpness.max_iterations=0"
     ),
     "init=normal init.std=-1": "init.std=-1",
     "init=orthogonal init.gain=0": "init.gain=0",

@@ -23,8 +23,9 @@ def test_every_group_has_options() -> None:
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(group, option, tiny_data, tmp_path) -> None:
-    cfg = compose_config([*FAST, f"{group}={option}"], tiny_data, tmp_path)
+def test_option_composes_and_builds(group, option, request, tmp_path) -> None:
+    data = request.getfixturevalue("preset_data" if group == "experiment" else "tiny_data")
+    cfg = compose_config([*FAST, f"{group}={option}"], data, tmp_path)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator='gpu'"):
             build(cfg)

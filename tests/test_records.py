@@ -195,7 +195,7 @@ def assert_one_record_per_job(sweep_dir: Path, jobs: int) -> dict[Path, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", [*SWEEP_PRESETS, "glob(*)"])
-def test_every_preset_as_a_fast_dev_run_sweep(experiment, tiny_data, tmp_path) -> None:
+def test_every_preset_as_a_fast_dev_run_sweep(experiment, preset_data, tmp_path) -> None:
     result = run_cli(
         "vanishlab.train",
         "-m",
@@ -204,7 +204,7 @@ def test_every_preset_as_a_fast_dev_run_sweep(experiment, tiny_data, tmp_path) -
         "data.download=false",
         "++callbacks.progress_bar=null",
         f"hydra.sweep.dir={tmp_path}",
-        data_dir=tiny_data,
+        data_dir=preset_data,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (launched,) = re.findall(r"Launching (\d+) jobs locally", result.stderr + result.stdout)

@@ -17,19 +17,22 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 import vanishlab.results as rec
-from conftest import compose_config
+from conftest import FAST, compose_config
 from vanishlab.report import (
+    LOSS_TAGS,
     column_names,
     load_sweep,
-    loss_curves,
     main,
     plot_accuracy,
     plot_grad_ratio_heatmap,
     plot_phase_diagram,
+    plot_sharpness,
+    scalar_curves,
     varied_keys,
     without_seed,
     write_report,
 )
+from vanishlab.train import fit_and_test
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_LOSS = [2.3, 1.5, 0.9, 0.6, 0.4]
@@ -290,12 +293,12 @@ def test_loss_curves_read_the_events_and_survive_a_cut_record(sweep, tmp_path) -
     events = next(job.glob("events.out.tfevents.*"))
     with events.open("ab") as f:  # a record whose writer was killed mid-way
         f.write((1000).to_bytes(8, "little") + b"\0" * 20)
-    curves = loss_curves(job)
+    curves = scalar_curves(job, LOSS_TAGS)
     assert set(curves) == {"train/loss", "val/loss"}
     steps, values = curves["train/loss"]
     assert steps == list(range(len(TRAIN_LOSS)))
     assert values == pytest.approx(TRAIN_LOSS)
-    assert loss_curves(sweep / "init=kaiming_normal,model.depth=4") == {}
+    assert scalar_curves(sweep / "init=kaiming_normal,model.depth=4", LOSS_TAGS) == {}
 
 
 def test_sweep_over_lr_only_has_no_heatmap_and_a_log_axis(tmp_path) -> None:
@@ -413,3 +416,37 @@ def test_phase_diagram_draws_each_jobs_accuracy_and_the_theory_for_its_config(ph
     x, y = curve.get_xdata(), curve.get_ydata()
     assert x[0] == 0 and 0 < y[0] < 1
     assert x[np.nanargmax(np.where(np.isfinite(y), y, np.nan))] == pytest.approx(1.0, abs=0.1)
+
+
+def test_sharpness_figures_from_a_tiny_sweep_with_the_callback_on(tiny_data, tmp_path) -> None:
+    """Two jobs trained for real with `callbacks=sharpness`: a line per lr, each through the
+    values it logged and ending at its record's evidence, beside a dashed line at its 2/lr;
+    and the final sharpness against lr."""
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    sharpness = ["callbacks=sharpness", "callbacks.sharpness.every_n_steps=2"]
+    records = {}
+    for lr in (0.05, 0.2):
+        job = tmp_path / f"lr{lr}"  # no "=": compose_config passes it as an override
+        cfg = compose_config([*FAST, *sharpness, f"optimizer.lr={lr}"], tiny_data, job)
+        records[lr] = fit_and_test(cfg)
+        (job / "metrics.json").write_text(json.dumps(records[lr]))
+        (job / ".hydra").mkdir()
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    report_md = write_report(tmp_path).read_text()
+    for name in ("sharpness.png", "sharpness_vs_lr.png"):
+        assert (tmp_path / "report" / name).read_bytes().startswith(PNG_MAGIC)
+        assert f"]({name})" in report_md
+    results = pd.read_csv(tmp_path / "report" / "results.csv").set_index("lr")
+    for lr, record in records.items():
+        assert results.loc[lr, rec.SHARPNESS] == pytest.approx(record[rec.SHARPNESS])
+
+    table, varied = load_sweep(tmp_path)
+    (ax,) = plot_sharpness(table, varied, tmp_path).axes
+    solid = [line for line in ax.lines if line.get_linestyle() == "-"]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(solid) == len(dashed) == 2
+    for curve, limit in zip(solid, dashed, strict=True):
+        assert curve.get_color() == limit.get_color()
+        (lr,) = [lr for lr in records if 2 / lr == pytest.approx(limit.get_ydata()[0])]
+        assert list(curve.get_xdata()) == [0, 2, 4, 6, 8, 9]  # and the last step
+        assert curve.get_ydata()[-1] == pytest.approx(records[lr][rec.SHARPNESS])

@@ -11,10 +11,17 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, compose_config, kill_cli_when, run_cli
+from conftest import FAST, bare_trainer, compose_config, kill_cli_when, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.results import RESUMED_FROM, STATUS, job_identity, read_record
+from vanishlab.results import (
+    RESUMED_FROM,
+    SHARPNESS,
+    SHARPNESS_TIMES_LR,
+    STATUS,
+    job_identity,
+    read_record,
+)
 from vanishlab.stack import (
     STACKED_WITH,
     JobLoggers,
@@ -35,16 +42,7 @@ JOBS = [
 
 
 def trainer(**overrides) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **overrides,
-    )
+    return bare_trainer(max_steps=STEPS, **overrides)
 
 
 def built(cfg):
@@ -293,3 +291,32 @@ def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path
         resumed = read_record(killed / path.parent.name / "metrics.json")
         assert resumed.pop(RESUMED_FROM).endswith("last.ckpt")
         assert timeless(resumed) == timeless(read_record(path)), path.parent.name
+
+
+def test_a_stacked_jobs_sharpness_is_the_one_it_measures_alone(tiny_data, tmp_path) -> None:
+    """Each job of a stack measures its own network on its own batch at its own lr: the
+    evidence and the logged sharpness equal the job's alone, and differ between the jobs."""
+    sharpness = ["callbacks=sharpness", "callbacks.sharpness.every_n_steps=3"]
+    sharpness += ["callbacks.sharpness.batch_size=20", "trainer.max_epochs=2"]
+
+    def configs(where: str) -> list:
+        return [
+            compose_config([*FAST, *sharpness, *job], tiny_data, tmp_path / where / str(i))
+            for i, job in enumerate(JOBS)
+        ]
+
+    alone_configs = configs("alone")
+    alone = [fit_and_test(cfg) for cfg in alone_configs]
+    stacked = fit_and_test_stack(configs("stacked"))
+    tags = (SHARPNESS, SHARPNESS_TIMES_LR)
+    for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
+        assert {tag: record[tag] for tag in tags} == {tag: own[tag] for tag in tags}
+        logged = [
+            {tag: scalars(tmp_path / where / str(i))[tag] for tag in tags}
+            for where in ("alone", "stacked")
+        ]
+        assert logged[0] == logged[1]
+        assert [step for step, _ in logged[0][SHARPNESS]] == [0, 3, 6, 9, 12, 15, 18, 19]
+    assert len({record[SHARPNESS] for record in alone}) == len(JOBS)
+    for record, cfg in zip(alone, alone_configs, strict=True):
+        assert record[SHARPNESS_TIMES_LR] == pytest.approx(record[SHARPNESS] * cfg.optimizer.lr / 2)

@@ -24,7 +24,7 @@ from vanishlab.results import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
-from vanishlab.train import fit_and_test, torch_threads
+from vanishlab.train import build_seeded, fit_and_test, torch_threads
 
 
 @pytest.mark.slow
@@ -108,6 +108,21 @@ def test_val_size_zero_validates_on_the_test_split(tiny_data, tmp_path) -> None:
     record = fit_and_test(cfg)
     assert record[VAL_ACC] == record[TEST_ACC]
     assert abs(record["val/loss"] - record[TEST_LOSS]) < 1e-6
+
+
+def test_train_subset_trains_on_the_first_images_of_the_training_split(tiny_data, tmp_path) -> None:
+    """Full-batch gradient descent is one override away: one step per epoch, on the first 100
+    images of the split the validation images were taken from (the tiny data has 500 left)."""
+    whole = build_seeded(compose_config(FAST, tiny_data, tmp_path))[0]
+    overrides = [*FAST, "data.train_subset=100", "data.batch_size=100", "trainer.max_epochs=3"]
+    cfg = compose_config(overrides, tiny_data, tmp_path)
+    subset = build_seeded(cfg)[0]
+    for datamodule in (whole, subset):
+        datamodule.setup("fit")
+    for kept, split in zip(subset.splits["train"], whole.splits["train"], strict=True):
+        assert len(split) == 500 and torch.equal(kept, split[:100])
+    assert torch.equal(subset.splits["val"][0], whole.splits["val"][0])
+    assert fit_and_test(cfg)[STEPS] == 3
 
 
 def test_ddp_ranks_share_out_each_global_batch() -> None:

@@ -121,6 +121,12 @@ DOMAINS = (
         f"an integer in [0, {TRAIN_SIZE}), e.g. 5000 (0 = validate on test)",
     ),
     Domain(
+        "data.train_subset",
+        lambda v: v is None or integer(1)(v),
+        "it counts the training images to train on",
+        "an integer >= 1, e.g. 2000 (at most the training split), or null for all of them",
+    ),
+    Domain(
         "data.dataset", lambda v: v in DATASETS, "it is not a known dataset", " or ".join(DATASETS)
     ),
     Domain(
@@ -146,6 +152,24 @@ DOMAINS = (
         integer(1),
         "GradientFlow writes histograms every n-th epoch",
         "an integer >= 1, e.g. 1",
+    ),
+    Domain(
+        "callbacks.sharpness.every_n_steps",
+        integer(1),
+        "Sharpness measures every n-th optimizer step",
+        "an integer >= 1, e.g. 10",
+    ),
+    Domain(
+        "callbacks.sharpness.batch_size",
+        integer(1),
+        "Sharpness measures the loss on that many examples",
+        "an integer >= 1, e.g. 1000",
+    ),
+    Domain(
+        "callbacks.sharpness.max_iterations",
+        integer(1),
+        "power iteration needs at least one Hessian-vector product",
+        "an integer >= 1, e.g. 20",
     ),
     Domain(
         "callbacks.gradient_flow.figure_log10_range",

@@ -157,6 +157,10 @@ class MNISTDataModule(pl.LightningDataModule):
     """MNIST or Fashion-MNIST, normalised, with an optional validation split from train.
 
     `val_size=0` evaluates the test split each epoch instead, as the original course code did.
+    `train_subset=n` trains on the first n images of the training split, in its fixed order (so
+    a random but fixed subset, the same in every run, never a validation image; with
+    `val_size=0`, the first n of the file): `batch_size=n` makes each step full-batch gradient
+    descent.
     The training order comes from one generator seeded by `seed`; its state is saved in
     checkpoints (`state_dict`), so a resumed run's epoch k sees the batches an uninterrupted
     run's epoch k sees. Under `trainer.overfit_batches` the order is fixed, as Lightning asks.
@@ -170,6 +174,7 @@ class MNISTDataModule(pl.LightningDataModule):
         dataset: str = "mnist",
         batch_size: int = 200,
         val_size: int = 5000,
+        train_subset: int | None = None,
         download: bool = True,
         mean: float = 0.1307,
         std: float = 0.3081,
@@ -181,6 +186,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.data_dir = str(Path(data_dir).expanduser().resolve())
         self.batch_size = batch_size
         self.val_size = val_size
+        self.train_subset = train_subset
         self.download = download
         self.mean, self.std = mean, std
         self.shuffle = torch.Generator().manual_seed(seed)
@@ -193,8 +199,17 @@ class MNISTDataModule(pl.LightningDataModule):
         self.shuffle.set_state(state_dict["shuffle"])
 
     def prepare_data(self) -> None:
-        for train in (True, False):
-            self._load(train)
+        """Read both splits (missing or corrupt files fail here) and check `train_subset`
+        against the training split they give, before any trainer exists."""
+        train_x, _ = self._load(train=True)
+        self._load(train=False)
+        available = len(train_x) - self.val_size
+        if self.train_subset is not None and self.train_subset > available:
+            raise ConfigError(
+                f"data.train_subset={self.train_subset} is not allowed: the training split has "
+                f"{available} images ({len(train_x)} less data.val_size={self.val_size}). Fix: "
+                f"set data.train_subset to at most {available}, or null to train on them all."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         world_size = self.trainer.world_size if self.trainer else 1
@@ -205,9 +220,12 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"data.batch_size to a multiple of {world_size}, e.g. {world_size * 100}."
             )
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        self.splits = load_splits(
+        splits = load_splits(
             self.dataset, self.data_dir, self.download, self.mean, self.std, self.val_size, device
         )
+        train_x, train_y = splits["train"]
+        n = self.train_subset  # None: all of them
+        self.splits = {**splits, "train": (train_x[:n], train_y[:n])}  # a view, not a copy
 
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         return load_split(self.dataset, self.data_dir, train, self.download, self.mean, self.std)

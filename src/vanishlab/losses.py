@@ -32,6 +32,15 @@ def sigmoid_mse(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(outputs.sigmoid(), onehot)
 
 
+def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Half the squared error of the raw outputs against one-hot targets, summed over classes and
+    averaged over the batch: the convention of Cohen et al. (2021), whose sharpness figures
+    (the Hessian's top eigenvalue against 2/lr) depend on the loss's scale. Unlike `mse`, no
+    softmax: the outputs themselves are regressed onto the targets."""
+    onehot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+    return 0.5 * (outputs - onehot).square().sum(dim=1).mean()
+
+
 def bce(outputs: Tensor, targets: Tensor) -> Tensor:
     """One-vs-rest binary cross-entropy on per-class sigmoids."""
     onehot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)

@@ -64,11 +64,16 @@ RESULTS = {
     results.TEST_LOSS: results.TEST_LOSS,
     results.FIRST_OVER_LAST: results.FIRST_OVER_LAST,
     "first_over_last_at_start": results.START,
+    results.SHARPNESS: results.SHARPNESS,
+    results.SHARPNESS_TIMES_LR: results.SHARPNESS_TIMES_LR,
     results.TRAIN_SECONDS: results.TRAIN_SECONDS,
     results.ERROR: results.ERROR,
 }
+# Columns shown only when some job has them (a job records them with the callback on).
+OPTIONAL_RESULTS = (results.SHARPNESS, results.SHARPNESS_TIMES_LR)
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
 LOSS_TAGS = ("train/loss", "val/loss")
+LR = "optimizer.lr"  # each job's, varied or not: the sharpness figures draw 2/lr
 # The seed summary's columns after the setting's keys.
 SEEDS, ACC_MEAN, ACC_STD, VERDICTS = "seeds", "test/acc mean", "test/acc std", "verdicts"
 SEED_SUMMARY = "seed_summary.csv"
@@ -138,8 +143,9 @@ def column_names(keys: list[str], all_keys: Iterable[str]) -> dict[str, str]:
 
 def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """One row per job: `job`, the varied keys, the `RESULTS` columns, and for the figures
-    `grad_norms_at_start` and the job's `CONFIG`; best test accuracy first, so failed and
-    unfinished jobs (no accuracy) come last. Also returns each varied key's column name."""
+    `grad_norms_at_start`, `optimizer.lr` and the job's `CONFIG`; best test accuracy first, so
+    failed and unfinished jobs (no accuracy) come last. Also returns each varied key's column
+    name."""
     jobs = job_dirs(sweep_dir)
     if not jobs:
         raise ConfigError(not_a_sweep(sweep_dir))
@@ -157,6 +163,7 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
         row.update({column: record.get(source) for column, source in RESULTS.items()})
         row[results.GRAD_NORMS_AT_START] = record.get(results.GRAD_NORMS_AT_START)
         row[CONFIG] = config
+        row[LR] = config.get(LR)
         rows.append(row)
     table = pd.DataFrame(rows)
     numbers = [c for c in RESULTS if c not in (results.STATUS, results.VERDICT, results.ERROR)]
@@ -519,14 +526,15 @@ def legend(ax: Axes, colours: dict[str, Any]) -> None:
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
-def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """The job's `LOSS_TAGS` as (steps, values), read straight from its TensorBoard event files.
+def scalar_curves(job_dir: Path, tags: Iterable[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """The job's scalars `tags` as (steps, values), read straight from its TensorBoard event files.
 
     Each file is a run of records: the length (8 bytes), its CRC (4), an `Event`, its CRC (4).
     The CRCs are not checked: without TensorFlow, tensorboard's `EventAccumulator` checks them in
     pure Python at about 3 MB/s, minutes for a real sweep whose events hold histograms and images.
     A record cut short (the job is still writing) ends the file.
     """
+    tags = set(tags)
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for path in sorted(job_dir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
@@ -537,7 +545,7 @@ def loss_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
             event = Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 16 + length
             for value in event.summary.value:  # Lightning logs scalars as `simple_value`
-                if value.tag in LOSS_TAGS and value.WhichOneof("value") == "simple_value":
+                if value.tag in tags and value.WhichOneof("value") == "simple_value":
                     steps, values = curves.setdefault(value.tag, ([], []))
                     steps.append(event.step)
                     values.append(value.simple_value)
@@ -554,7 +562,7 @@ def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
     axes = dict(zip(LOSS_TAGS, fig.subplots(1, len(LOSS_TAGS)), strict=True))
     plotted = set()
     for job, name in zip(table["job"], outcome, strict=True):
-        for tag, (steps, values) in loss_curves(sweep_dir / job).items():
+        for tag, (steps, values) in scalar_curves(sweep_dir / job, LOSS_TAGS).items():
             values = np.asarray(values, dtype=float)
             ok = np.isfinite(values) & (values > 0)  # a diverged loss ends the line
             if ok.any():
@@ -570,6 +578,57 @@ def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:
         elif ax.dataLim.y1 > 10 * ax.dataLim.y0:  # exploding losses span decades
             ax.set_yscale("log")
     legend(ax, {name: colour for name, colour in colours.items() if name in plotted})
+    return fig
+
+
+def plot_sharpness(table: pd.DataFrame, varied: dict[str, str], sweep_dir: Path) -> Figure | None:
+    """Each job's logged sharpness against step, a colour per setting of the varied keys, with a
+    dashed line at its 2/lr in the same colour: gradient descent's stability limit. Cohen et
+    al.'s edge of stability is a line that rises to its dashed line and stays there."""
+    table = table.assign(label=labels(table, varied, varied)).sort_values(LR, kind="stable")
+    colours = palette(table["label"])
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    plotted = {}
+    for job, label, lr in zip(table["job"], table["label"], table[LR], strict=True):
+        curve = scalar_curves(sweep_dir / job, [results.SHARPNESS]).get(results.SHARPNESS)
+        if curve is None:
+            continue
+        ax.plot(*curve, ".-", color=colours[label], markersize=3)
+        ax.axhline(2 / lr, color=colours[label], linestyle="--", linewidth=1)
+        plotted[label or "every job"] = colours[label]
+    if not plotted:
+        return None
+    if ax.dataLim.y0 > 0 and ax.dataLim.y1 > 10 * ax.dataLim.y0:
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
+    ax.set_title("sharpness (solid) and 2/lr (dashed) against step")
+    ax.grid(alpha=0.3)
+    legend(ax, plotted)
+    return fig
+
+
+def plot_sharpness_vs_lr(table: pd.DataFrame) -> Figure | None:
+    """Each job's final sharpness (its record's) against its lr, coloured by verdict, beside
+    the curve 2/lr: jobs on or above the curve ended at or past gradient descent's stability
+    limit."""
+    done = table.dropna(subset=[results.SHARPNESS])
+    if done[LR].nunique() < 2:
+        return None
+    outcome = outcomes(done)
+    colours = palette(outcome)
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(done[LR], done[results.SHARPNESS], c=[colours[o] for o in outcome], zorder=2)
+    lrs = np.geomspace(done[LR].min(), done[LR].max(), 100)
+    ax.plot(lrs, 2 / lrs, "k--", linewidth=1)
+    ax.set_xscale("log")
+    if (done[results.SHARPNESS] > 0).all():
+        ax.set_yscale("log")
+    ax.set(xlabel=LR, ylabel="top Hessian eigenvalue at the end")
+    ax.set_title("final sharpness against lr; dashed: 2/lr")
+    ax.grid(alpha=0.3)
+    legend(ax, colours)
     return fig
 
 
@@ -600,7 +659,8 @@ def write_report(sweep_dir: Path) -> Path:
     settings = without_seed(table, varied)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    columns = ["job", *varied.values(), *RESULTS]
+    kept = [c for c in RESULTS if c not in OPTIONAL_RESULTS or table[c].notna().any()]
+    columns = ["job", *varied.values(), *kept]
     table[columns].to_csv(out / "results.csv", index=False)
     seeds_md, figures = [], {}
     if settings != varied:
@@ -653,6 +713,18 @@ def write_report(sweep_dir: Path) -> Path:
         plot_loss_curves(table, sweep_dir),
         "Training and validation loss against the training step, one line per job coloured by "
         "its verdict (diverged jobs left out): a flat line did not learn.",
+    )
+    figures["sharpness.png"] = (
+        plot_sharpness(table, settings, sweep_dir),
+        "Sharpness (the training loss's top Hessian eigenvalue, `callbacks.sharpness`) against "
+        "the step, one line per job, with a dashed line at its 2/lr in the same colour: above "
+        "its dashed line, gradient descent at that lr is past its stability limit. Cohen et "
+        "al. (2021) see sharpness rise to 2/lr and hover there.",
+    )
+    figures["sharpness_vs_lr.png"] = (
+        plot_sharpness_vs_lr(table),
+        "Each job's sharpness at its last measured step against its learning rate, coloured "
+        "by verdict; the dashed curve is 2/lr, gradient descent's stability limit.",
     )
     for stale in out.glob("*.png"):  # a figure that no longer applies must not linger
         stale.unlink()

@@ -77,6 +77,8 @@ MAX_SATURATED = "evidence/max_saturated_frac"
 CLASSES = "evidence/classes"  # the data's class count
 CLASSES_PREDICTED = "evidence/classes_predicted"
 DEAD_CLASSES = "evidence/dead_classes"
+SHARPNESS = "sharpness/top_eigenvalue"  # at the last measured step (`sharpness.Sharpness`)
+SHARPNESS_TIMES_LR = "sharpness/times_lr_over_2"  # >= 1: past gradient descent's stability limit
 
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 # Config keys that cannot change a job's result: where files go, torch's thread count, labels.
@@ -85,7 +87,8 @@ IGNORED_KEYS = ("paths", "threads", TAGS)
 
 @runtime_checkable
 class EvidenceSource(Protocol):
-    """A callback whose findings go into the record (`GradientFlow`, `StopOnDivergence`)."""
+    """A callback whose findings go into the record (`GradientFlow`, `StopOnDivergence`,
+    `Sharpness`)."""
 
     def evidence(self) -> dict[str, Any]: ...
 

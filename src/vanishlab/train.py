@@ -220,7 +220,11 @@ def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
     for callback in trainer.callbacks:
         if isinstance(callback, EvidenceSource):
             evidence.update(callback.evidence())
-    every_batch = trainer.num_training_batches >= len(trainer.train_dataloader)
+    # A fast_dev_run is a smoke test, never a full pass, even when its one batch is the whole
+    # split (full-batch gradient descent).
+    every_batch = not trainer.fast_dev_run and (
+        trainer.num_training_batches >= len(trainer.train_dataloader)
+    )
     whole_epochs = evidence.get(DIVERGED_AT_EPOCH, trainer.current_epoch)
     evidence[FULL_EPOCHS] = whole_epochs if every_batch else 0
     return evidence

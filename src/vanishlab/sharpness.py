@@ -1,0 +1,157 @@
+"""Sharpness: the top eigenvalue of the training loss's Hessian, against gradient descent's limit.
+
+Gradient descent at learning rate lr is stable on a quadratic only where every Hessian eigenvalue
+is below 2/lr. Cohen et al. (2021, "Gradient Descent on Neural Networks Typically Occurs at the
+Edge of Stability") found that full-batch training raises the top eigenvalue (the sharpness)
+until it reaches about 2/lr, then hovers there while the loss keeps falling, non-monotonically.
+
+`Sharpness` measures it every `every_n_steps` optimizer steps, and at the last step, on one
+fixed batch, by power iteration on Hessian-vector products (double backward through one forward
+pass), warm-started from the last eigenvector, and logs to every logger:
+
+- `sharpness/top_eigenvalue`   the eigenvalue of largest magnitude (near a minimum, the top one)
+- `sharpness/times_lr_over_2`  that times lr / 2: 1 and above is past the stability limit of
+                               gradient descent at that learning rate
+
+The last values are its evidence in `metrics.json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.linalg import vector_norm
+
+from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def hessian_vector_product(loss: Tensor, params: list[nn.Parameter]) -> Callable[[Tensor], Tensor]:
+    """v -> H v for the Hessian of `loss` in `params` (flattened): the gradient's graph is built
+    once, so each product costs one backward pass through it, not a new forward pass."""
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    gradient = torch.cat([g.reshape(-1) for g in grads])
+
+    def product(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(gradient @ v, params, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv])
+
+    return product
+
+
+def power_iteration(
+    product: Callable[[Tensor], Tensor], start: Tensor, max_iterations: int, tolerance: float
+) -> tuple[Tensor, Tensor]:
+    """The eigenvalue of largest magnitude of the symmetric map `product`, and its unit
+    eigenvector, from `start`: the Rayleigh quotient, iterated until it changes by less than
+    `tolerance` (relative) or `max_iterations` products are spent."""
+    v = start / vector_norm(start)
+    eigenvalue = v.new_full((), float("nan"))
+    for _ in range(max_iterations):
+        hv = product(v)
+        previous, eigenvalue = eigenvalue, v @ hv
+        v = hv / vector_norm(hv)
+        if abs(eigenvalue - previous) <= tolerance * abs(eigenvalue):
+            break
+    return eigenvalue, v
+
+
+class Sharpness(pl.Callback):
+    """Logs the training loss's sharpness (module docstring) and keeps the last as evidence.
+
+    Everything comes from the hooks' `pl_module` and `batch` and goes out through
+    `trainer.loggers`, so under the stacked launcher each job measures its own network on its
+    own data and writes to its own loggers. The fixed batch is the first `batch_size` examples
+    of the first training batch (the whole batch, at most), kept on the device; the learning
+    rate is that of the optimizer's parameter group holding the module's parameters (the job's
+    own in a stack; a scheduler's current value).
+
+    Measuring leaves the training as it was: the products use `torch.autograd.grad` (no `.grad`
+    is written), the start vector comes from the callback's own generator (the global RNG is
+    not drawn from), and the module stays in training mode, so the Hessian is that of the loss
+    the optimizer descends (BatchNorm normalises with the batch's statistics), while its
+    buffers (BatchNorm's running statistics) are restored after the forward pass.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        batch_size: int = 1000,
+        max_iterations: int = 20,
+        tolerance: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.max_iterations = max_iterations
+        self.tolerance = tolerance
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch: tuple[Tensor, Tensor] | None = None
+        self.eigenvector: Tensor | None = None
+        self.last: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints, so a resumed run measures on the same batch, from the same
+        eigenvector, and keeps its evidence."""
+        return {"batch": self.batch, "eigenvector": self.eigenvector, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batch = state_dict["batch"]
+        self.eigenvector = state_dict["eigenvector"]
+        self.last = state_dict["last"]
+
+    def evidence(self) -> dict[str, Any]:
+        return dict(self.last)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.estimated_stepping_batches - 1
+        self._measured_step = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        # With gradient accumulation several batches share a step: it is measured once.
+        step = trainer.global_step
+        if step == self._measured_step or (step % self.every_n_steps and step != self._last_step):
+            return
+        self._measured_step = step
+        if self.batch is None:
+            x, y = batch
+            self.batch = (x[: self.batch_size].detach(), y[: self.batch_size].detach())
+        eigenvalue = self.measure(pl_module)
+        lr = learning_rate(trainer, pl_module)
+        self.last = {SHARPNESS: eigenvalue, SHARPNESS_TIMES_LR: eigenvalue * lr / 2}
+        for logger in trainer.loggers:
+            logger.log_metrics(self.last, step=step)
+
+    def measure(self, pl_module: pl.LightningModule) -> float:
+        """The top eigenvalue at the module's current weights, on the fixed batch."""
+        x, y = (t.to(pl_module.device) for t in self.batch)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if self.eigenvector is None:
+            size = sum(p.numel() for p in params)
+            self.eigenvector = torch.randn(size, generator=self.generator)
+        start = self.eigenvector.to(device=pl_module.device, dtype=params[0].dtype)
+        buffers = [b.clone() for b in pl_module.buffers()]
+        with torch.enable_grad():
+            product = hessian_vector_product(pl_module.loss_fn(pl_module(x), y), params)
+            eigenvalue, self.eigenvector = power_iteration(
+                product, start, self.max_iterations, self.tolerance
+            )
+        del product  # the graph, which saved the buffers as they were: now they can go back
+        for buffer, saved in zip(pl_module.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
+        return eigenvalue.item()
+
+
+def learning_rate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    """The current lr of the optimizer's parameter group that holds `pl_module`'s parameters:
+    the module's own group in a stack, the only one alone."""
+    first = next(pl_module.parameters())
+    for group in trainer.optimizers[0].param_groups:
+        if any(p is first for p in group["params"]):
+            return group["lr"]
+    raise LookupError("no optimizer parameter group holds the module's parameters")
