@@ -65,7 +65,8 @@ class StackedLauncher(Launcher):
         jobs = [returns[i].return_value for i in ready]
         groups = stack.stacks(jobs, self.max_stack)
         sizes = ", ".join(str(len(group)) for group in groups)
-        log.info("%d jobs to train -> %d stacks (%s)", len(jobs), len(groups), sizes or "none")
+        stacks = f"{len(groups)} stack{'s' * (len(groups) != 1)}"
+        log.info("%d jobs to train -> %s (%s)", len(jobs), stacks, sizes or "none")
         for group in groups:
             values = stack.run_stack([jobs[i] for i in group])
             for i, value in zip(group, values, strict=True):
