@@ -16,6 +16,8 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
                                                                                     (<= 0.8)
 6a. a job's training epoch inside a stack of 8 (the stack's fastest epoch's batches, default
    callbacks and diagnostics on, over 8) / the plain loop's fastest epoch   (aim 1.1, printed)
+6b. the same without the diagnostics the plain loop does not do (GradientFlow, StopOnDivergence):
+   what stacking itself costs over the plain loop                           (for reference)
 7. peak memory of a stack of 16 (1 epoch) / 16 x a single run's peak: peak RSS of a process
    that does only that on the CPU, `torch.cuda.max_memory_allocated` on a GPU        (<= 1)
 8. the sharpness callback's cost at the `edge_of_stability` preset's settings (for reference)
@@ -69,6 +71,7 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # Every GradientFlow method called during training: the Lightning hooks it overrides, and the
 # forward hook it registers on logging steps.
 GRADIENT_FLOW_HOOKS = [name for name in vars(GradientFlow) if name.startswith("on_")] + ["_capture"]
+WITHOUT_DIAGNOSTICS = ("~callbacks.gradient_flow", "~callbacks.stop_on_divergence")
 BARE_LIGHTNING = (
     "~callbacks",
     "~logger",
@@ -134,9 +137,9 @@ def vanishlab_epochs(*overrides: str) -> EpochTimer:
     return timer
 
 
-def stacked_epochs() -> list[float]:
-    """The 8-job lr sweep as one stack, with the default callbacks: each timed epoch's batches,
-    per job."""
+def stacked_epochs(*overrides: str) -> list[float]:
+    """The 8-job lr sweep as one stack, with the default callbacks less `overrides`' removals:
+    each timed epoch's batches, per job."""
     with tempfile.TemporaryDirectory() as out:
         cfgs = [
             config(
@@ -144,6 +147,7 @@ def stacked_epochs() -> list[float]:
                 "experiment=seed",
                 f"trainer.max_epochs={EPOCHS}",
                 f"optimizer.lr={lr}",
+                *overrides,
             )
             for lr in LRS
         ]
@@ -252,10 +256,11 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     batches = tensor_batches()
     plain, vanishlab, bare, with_flow, without_flow, flow_shares = [], [], [], [], [], []
-    stacked_job = []
+    stacked_job, stacked_bare = [], []
     for _ in range(ROUNDS):
         plain += plain_epochs(batches)
         stacked_job += stacked_epochs()
+        stacked_bare += stacked_epochs(*WITHOUT_DIAGNOSTICS)
         timer = vanishlab_epochs()
         vanishlab += timer.batches
         with_flow += timer.whole
@@ -322,6 +327,7 @@ def main() -> None:
     print(f"lr sweep seconds: basic {basic_wall:.1f}, stacked {stacked_wall:.1f}", flush=True)
     report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
     reference("6a. a job's epoch in a stack of 8 / plain loop epoch", min(stacked_job) / plain_s)
+    reference("6b. the same without GradientFlow, StopOnDivergence", min(stacked_bare) / plain_s)
 
     single, stack = peak_memory(1), peak_memory(16)
     print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
