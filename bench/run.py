@@ -138,8 +138,8 @@ def vanishlab_epochs(*overrides: str) -> EpochTimer:
 
 
 def stacked_epochs(*overrides: str) -> list[float]:
-    """The 8-job lr sweep as one stack, with the default callbacks less `overrides`' removals:
-    each timed epoch's batches, per job."""
+    """The 8-job lr sweep as one stack, with the default callbacks (less those `overrides`
+    remove): each timed epoch's batches, per job."""
     with tempfile.TemporaryDirectory() as out:
         cfgs = [
             config(
@@ -256,11 +256,11 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     batches = tensor_batches()
     plain, vanishlab, bare, with_flow, without_flow, flow_shares = [], [], [], [], [], []
-    stacked_job, stacked_bare = [], []
+    stacked_job, stacked_undiagnosed = [], []
     for _ in range(ROUNDS):
         plain += plain_epochs(batches)
         stacked_job += stacked_epochs()
-        stacked_bare += stacked_epochs(*WITHOUT_DIAGNOSTICS)
+        stacked_undiagnosed += stacked_epochs(*WITHOUT_DIAGNOSTICS)
         timer = vanishlab_epochs()
         vanishlab += timer.batches
         with_flow += timer.whole
@@ -327,7 +327,9 @@ def main() -> None:
     print(f"lr sweep seconds: basic {basic_wall:.1f}, stacked {stacked_wall:.1f}", flush=True)
     report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
     reference("6a. a job's epoch in a stack of 8 / plain loop epoch", min(stacked_job) / plain_s)
-    reference("6b. the same without GradientFlow, StopOnDivergence", min(stacked_bare) / plain_s)
+    reference(
+        "6b. the same without GradientFlow, StopOnDivergence", min(stacked_undiagnosed) / plain_s
+    )
 
     single, stack = peak_memory(1), peak_memory(16)
     print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)

@@ -39,8 +39,13 @@ class StopOnDivergence(pl.Callback):
         self._loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]  # what the optimizer will apply
+        # The gradients the optimizer is about to apply (a stacked job's: its own group).
+        grads = [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         total = self._loss + torch.stack([vector_norm(g) for g in grads]).sum()
         if torch.isfinite(total):
             return

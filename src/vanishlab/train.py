@@ -10,8 +10,9 @@ import gc
 
 # Importing torch, Lightning and Hydra makes millions of objects that live as long as the process.
 # Python's full collections walked them seven times during these imports (0.7 s here) and once
-# more at exit (1 s): the cost of every command and of every process of a sweep. So the collector
-# waits while they are imported, then leaves them out for good (`gc.freeze`, after the imports).
+# more at exit (1 s): the cost of every run and of every process that runs sweep jobs, all of
+# which import this module. So the collector waits while they are imported, then leaves them out
+# for good (`gc.freeze`, after the imports).
 gc.disable()
 
 import functools
