@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
+from torch.utils.tensorboard import SummaryWriter
 
 from conftest import FAST, run_cli
+from vanishlab.dashboard import add_histogram
 from vanishlab.hparams import (
     FILE_SUFFIX,
     METRICS,
@@ -152,3 +155,24 @@ def test_writing_again_replaces_the_table(tiny_sweep, tmp_path) -> None:
     write_hparams(sweep_dir, {job: read_record(job / "metrics.json") for job in job_dirs})
     for directory in (sweep_dir, *job_dirs):
         assert len(list(directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}"))) == 1
+
+
+def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) -> None:
+    """An overflowing activation or a dropped gradient must not cost a run its histograms."""
+    writer = SummaryWriter(str(tmp_path))
+    values = torch.tensor([[1.0, math.inf], [-2.0, math.nan], [3.0, 0.5]])
+    add_histogram(writer, "mixed", values, step=1)
+    add_histogram(writer, "finite", values.nan_to_num(0.0, 0.0, 0.0), step=1)
+    add_histogram(writer, "none_finite", torch.full((4,), math.nan), step=1)
+    add_histogram(writer, "cleared", None, step=1)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    events.Reload()
+    assert sorted(events.Tags()["histograms"]) == ["finite", "mixed"]
+    (mixed,) = events.Histograms("mixed")
+    assert (mixed.histogram_value.min, mixed.histogram_value.max) == (-2.0, 3.0)
+    assert (mixed.histogram_value.num, mixed.histogram_value.sum) == (4, 2.5)
+    assert mixed.histogram_value.sum_squares == 1 + 4 + 9 + 0.25
+    assert sum(mixed.histogram_value.bucket) == 4
+    (finite,) = events.Histograms("finite")
+    assert (finite.histogram_value.num, finite.histogram_value.max) == (6, 3.0)

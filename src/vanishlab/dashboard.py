@@ -8,15 +8,22 @@ defaults (linear axes, outliers ignored, every card its own y-range):
 - a custom-scalars layout (`LAYOUT`): every layer of a family on one chart.
 - per-probe histograms, and the gradient-flow figure on a fixed y-range that a key sets.
 
-Loggers other than TensorBoard's are skipped for everything but the scalars.
+Loggers other than TensorBoard's are skipped for everything but the scalars. A TensorBoard gets
+a measured step's scalars as one event (`write_scalars`), as TensorFlow's merged summaries were:
+Lightning's `log_metrics` writes an event per value, about 60 us each here, and a step's 28
+values cost twice what measuring them does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
@@ -53,6 +60,18 @@ def tensorboard_writers(loggers: list[Logger]) -> list[SummaryWriter]:
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
+@rank_zero_only  # as Lightning's loggers write: other ranks' TensorBoards are placeholders
+def write_scalars(loggers: list[Logger], metrics: dict[str, float], step: int) -> None:
+    """`metrics` at `step` to every logger: to a TensorBoard as one event."""
+    summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # What every `SummaryWriter.add_*` writes through (it reopens a closed writer).
+            logger.experiment._get_file_writer().add_summary(summary, step)
+        else:
+            logger.log_metrics(metrics, step)
+
+
 def write_layout(loggers: list[Logger]) -> None:
     """Each run writes the same layout; TensorBoard merges them into one."""
     for writer in tensorboard_writers(loggers):
@@ -85,11 +104,13 @@ def add_histogram(
     if values is None:
         return
     values = values.detach().float().flatten()
-    values = values[torch.isfinite(values)]
-    if not len(values):
-        return
-    summary = torch.stack([values.min(), values.max(), values.sum(), values.square().sum()])
-    low, high, total, squares = summary.tolist()  # one host-device sync for the four
+    summary = histogram_summary(values)
+    if not all(map(math.isfinite, summary)):  # rare: a copy of the finite values is slow
+        values = values[torch.isfinite(values)]
+        if not len(values):
+            return
+        summary = histogram_summary(values)
+    low, high, total, squares = summary
     counts = torch.histc(values, bins, min=low, max=high)
     writer.add_histogram_raw(
         tag,
@@ -102,6 +123,11 @@ def add_histogram(
         bucket_counts=counts.tolist(),
         global_step=step,
     )
+
+
+def histogram_summary(values: Tensor) -> list[float]:
+    """Min, max, sum and sum of squares, in one host-device sync; all finite if `values` are."""
+    return torch.stack([values.min(), values.max(), values.sum(), values.square().sum()]).tolist()
 
 
 class GradientFlowFigure:

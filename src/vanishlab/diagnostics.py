@@ -41,6 +41,7 @@ from vanishlab.dashboard import (
     log10_display,
     write_histograms,
     write_layout,
+    write_scalars,
 )
 from vanishlab.data import MNISTDataModule
 from vanishlab.nets import Probe
@@ -172,8 +173,7 @@ class GradientFlow(pl.Callback):
             return
         self._logging = False
         metrics = self._measure()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=self._step)
+        write_scalars(trainer.loggers, metrics, self._step)
         profile = [metrics[t] for t in self.layer_tags]
         self._profiles_this_epoch.append(profile)
         if not self.at_first_step:

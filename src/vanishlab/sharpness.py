@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import vector_norm
 
+from vanishlab.dashboard import write_scalars
 from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -124,8 +125,7 @@ class Sharpness(pl.Callback):
         eigenvalue = self.measure(pl_module)
         lr = learning_rate(trainer, pl_module)
         self.last = {SHARPNESS: eigenvalue, SHARPNESS_TIMES_LR: eigenvalue * lr / 2}
-        for logger in trainer.loggers:
-            logger.log_metrics(self.last, step=step)
+        write_scalars(trainer.loggers, self.last, step)
 
     def measure(self, pl_module: pl.LightningModule) -> float:
         """The top eigenvalue at the module's current weights, on the fixed batch."""
