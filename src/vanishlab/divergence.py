@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -47,7 +48,7 @@ class StopOnDivergence(pl.Callback):
             if p.grad is not None
         ]
         total = self._loss + torch.stack([vector_norm(g) for g in grads]).sum()
-        if torch.isfinite(total):
+        if math.isfinite(total.item()):
             return
         optimizer.zero_grad(set_to_none=True)
         trainer.should_stop = True
