@@ -319,7 +319,7 @@ def main() -> None:
 
     lrs = "optimizer.lr=" + ",".join(map(str, LRS))
     basic_walls, stacked_walls = [], []
-    for _ in range(2):  # alternated: the host's load hits both sides alike
+    for _ in range(3):  # alternated: the host's load hits both sides alike
         with tempfile.TemporaryDirectory() as tmp:
             basic_walls.append(sweep(Path(tmp, "basic"), lrs, BASIC)[0])
             stacked_walls.append(sweep(Path(tmp, "stacked"), lrs, "hydra/launcher=stacked")[0])

@@ -3,6 +3,7 @@ event reader."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from types import SimpleNamespace
@@ -97,6 +98,20 @@ def test_every_tag_family_histograms_figure_and_hparams_are_logged(tiny_data, tm
     assert ratios[0] == pytest.approx(norms[0] / norms[1], rel=1e-5)
     assert record[START] == pytest.approx(ratios[0], rel=1e-5)
     assert record[GRAD_NORMS_AT_START][0] == pytest.approx(norms[0], rel=1e-5)
+
+
+def test_loggers_other_than_tensorboard_get_the_same_figures(tiny_data, tmp_path) -> None:
+    """TensorBoard gets a measured step's figures as one event; a CSV logger row by row."""
+    overrides = [*FAST, "trainer.max_epochs=1", "callbacks.gradient_flow.every_n_steps=4"]
+    fit_and_test(compose_config([*overrides, "logger=csv"], tiny_data, tmp_path / "csv"))
+    fit_and_test(compose_config(overrides, tiny_data, tmp_path / "tb"))
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["grad_norm/layer_00"]]
+    events = read_events(tmp_path / "tb")
+    for tag in ("grad_norm/layer_00", f"{LOG10}update_ratio/layer_02", FIRST_OVER_LAST):
+        logged = events.Scalars(tag)
+        assert [int(row["step"]) for row in rows] == [e.step for e in logged] == [0, 4, 8, 9]
+        assert [float(row[tag]) for row in rows] == pytest.approx([e.value for e in logged])
 
 
 def test_update_ratio_is_measured_from_the_applied_update(tiny_data, tmp_path) -> None:
