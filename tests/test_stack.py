@@ -15,6 +15,9 @@ from conftest import FAST, bare_trainer, compose_config, kill_cli_when, run_cli
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.results import (
+    CLASSES,
+    CLASSES_PREDICTED,
+    DEAD_CLASSES,
     RESUMED_FROM,
     SHARPNESS,
     SHARPNESS_TIMES_LR,
@@ -238,6 +241,22 @@ def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> 
             skipped |= {"loops"} if own[STATUS] == "diverged" else set()
             assert same(job, single, skipped), (i, name)
             assert same(job["callbacks"]["GradientFlow"], single["callbacks"]["GradientFlow"])
+
+
+def test_a_stacked_jobs_test_split_evidence_is_the_whole_splits_under_limited_testing(
+    tiny_data, tmp_path
+) -> None:
+    """A stack takes each job's test-split evidence from its test loop; where that loop ran
+    only some batches (`limit_test_batches`), from the whole split, as a single run does."""
+    limited = [*FAST, "data.batch_size=2", "trainer.limit_test_batches=1"]
+    cfgs = [
+        compose_config([*limited, *job], tiny_data, tmp_path / str(i)) for i, job in enumerate(JOBS)
+    ]
+    alone = [fit_and_test(cfg) for cfg in cfgs[:1]]
+    stacked = fit_and_test_stack(cfgs)
+    assert alone[0][CLASSES_PREDICTED] > 2  # more than the 2 images of the one test batch show
+    for key in (CLASSES, CLASSES_PREDICTED, DEAD_CLASSES):
+        assert stacked[0][key] == alone[0][key]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ training runs at full speed.
 
 The last optimizer step of training is always measured. Each `histograms_every_n_epochs` epochs,
 and at that last step, it also draws histograms and the gradient-flow figure (`dashboard.py`).
-`evidence_on_test_split` measures the trained network on the test split.
+`evidence_on_test_split` measures the trained network on the test split (`Predictions`).
 """
 
 from __future__ import annotations
@@ -244,22 +244,45 @@ def max_of_family(metrics: dict[str, float], family: str) -> float:
     return max((v for k, v in metrics.items() if k.startswith(f"{family}/")), default=0.0)
 
 
+class Predictions:
+    """Which classes a network's outputs predict, and which outputs are 0 for every image (an
+    output ReLU that died), gathered batch by batch."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.predicted: Tensor | None = None  # per class: predicted at least once
+        self.nonzero: Tensor | None = None  # per output: not 0 for at least one image
+
+    def update(self, outputs: Tensor) -> None:
+        predicted = torch.zeros(outputs.shape[1], dtype=torch.bool, device=outputs.device)
+        predicted[outputs.argmax(dim=1)] = True
+        nonzero = (outputs != 0).any(dim=0)
+        if self.predicted is not None:
+            predicted, nonzero = predicted | self.predicted, nonzero | self.nonzero
+        self.predicted, self.nonzero = predicted, nonzero
+
+    def evidence(self) -> dict[str, int]:
+        return {
+            CLASSES: self.num_classes,
+            CLASSES_PREDICTED: int(self.predicted.sum()),
+            DEAD_CLASSES: int((~self.nonzero).sum()),
+        }
+
+
 @torch.no_grad()
 def evidence_on_test_split(
     module: pl.LightningModule, datamodule: MNISTDataModule
 ) -> dict[str, int]:
     """How many classes the trained network predicts on the whole test split (whichever DDP rank
-    this is), and how many it cannot predict at all: a class whose output is 0 for every test
-    image (its output ReLU died). The network is in eval mode, as in testing (BatchNorm uses its
-    running statistics). It is one more forward pass over the 10,000 test images, after the
-    test loop's own, so the figure is the whole split's on any DDP rank without a gather."""
+    this is), and how many it cannot predict at all (`Predictions`). The network is in eval
+    mode, as in testing (BatchNorm uses its running statistics). It is one more forward pass over
+    the 10,000 test images, after the test loop's own, so the figure is the whole split's on any
+    DDP rank without a gather (a stack, which never runs DDP, gathers it in its test loop)."""
     images, _ = datamodule.splits["test"]
     was_training = module.training
     module.eval()
-    outputs = torch.cat([module(x) for x in images.split(datamodule.batch_size)])
+    predictions = Predictions(datamodule.num_classes)
+    for x in images.split(datamodule.batch_size):
+        predictions.update(module(x))
     module.train(was_training)
-    return {
-        CLASSES: datamodule.num_classes,
-        CLASSES_PREDICTED: outputs.argmax(dim=1).unique().numel(),
-        DEAD_CLASSES: int((outputs == 0).all(dim=0).sum()),
-    }
+    return predictions.evidence()

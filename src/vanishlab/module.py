@@ -74,13 +74,10 @@ class Classifier(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        metrics = self.evaluation_metrics(batch, stage)
-        self.log_dict(metrics, batch_size=len(batch[1]), sync_dist=True)  # DDP: over all ranks
-
-    def evaluation_metrics(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         x, y = batch
         outputs = self.net(x)
-        return stage_metrics(stage, self.loss_fn(outputs, y), outputs, y)
+        metrics = stage_metrics(stage, self.loss_fn(outputs, y), outputs, y)
+        self.log_dict(metrics, batch_size=len(y), sync_dist=True)  # DDP: over all ranks
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer(self.parameters())

@@ -45,6 +45,7 @@ from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 
 from vanishlab.data import MNISTDataModule, TensorBatches
+from vanishlab.diagnostics import Predictions, evidence_on_test_split
 from vanishlab.module import Classifier, logs_this_step, stage_metrics
 from vanishlab.results import (
     JOB_CONFIG,
@@ -308,18 +309,28 @@ class StackedClassifier(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.sums, self.images = 0, 0
+        num_classes = self.trainer.datamodule.jobs[0].num_classes
+        self.predictions = [Predictions(num_classes) for _ in self.jobs]
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         """Every job on the same batch (the jobs share their evaluation splits). The stack sums
         their metrics and logs each job's once an epoch (`log_evaluation`): a `self.log` costs
         about 0.6 ms, which per job, metric and batch would cost more than the forward passes.
         The sums are Lightning's own mean, in its order and precision (`value * batch_size`
-        summed in float32, divided by the image count), so each job logs what it logs alone."""
-        metrics = [job.evaluation_metrics(batch, stage) for job in self.jobs]
+        summed in float32, divided by the image count), so each job logs what it logs alone.
+        Testing also gathers each job's `Predictions`: the test-split evidence a single run
+        takes from a forward pass of its own."""
+        x, y = batch
+        metrics = []
+        for i, job in enumerate(self.jobs):
+            outputs = job(x)
+            metrics.append(stage_metrics(stage, job.loss_fn(outputs, y), outputs, y))
+            if stage == "test":
+                self.predictions[i].update(outputs)
         self.names = list(metrics[0])
         values = torch.stack([torch.stack(list(m.values())) for m in metrics])
-        self.sums = self.sums + values * len(batch[1])
-        self.images = self.images + len(batch[1])
+        self.sums = self.sums + values * len(y)
+        self.images = self.images + len(y)
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation()
@@ -478,9 +489,15 @@ def fit_and_test_stack(
     start = time.perf_counter()
     (tested,) = trainer.test(stack, datamodule=data, verbose=False)
     test_seconds = (time.perf_counter() - start) / len(cfgs)
+    # A single run's evidence is the whole test split's, however few batches its test loop ran.
+    whole_split = trainer.num_test_batches[0] == len(data.test_dataloader())
     ids = [job_id(job_identity(cfg)) for cfg in cfgs]
     for i, (record, (datamodule, module)) in enumerate(zip(records, jobs, strict=True)):
-        record.update(testing_evidence(own_metrics(tested, i), test_seconds, module, datamodule))
+        if whole_split:
+            evidence = stack.predictions[i].evidence()
+        else:
+            evidence = evidence_on_test_split(module, datamodule)
+        record.update(testing_evidence(own_metrics(tested, i), test_seconds, evidence))
         record[VERDICT] = verdict(record)
         record[STACKED_WITH] = ids[:i] + ids[i + 1 :]
     return records

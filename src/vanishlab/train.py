@@ -194,7 +194,8 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
             module, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True
         )
         seconds = time.perf_counter() - start
-        record.update(testing_evidence(metrics[0], seconds, module, datamodule))
+        evidence = evidence_on_test_split(module, datamodule)
+        record.update(testing_evidence(metrics[0], seconds, evidence))
     if train:
         record[VERDICT] = verdict(record)
     return record
@@ -210,14 +211,10 @@ def build_seeded(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
 
 
 def testing_evidence(
-    metrics: dict[str, Any], seconds: float, module: Classifier, datamodule: MNISTDataModule
+    metrics: dict[str, Any], seconds: float, evidence: dict[str, int]
 ) -> dict[str, Any]:
     """What testing found: the test metrics, their seconds, and the test-split evidence."""
-    return {
-        **scalars(metrics, "test/"),
-        TEST_SECONDS: round(seconds, 3),
-        **evidence_on_test_split(module, datamodule),
-    }
+    return {**scalars(metrics, "test/"), TEST_SECONDS: round(seconds, 3), **evidence}
 
 
 def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
