@@ -2,7 +2,7 @@
 
 Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets in force:
 1. vanishlab training epoch / a plain PyTorch loop over the same in-memory tensors   (<= 1.7)
-   a regression check: Lightning's own loop alone is 1.2-1.45x here (line 1a)
+   a regression check: Lightning's own loop alone is 1.2-1.55x here (line 1a)
 2. the course's DataLoader + ToTensor/Normalize epoch / vanishlab epoch       (for reference)
    its floor depends on the machine: 4.7 on 2026-11-25, when the DataLoader epoch took 2.5 s
 3. epoch with the GradientFlow callback at its defaults / without it                (<= 1.10)
