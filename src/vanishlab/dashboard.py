@@ -10,8 +10,8 @@ defaults (linear axes, outliers ignored, every card its own y-range):
 
 Loggers other than TensorBoard's are skipped for everything but the scalars. A TensorBoard gets
 a measured step's scalars as one event (`write_scalars`), as TensorFlow's merged summaries were:
-Lightning's `log_metrics` writes an event per value, about 60 us each here, and a step's 28
-values cost twice what measuring them does.
+Lightning's `log_metrics` writes an event per value, about 40 us each here: a seed run's 25 values
+a measured step took about 1 ms that way, more than measuring them, and 0.13 ms as one event.
 """
 
 from __future__ import annotations

@@ -74,10 +74,17 @@ class Classifier(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        metrics, _ = self.evaluation(batch, stage)
+        self.log_dict(metrics, batch_size=len(batch[1]), sync_dist=True)  # DDP: over all ranks
+
+    def evaluation(
+        self, batch: tuple[Tensor, Tensor], stage: str
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """A validation or test batch's metrics, and the outputs they come from (a stack also
+        gathers its jobs' test-split evidence from them)."""
         x, y = batch
         outputs = self.net(x)
-        metrics = stage_metrics(stage, self.loss_fn(outputs, y), outputs, y)
-        self.log_dict(metrics, batch_size=len(y), sync_dist=True)  # DDP: over all ranks
+        return stage_metrics(stage, self.loss_fn(outputs, y), outputs, y), outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer(self.parameters())

@@ -320,17 +320,16 @@ class StackedClassifier(pl.LightningModule):
         summed in float32, divided by the image count), so each job logs what it logs alone.
         Testing also gathers each job's `Predictions`: the test-split evidence a single run
         takes from a forward pass of its own."""
-        x, y = batch
         metrics = []
         for i, job in enumerate(self.jobs):
-            outputs = job(x)
-            metrics.append(stage_metrics(stage, job.loss_fn(outputs, y), outputs, y))
+            job_metrics, outputs = job.evaluation(batch, stage)
+            metrics.append(job_metrics)
             if stage == "test":
                 self.predictions[i].update(outputs)
         self.names = list(metrics[0])
         values = torch.stack([torch.stack(list(m.values())) for m in metrics])
-        self.sums = self.sums + values * len(y)
-        self.images = self.images + len(y)
+        self.sums = self.sums + values * len(batch[1])
+        self.images = self.images + len(batch[1])
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation()
