@@ -7,15 +7,17 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import FAST, run_cli
-from vanishlab.dashboard import add_histogram
+from vanishlab.dashboard import GradientFlowFigure, add_histogram
 from vanishlab.hparams import (
     FILE_SUFFIX,
     METRICS,
@@ -176,3 +178,30 @@ def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) 
     assert sum(mixed.histogram_value.bucket) == 4
     (finite,) = events.Histograms("finite")
     assert (finite.histogram_value.num, finite.histogram_value.max) == (6, 3.0)
+
+
+def test_the_redrawn_figure_is_what_a_full_render_draws(tmp_path) -> None:
+    """Each draw renders only its lines on the kept background; the image must be the figure a
+    whole render of it gives: every line, marker and the title, on the same axes."""
+    figure = GradientFlowFigure(n_layers=5, log10_range=(-16.0, 4.0))
+    writer = TensorBoardLogger(str(tmp_path))
+    background = np.asarray(figure.canvas.buffer_rgba()).copy()
+    profiles: dict[int, list[float]] = {}
+    for epoch, norms in enumerate(
+        ([1e-3] * 5, [0.0, 1e-20, 1e-6, 1e-2, 1e6], [1e-9, 1e-5, 1e-2, 1.0, 10.0])
+    ):
+        profiles[epoch] = norms
+        figure.draw([writer], profiles, step=epoch)
+        redrawn = np.asarray(figure.canvas.buffer_rgba()).copy()
+        figure.canvas.draw()
+        whole = np.asarray(figure.canvas.buffer_rgba())
+        changed = (redrawn != background).any(axis=-1)
+        differs = (redrawn != whole).any(axis=-1)
+        # Only where a marker overlaps a spine or the grid, drawn above it in a whole render.
+        assert differs.sum() < 0.05 * changed.sum(), (epoch, differs.sum(), changed.sum())
+    writer.experiment.close()
+    events = EventAccumulator(writer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("gradient_flow")
+    assert [image.step for image in images] == [0, 1, 2]
+    assert (images[-1].width, images[-1].height) == whole.shape[1::-1]
