@@ -234,9 +234,9 @@ class GradientFlow(pl.Callback):
 
 
 def silent(activation: Tensor) -> Tensor:
-    """Per unit: 0 for every example of the batch (a dead ReLU). As `(activation == 0).all(0)`,
-    but a float reduction over the batch is vectorised where a boolean `all` is not: 3x faster
-    here, the largest part of a measured step."""
+    """Per unit: 0 for every example of the batch (a dead ReLU, a dead output). The same as
+    `(activation == 0).all(0)` (a NaN is not 0 in both), but a float max over the batch took
+    0.07 ms here for two 200 x 200 activations where the boolean `all` took 0.22 ms."""
     return activation.abs().amax(0) == 0
 
 
@@ -263,7 +263,7 @@ class Predictions:
     def update(self, outputs: Tensor) -> None:
         predicted = torch.zeros(outputs.shape[1], dtype=torch.bool, device=outputs.device)
         predicted[outputs.argmax(dim=1)] = True
-        nonzero = (outputs != 0).any(dim=0)
+        nonzero = ~silent(outputs)
         if self.predicted is not None:
             predicted, nonzero = predicted | self.predicted, nonzero | self.nonzero
         self.predicted, self.nonzero = predicted, nonzero
