@@ -6,9 +6,13 @@ the weights are loaded into it. Data settings given on the command line (`data.b
 `data=fashion_mnist`) replace the run's own, and the record lists them.
 
 A checkpoint may come from someone else, so loading it runs none of its code: the file is read
-with `weights_only=True` (tensors and plain containers, no pickled objects), and the `_target_`s
-of its config are instantiated only if they name a module that vanishlab's config groups point
-into (`TRUSTED`) or one the user names with `trust=[module,...]`; any other is refused.
+with `weights_only=True` (tensors and plain containers, no pickled objects), and its config is
+resolved once, with OmegaConf's own resolvers only (`oc.*`), into plain values. Every `_target_`
+anywhere in that resolved config is checked by the object it names, not by its spelling
+(`vanishlab.trust`): a top-level class or function, the very one its module exports under that
+name, defined in a module vanishlab's config groups point into, in torch.nn or torch.optim, or in
+one the user names with `trust=[module,...]`; finding it imports no other module. Any other is
+refused before anything is built, and exactly the config checked is built.
 """
 
 from __future__ import annotations
@@ -31,18 +35,10 @@ from vanishlab.config import CONFIG_DIR, check_ckpt_path
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.results import write_json
 from vanishlab.train import build, scalars
+from vanishlab.trust import allowed_modules, check_targets, resolve
 
-# What a checkpoint's config may name: the modules vanishlab's groups point into, and torch's
-# layers and optimizers (not all of torch: `torch.hub.load` fetches and runs code).
-TRUSTED = (
-    "vanishlab.data",
-    "vanishlab.nets",
-    "vanishlab.init",
-    "vanishlab.losses",
-    "torch.nn",
-    "torch.optim",
-)
 BUILT = ("data", "model", "init", "loss", "optimizer", "scheduler")  # what `build` instantiates
+EVALUATION = ("paths", "trainer")  # this evaluation's own, from its command line: trusted
 
 
 def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
@@ -56,30 +52,6 @@ def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
         ) from None
 
 
-def targets(node: Any) -> list[str]:
-    """Every `_target_` anywhere in a config container."""
-    if isinstance(node, dict):
-        own = [node["_target_"]] if "_target_" in node else []
-        return own + [t for value in node.values() for t in targets(value)]
-    if isinstance(node, list):
-        return [t for value in node for t in targets(value)]
-    return []
-
-
-def check_targets(config: dict[str, Any], trust: list[str], ckpt_path: Path) -> None:
-    """Refuse a config that would instantiate anything outside `TRUSTED` and `trust`."""
-    trusted = (*TRUSTED, *trust)
-    for target in targets(config):
-        if not any(str(target) == t or str(target).startswith(f"{t}.") for t in trusted):
-            module = str(target).rsplit(".", 1)[0]
-            raise ConfigError(
-                f"the config inside ckpt_path={str(ckpt_path)!r} names _target_: {target!r}, "
-                f"which is not vanishlab's or torch's, so it was not run (a checkpoint from "
-                f"someone else could name any code). Fix: if you trust that code, name its "
-                f"module: python -m vanishlab.eval ckpt_path=... trust=[{module}]."
-            )
-
-
 def data_overrides() -> list[Override]:
     """The command line's overrides of the data config (`data=...`, `data.<key>=...`)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
@@ -88,18 +60,22 @@ def data_overrides() -> list[Override]:
 
 
 def run_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[Override]) -> DictConfig:
-    """The run's config as saved, with this evaluation's paths and trainer and the command
-    line's data overrides; only the parts `build` instantiates are kept."""
-    run_cfg = OmegaConf.create({key: saved[key] for key in (*BUILT, "seed") if key in saved})
-    run_cfg.paths, run_cfg.trainer = cfg.paths, cfg.trainer
-    if run_cfg.get("seed") is None:  # a seed=null run: its data module needs a seed, tests none
-        run_cfg.seed = 0
+    """The run's config as saved (the parts `build` instantiates, and `seed`), with this
+    evaluation's paths and trainer and the command line's data overrides. Nothing of the run's
+    is resolved here (`vanishlab.trust.resolve` does that once); this evaluation's paths and
+    trainer are, as they may read Hydra's runtime (`${hydra:runtime.output_dir}`), so that the
+    run's part needs no resolver but OmegaConf's own."""
+    run = {key: saved[key] for key in (*BUILT, "seed") if key in saved}
+    if run.get("seed") is None:  # a seed=null run: its data module needs a seed, tests none
+        run["seed"] = 0
+    evaluation = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in EVALUATION}
+    run_cfg = OmegaConf.create({**run, **evaluation})
     for override in overrides:
         if override.key_or_group == "data":  # another data option: whole, with its keys as given
             run_cfg.data = cfg.data
             break
-        key = override.key_or_group
-        OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), force_add=True)
+        key = override.key_or_group  # replaced, not merged: a merge resolves what it meets
+        OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     return run_cfg
 
 
@@ -120,10 +96,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"network cannot be rebuilt: it was not written by this version of vanishlab. Fix: "
             f"pass a checkpoint of a run trained with it, or train the run again."
         )
-    check_targets({key: saved.get(key) for key in BUILT}, list(cfg.trust), ckpt_path)
+    allowed = allowed_modules(BUILT, cfg.trust)
+    source = f"the config inside ckpt_path={str(ckpt_path)!r}"
     overrides = data_overrides()
-    run_cfg = run_config(cfg, saved, overrides)
-    datamodule, module = build(run_cfg)
+    run = resolve(run_config(cfg, saved, overrides), source)
+    check_targets({k: v for k, v in run.items() if k not in EVALUATION}, allowed, source)
+    datamodule, module = build(OmegaConf.create(run))
     module.load_state_dict(checkpoint["state_dict"])
     datamodule.prepare_data()
     trainer = instantiate(cfg.trainer, devices=1, logger=False)
