@@ -93,10 +93,17 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
         )
 
 
-def kill_cli_when(ready: Callable[[], bool], module: str, *args: str, data_dir: Path) -> None:
-    """Run `python -m <module> args` as `run_cli` does and kill its whole process group (as a
-    lost node or a kill -9 would) as soon as `ready()` holds; it must not end before."""
-    env = {**os.environ, "DATA_DIR": str(data_dir)}
+def kill_cli_when(
+    ready: Callable[[], bool],
+    module: str,
+    *args: str,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run `python -m <module> args` as `run_cli` does (with `env` added to the environment)
+    and kill its whole process group (as a lost node or a kill -9 would) as soon as `ready()`
+    holds; it must not end before."""
+    env = {**os.environ, "DATA_DIR": str(data_dir), **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,

@@ -55,6 +55,8 @@ BAD_VALUES = {
     "optimizer.weight_decay=-0.1": "optimizer.weight_decay=-0.1",
     "trainer.max_epochs=-1": "trainer.max_epochs=-1",
     "trainer.max_epochs=1.5": "trainer.max_epochs=1.5",
+    "optimizer.lr=abc": "optimizer.lr='abc' is not allowed: it is str 'abc', not a number",
+    "data.batch_size=2.5": "data.batch_size=2.5 is not allowed: it is float 2.5, not an integer",
 }
 
 
@@ -159,3 +161,38 @@ def test_a_second_run_never_writes_into_the_first_runs_directory(tiny_data, tmp_
         (d / "metrics.json").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
         for d in run_dirs
     )
+
+
+# What a single run's command line gets wrong before it trains: the paragraph on stderr, exit 2,
+# no traceback, no checkpoint.
+CLI_BAD_VALUES = {
+    "seed=abc": "seed='abc' is not allowed: it is str 'abc', not an integer",
+    "seed=-1": "seed=-1 is not allowed",
+    "threads=-2": "threads=-2 is not allowed",
+    "threads=0": "threads=0 is not allowed",
+    "ckpt_path=README.md": "cannot be read as a checkpoint",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", CLI_BAD_VALUES)
+def test_a_bad_run_level_value_gets_the_paragraph(override, tiny_data, tmp_path) -> None:
+    result = run_cli(
+        "vanishlab.train", *FAST, override, f"hydra.run.dir={tmp_path}", data_dir=tiny_data
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert CLI_BAD_VALUES[override] in result.stderr and "Fix:" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_seed_in_a_sweep_fails_that_job_alone_without_a_traceback(
+    tiny_data, tmp_path
+) -> None:
+    args = ["-m", *FAST, "seed=0,abc", f"hydra.sweep.dir={tmp_path}"]
+    result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    records = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
+    assert records["seed=0"][STATUS] == "completed"
+    assert records["seed=abc"][STATUS] == "failed"
+    assert records["seed=abc"]["error"].startswith("ConfigError: seed='abc' is not allowed")

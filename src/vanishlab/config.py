@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError
+from vanishlab.checkpoints import UnreadableCheckpoint
 from vanishlab.data import DATASETS, TEST_SIZE, TRAIN_SIZE
 
 
@@ -37,22 +39,36 @@ def config_dir() -> Path:
 CONFIG_DIR = config_dir()
 
 
-def integer(low: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+@dataclass(frozen=True)
+class Between:
+    """A number (an integer where `integral`) from `low` up to, not including, `high`."""
+
+    low: float
+    high: float = math.inf
+    integral: bool = False
+    low_open: bool = False
+
+    def is_kind(self, v: Any) -> bool:
+        kinds = int if self.integral else int | float
+        return isinstance(v, kinds) and not isinstance(v, bool)
+
+    def __call__(self, v: Any) -> bool:
+        low, high = self.low, self.high
+        return self.is_kind(v) and (low < v if self.low_open else low <= v) and v < high
 
 
-def number(low: float, high: float = float("inf"), *, low_open: bool = False) -> Callable:
-    def ok(v: Any) -> bool:
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            return False
-        return (low < v if low_open else low <= v) and v < high
+def integer(low: int, high: float = math.inf) -> Between:
+    return Between(low, high, integral=True)
 
-    return ok
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False) -> Between:
+    return Between(low, high, low_open=low_open)
 
 
 @dataclass(frozen=True)
 class Domain:
-    """The values `key` may take: `ok(value)` says; `why` and `fix` finish the paragraph."""
+    """The values `key` may take: `ok(value)` says; `why` and `fix` finish the paragraph.
+    A value of the wrong kind for a `Between` (`lr=abc`) is named as such, not by `why`."""
 
     key: str
     ok: Callable[[Any], bool]
@@ -60,14 +76,30 @@ class Domain:
     fix: str
 
     def check(self, value: Any) -> None:
-        if not self.ok(value):
-            raise ConfigError(
-                f"{self.key}={value!r} is not allowed: {self.why}. "
-                f"Fix: set {self.key} to {self.fix}."
-            )
+        if self.ok(value):
+            return
+        why = self.why
+        if isinstance(self.ok, Between) and not self.ok.is_kind(value):
+            kind = "an integer" if self.ok.integral else "a number"
+            why = f"it is {type(value).__name__} {value!r}, not {kind}"
+        raise ConfigError(
+            f"{self.key}={value!r} is not allowed: {why}. Fix: set {self.key} to {self.fix}."
+        )
 
 
 DOMAINS = (
+    Domain(
+        "seed",
+        lambda v: v is None or integer(0, 2**32)(v),
+        "a seed is an integer that torch, numpy and Python's random all take",
+        "an integer in [0, 2**32), e.g. 0, or null to draw one",
+    ),
+    Domain(
+        "threads",
+        lambda v: v is None or integer(1)(v),
+        "it is the number of torch threads a job uses",
+        "an integer >= 1, or null for the cores this job was given (shared among parallel jobs)",
+    ),
     Domain(
         "init.std", number(0), "a standard deviation cannot be negative", "a number >= 0, e.g. 1.0"
     ),
@@ -196,11 +228,16 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_ckpt_path(ckpt_path: str) -> None:
-    if not Path(ckpt_path).expanduser().is_file():
+    """Refuse a `ckpt_path` that is not a file, or not one in torch's checkpoint format (a zip
+    archive, whole: its directory is at its end, so a truncated file fails too)."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} is not a file. Fix: point it at a run's checkpoint, e.g. "
             f"ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt (or best.ckpt)."
         )
+    if not zipfile.is_zipfile(path):
+        raise UnreadableCheckpoint(path, ValueError("not a whole checkpoint (zip) archive"))
 
 
 def check_strategy(strategy: str) -> None:

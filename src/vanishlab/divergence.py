@@ -27,6 +27,18 @@ class StopOnDivergence(pl.Callback):
     def __init__(self) -> None:
         self.diverged_at: dict[str, int] | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """In checkpoints: a diverged run killed before its record was written is still
+        diverged when it trains on from its last checkpoint (`on_train_start`)."""
+        return {"diverged_at": self.diverged_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diverged_at = state_dict["diverged_at"]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.diverged_at is not None:
+            trainer.should_stop = True
+
     def evidence(self) -> dict[str, Any]:
         if self.diverged_at is None:
             return {}

@@ -91,3 +91,26 @@ class Classifier(pl.LightningModule):
         if self.make_scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}
+
+
+class ValidationMetrics(pl.Callback):
+    """Keeps the last validation's metrics (`val/...`) for the run's record, and in its
+    checkpoints: a run that trains on from its final checkpoint (it was killed while testing)
+    validates no more, yet its record must hold what the uninterrupted run's holds."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics.items()
+            self.metrics = {k: float(v) for k, v in metrics if k.startswith("val/")}
+
+    def evidence(self) -> dict[str, float]:
+        return dict(self.metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.metrics = dict(state_dict["metrics"])

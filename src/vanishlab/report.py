@@ -51,7 +51,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from vanishlab import ConfigError, exit_with, results, theory
 
@@ -532,10 +532,12 @@ def scalar_curves(job_dir: Path, tags: Iterable[str]) -> dict[str, tuple[list[in
     Each file is a run of records: the length (8 bytes), its CRC (4), an `Event`, its CRC (4).
     The CRCs are not checked: without TensorFlow, tensorboard's `EventAccumulator` checks them in
     pure Python at about 3 MB/s, minutes for a real sweep whose events hold histograms and images.
-    A record cut short (the job is still writing) ends the file.
+    A record cut short (the job is still writing) ends the file. A session that starts at step s
+    (a job that trained on from its checkpoint: `purge_step`) drops what came before it from
+    step s on, as TensorBoard does: a killed attempt's values there were trained again.
     """
     tags = set(tags)
-    curves: dict[str, tuple[list[int], list[float]]] = {}
+    points: dict[str, dict[int, float]] = {}
     for path in sorted(job_dir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos + 12 <= len(data):
@@ -544,12 +546,14 @@ def scalar_curves(job_dir: Path, tags: Iterable[str]) -> dict[str, tuple[list[in
                 break
             event = Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 16 + length
+            if event.session_log.status == SessionLog.START:
+                for curve in points.values():
+                    for step in [step for step in curve if step >= event.step]:
+                        del curve[step]
             for value in event.summary.value:  # Lightning logs scalars as `simple_value`
                 if value.tag in tags and value.WhichOneof("value") == "simple_value":
-                    steps, values = curves.setdefault(value.tag, ([], []))
-                    steps.append(event.step)
-                    values.append(value.simple_value)
-    return curves
+                    points.setdefault(value.tag, {})[event.step] = value.simple_value
+    return {tag: (list(curve), list(curve.values())) for tag, curve in points.items()}
 
 
 def plot_loss_curves(table: pd.DataFrame, sweep_dir: Path) -> Figure | None:

@@ -37,11 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
+
+from vanishlab.storage import write_atomically
 
 EXPLODING_ABOVE = 1e2
 VANISHING_BELOW = 1e-2
@@ -81,6 +82,7 @@ SHARPNESS = "sharpness/top_eigenvalue"  # at the last measured step (`sharpness.
 SHARPNESS_TIMES_LR = "sharpness/times_lr_over_2"  # >= 1: past gradient descent's stability limit
 
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
+UNREADABLE = "unreadable"  # how `read_record` reads a metrics.json that holds no record
 # Config keys that cannot change a job's result: where files go, torch's thread count, labels.
 IGNORED_KEYS = ("paths", "threads", TAGS)
 
@@ -140,15 +142,24 @@ def job_id(identity: dict[str, Any]) -> str:
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """A run's `metrics.json`, or {} where there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's `metrics.json`; {} where there is none, and `{status: unreadable, error: ...}`
+    where it does not read as a record (half a file, written by something else): whoever reads
+    it decides what that means (a job sets it aside and trains again; the report lists it)."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {STATUS: UNREADABLE, ERROR: f"{type(err).__name__}: {err}"}
+    if not isinstance(record, dict):
+        return {STATUS: UNREADABLE, ERROR: f"it holds a {type(record).__name__}, not a record"}
+    return record
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Write atomically (temp file, then rename), so a killed run never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write atomically (`storage.write_atomically`): a kill or a full disk never leaves half a
+    record."""
+    write_atomically(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:

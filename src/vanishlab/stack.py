@@ -38,7 +38,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
@@ -49,22 +48,22 @@ from vanishlab.diagnostics import Predictions, evidence_on_test_split
 from vanishlab.module import Classifier, logs_this_step, stage_metrics
 from vanishlab.results import (
     JOB_CONFIG,
+    JOB_ID,
     SEED,
     STATUS,
     TRAIN_SECONDS,
     VERDICT,
     EvidenceSource,
     job_id,
-    job_identity,
     verdict,
 )
 from vanishlab.train import (
     Job,
     build_seeded,
     finish,
-    fit_and_test,
     instruments,
     job_failed,
+    make_trainer,
     testing_evidence,
     training_evidence,
 )
@@ -452,8 +451,8 @@ def fit_and_test_stack(
     stack_callbacks: Sequence[pl.Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
-    record as `train.fit_and_test` returns it for the job alone, with `stacked_with` (the other
-    jobs' `job_id`s) and the stack's seconds shared out. `jobs`: the jobs built already
+    record as `train.fit_and_test` returns it for the job alone, with the stack's seconds
+    shared out. `jobs`: the jobs built already
     (`train.build_seeded`).
 
     Each job gets its own evidence callbacks, checkpoints, learning-rate monitor and loggers
@@ -471,7 +470,7 @@ def fit_and_test_stack(
         shared = shared or [c for c in callbacks if not isinstance(c, PER_JOB)]
     stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
     data = StackedData([datamodule for datamodule, _ in jobs])
-    trainer = instantiate(
+    trainer = make_trainer(
         cfgs[0].trainer,
         callbacks=[*shared, *stack_callbacks],
         logger=JobLoggers(job_loggers),
@@ -490,7 +489,6 @@ def fit_and_test_stack(
     test_seconds = (time.perf_counter() - start) / len(cfgs)
     # A single run's evidence is the whole test split's, however few batches its test loop ran.
     whole_split = trainer.num_test_batches[0] == len(data.test_dataloader())
-    ids = [job_id(job_identity(cfg)) for cfg in cfgs]
     for i, (record, (datamodule, module)) in enumerate(zip(records, jobs, strict=True)):
         if whole_split:
             evidence = stack.predictions[i].evidence()
@@ -498,7 +496,6 @@ def fit_and_test_stack(
             evidence = evidence_on_test_split(module, datamodule)
         record.update(testing_evidence(own_metrics(tested, i), test_seconds, evidence))
         record[VERDICT] = verdict(record)
-        record[STACKED_WITH] = ids[:i] + ids[i + 1 :]
     return records
 
 
@@ -548,7 +545,7 @@ def run_stack(jobs: list[Job]) -> list[float | None]:
     stack trains; a stack that raises as it trains fails each of its jobs."""
     if len(jobs) == 1:
         (job,) = jobs
-        return [finish(job, lambda: fit_and_test(job.cfg, job.resume_from))]
+        return [finish(job, job.fit_and_test)]
     values: dict[int, float | None] = {}
     ready: dict[int, tuple[MNISTDataModule, Classifier]] = {}
     for i, job in enumerate(jobs):
@@ -563,9 +560,11 @@ def run_stack(jobs: list[Job]) -> list[float | None]:
         records = fit_and_test_stack([job.cfg for job in stacked], list(ready.values()))
     except Exception as err:
         records = [err] * len(stacked)
+    ids = [job.identity[JOB_ID] for job in stacked]
     for i, job, record in zip(ready, stacked, records, strict=True):
         if isinstance(record, Exception):
             values[i] = job_failed(record, job.identity, job.record_path, job.in_sweep)
         else:
-            values[i] = finish(job, lambda r=record: r)
+            others = [other for other in ids if other != job.identity[JOB_ID]]
+            values[i] = finish(job, lambda r=record, o=others: {**r, STACKED_WITH: o})
     return [values[i] for i in range(len(jobs))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,16 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from vanishlab import ConfigError, exit_with
 from vanishlab.hparams import write_hparams
-from vanishlab.results import FINISHED, JOB_ID, STATUS, job_id, job_identity, read_record
+from vanishlab.results import (
+    FINISHED,
+    JOB_ID,
+    STATUS,
+    UNREADABLE,
+    job_id,
+    job_identity,
+    read_record,
+)
+from vanishlab.storage import SweepLock, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +85,8 @@ def job_name(overrides: list[str], varied: list[str] | None) -> str:
 
 def job_dir_name(sweep_dir: str, *, _root_: DictConfig) -> str:
     """A sweep job's directory (resolver `vanishlab.job_dir`): its `job_name`, unless that
-    directory holds a job of another config, kept as it is; then `<name>~<job_id>`."""
+    directory holds a job of another config, kept as it is; then `<name>~<job_id>`. A record
+    that cannot be read is taken for the job's own (`train.prepare` sets it aside)."""
     declared = Path(sweep_dir) / VARIED_FILE
     varied = json.loads(declared.read_text()) if declared.is_file() else None
     name = job_name(list(_root_.hydra.overrides.task), varied)
@@ -84,31 +95,47 @@ def job_dir_name(sweep_dir: str, *, _root_: DictConfig) -> str:
     except Exception:  # the job itself reports the config that does not resolve
         return name
     stored = read_record(Path(sweep_dir) / name / "metrics.json")
-    return name if not stored or stored.get(JOB_ID) == own_id else f"{name}~{own_id[:8]}"
+    own = not stored or stored.get(STATUS) == UNREADABLE or stored.get(JOB_ID) == own_id
+    return name if own else f"{name}~{own_id[:8]}"
+
+
+def config_subdir(*, _root_: DictConfig) -> str | None:
+    """Where Hydra saves a job's composed config (resolver `vanishlab.config_subdir`):
+    `.hydra`, or nowhere (null) for a job that finished before. A re-run skips that job, so
+    its `.hydra/` files must stay those its record was made with, whatever this command says
+    (`threads=1 tags=[rerun]`)."""
+    record = read_record(Path(_root_.hydra.runtime.output_dir) / "metrics.json")
+    return None if record.get(STATUS) in FINISHED else ".hydra"
 
 
 def register_job_dir_resolver() -> None:
-    """`${vanishlab.job_dir:<sweep dir>}` (conf/hydra/default.yaml); every process that runs a
-    job needs it before Hydra names the job's directory."""
+    """`${vanishlab.job_dir:<sweep dir>}` and `${vanishlab.config_subdir:}`
+    (conf/hydra/default.yaml); every process that runs a job needs them before Hydra names
+    the job's directory."""
     OmegaConf.register_new_resolver("vanishlab.job_dir", job_dir_name, replace=True)
+    OmegaConf.register_new_resolver("vanishlab.config_subdir", config_subdir, replace=True)
 
 
 class Records(Callback):
     """Hydra callback that keeps records true and shows them: a single run never writes into a
-    directory that holds a run's record already; a sweep declares what it varies as it starts,
-    and ends with its jobs counted by status (exit 1 if any did not finish: failed, or cancelled
-    or timed out by a scheduler). A run's or a sweep's end writes the HParams table from the
-    records (`hparams.write_hparams`).
+    directory that holds a run's record already; one command at a time sweeps into a directory
+    (`storage.SweepLock`); no command starts on a full disk; a sweep declares what it varies as
+    it starts, and ends with its jobs counted by status (exit 1 if any did not finish: failed,
+    or cancelled or timed out by a scheduler). A run's or a sweep's end writes the HParams table
+    from the records (`hparams.write_hparams`).
 
-    `on_run_start` runs before Hydra writes anything into the run directory (`.hydra/`, the log),
-    so a refused run changes nothing. A sweep job that raises is recorded and returns normally,
-    so the sweep goes on; `on_multirun_end` restores the signal that something failed.
+    `on_run_start` and `on_multirun_start` run before Hydra writes anything into the run or
+    sweep directory (`.hydra/`, the log), so a refused command changes nothing. A sweep job that
+    raises is recorded and returns normally, so the sweep goes on; `on_multirun_end` restores
+    the signal that something failed.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         # Under DDP, Lightning starts the other ranks into the same directory: only rank 0 checks.
         previous = read_record(run_dir / "metrics.json")
+        if rank_zero_only.rank == 0:
+            check_or_exit(check_free_space, run_dir)
         if previous and rank_zero_only.rank == 0:
             exit_with(
                 ConfigError(
@@ -128,13 +155,17 @@ class Records(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        check_or_exit(check_free_space, sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = SweepLock(sweep_dir)
+        check_or_exit(self.lock.acquire)
         declared = sweep_dir / VARIED_FILE
         if not declared.is_file():  # a re-run sweep keeps its jobs' names
             declared.write_text(json.dumps(declared_varied_keys(config)) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        self.lock.release()
         records = {p.parent: read_record(p) for p in sorted(sweep_dir.glob("*/metrics.json"))}
         write_hparams(sweep_dir, records)
         counts = Counter(record.get(STATUS, "unknown") for record in records.values())
@@ -150,3 +181,11 @@ class Records(Callback):
                 unfinished,
             )
             raise SystemExit(1)
+
+
+def check_or_exit(check: Callable[..., None], *args: Any) -> None:
+    """Run `check(*args)`; a `ConfigError` ends the command with its paragraph."""
+    try:
+        check(*args)
+    except ConfigError as err:
+        exit_with(err)

@@ -33,20 +33,21 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
 from rich.tree import Tree
 
 from vanishlab import ConfigError, exit_with
+from vanishlab.checkpoints import AtomicCheckpointIO, eval_command, newest_readable_checkpoint
 from vanishlab.config import CONFIG_DIR, check_config, check_memory, check_sweepable
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
-from vanishlab.module import Classifier
+from vanishlab.module import Classifier, ValidationMetrics
 from vanishlab.nets import Network
 from vanishlab.results import (
     DIVERGED_AT_EPOCH,
@@ -65,6 +66,7 @@ from vanishlab.results import (
     TEST_SECONDS,
     TESTED,
     TRAIN_SECONDS,
+    UNREADABLE,
     VERDICT,
     WORLD_SIZE,
     EvidenceSource,
@@ -75,6 +77,7 @@ from vanishlab.results import (
     verdict,
     write_json,
 )
+from vanishlab.storage import DiskFull, is_disk_full, set_aside
 from vanishlab.sweep import register_job_dir_resolver
 
 log = logging.getLogger(__name__)
@@ -140,34 +143,56 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
     return net
 
 
-def instruments(cfg: DictConfig) -> tuple[list[pl.Callback], list[Logger]]:
+def instruments(
+    cfg: DictConfig, resume_step: int | None = None
+) -> tuple[list[pl.Callback], list[Logger]]:
     """The config's callbacks and loggers (a null entry is switched off, as in
-    `callbacks.progress_bar=null`). Without a logger there is nothing for Lightning's
-    `LearningRateMonitor` to write to (it refuses to start), so it is left out."""
+    `callbacks.progress_bar=null`), and `ValidationMetrics`, which the record needs. Without a
+    logger there is nothing for Lightning's `LearningRateMonitor` to write to (it refuses to
+    start), so it is left out.
+
+    A run that trains on from a checkpoint of step `resume_step` in its own directory has its
+    TensorBoard writer purge what a killed attempt wrote from that step on (TensorBoard's
+    `purge_step`), so each tag holds one value per step."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks.append(ValidationMetrics())
+    loggers = [
+        instantiate(c, purge_step=resume_step)
+        if resume_step is not None and issubclass(get_class(c._target_), TensorBoardLogger)
+        else instantiate(c)
+        for c in (cfg.get("logger") or {}).values()
+        if c
+    ]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks, loggers
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    """The trainer with the config's callbacks and loggers."""
-    callbacks, loggers = instruments(cfg)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+def make_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """The trainer `trainer_cfg` describes, writing its checkpoints atomically
+    (`AtomicCheckpointIO`)."""
+    return instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def build_trainer(cfg: DictConfig, resume_step: int | None = None) -> pl.Trainer:
+    """The trainer with the config's callbacks and loggers (`instruments`)."""
+    callbacks, loggers = instruments(cfg, resume_step)
+    return make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, Any]:
+def fit_and_test(
+    cfg: DictConfig, resume_from: Path | None = None, resume_step: int | None = None
+) -> dict[str, Any]:
     """Train (from scratch, or on from a checkpoint) and test one run, as `cfg.train` and
     `cfg.test` say; return its result record (what `metrics.json` holds).
 
-    The checkpoint is `resume_from` (an interrupted sweep job's own), else `cfg.ckpt_path`. A
-    run that does not train tests the checkpoint's weights; one that trains tests its final
-    weights, which are what its verdict is about.
+    The checkpoint is `resume_from` (an interrupted job's own, written at `resume_step`), else
+    `cfg.ckpt_path`. A run that does not train tests the checkpoint's weights; one that trains
+    tests its final weights, which are what its verdict is about.
     """
     ckpt_path = resume_from or cfg.get("ckpt_path")
     train, test = cfg.get("train", True), cfg.get("test", True)
@@ -178,7 +203,7 @@ def fit_and_test(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, 
             f"evaluate that checkpoint."
         )
     datamodule, module = build_seeded(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, resume_step)
     record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
     if ckpt_path is not None:
         record[RESUMED_FROM if train else TESTED] = str(ckpt_path)
@@ -218,13 +243,12 @@ def testing_evidence(
 
 
 def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
-    """What the training loop saw (steps, epochs, validation metrics) and what its callbacks
-    found (`EvidenceSource`: gradient flow, divergence)."""
+    """What the training loop saw (steps, epochs) and what its callbacks found
+    (`EvidenceSource`: the last validation's metrics, gradient flow, divergence)."""
     evidence: dict[str, Any] = {
         STEPS: trainer.global_step,
         EPOCHS: trainer.current_epoch,
         WORLD_SIZE: trainer.world_size,
-        **scalars(trainer.callback_metrics, "val/"),
     }
     for callback in trainer.callbacks:
         if isinstance(callback, EvidenceSource):
@@ -252,7 +276,7 @@ def torch_threads(cfg: DictConfig) -> int:
     at once: the process's CPU affinity (what `taskset`, cgroups or SLURM's task/affinity allow),
     no more than SLURM's `SLURM_CPUS_PER_TASK`, divided by joblib's `n_jobs`. So jobs x threads
     never oversubscribe what the machine or the scheduler gave."""
-    if cfg.get("threads"):
+    if cfg.get("threads") is not None:
         return cfg.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if os.environ.get("SLURM_CPUS_PER_TASK"):
@@ -273,13 +297,17 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
 @dataclass
 class Job:
     """A job ready to train: its config, where its record goes, its identity, and the
-    checkpoint it trains on from (an interrupted sweep job's own)."""
+    checkpoint it trains on from (an interrupted job's own) with that checkpoint's step."""
 
     cfg: DictConfig
     record_path: Path
     identity: dict[str, Any]
     resume_from: Path | None
+    resume_step: int | None
     in_sweep: bool
+
+    def fit_and_test(self) -> dict[str, Any]:
+        return fit_and_test(self.cfg, self.resume_from, self.resume_step)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -294,13 +322,18 @@ def main(cfg: DictConfig) -> float | None:
     job = prepare(cfg)
     if not isinstance(job, Job):
         return job
-    return finish(job, lambda: fit_and_test(job.cfg, job.resume_from))
+    return finish(job, job.fit_and_test)
 
 
 def prepare(cfg: DictConfig) -> Job | float | None:
     """The job, with its `started` record written; or, for a job that is done (skipped: it
-    finished before; or failed: its config does not resolve, or its directory holds another
-    config's record), its value for the sweeper."""
+    finished before; or failed: its config does not resolve or holds a bad value, or its
+    directory holds another config's record), its value for the sweeper.
+
+    A job whose directory holds its own unfinished record (it was killed, or its disk filled)
+    trains on from its newest readable checkpoint. A record or checkpoint that cannot be read
+    is set aside (`storage.set_aside`), and the job trains as if it had never been there.
+    """
     output_dir = Path(cfg.paths.output_dir)
     record_path = output_dir / "metrics.json"
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -311,6 +344,9 @@ def prepare(cfg: DictConfig) -> Job | float | None:
         err = ConfigError(f"the config does not resolve: {err}. Fix: set the key it names")
         return job_failed(err, {}, None if previous else record_path, in_sweep)
     identity = {JOB_ID: job_id(job_config), JOB_CONFIG: job_config}
+    if previous.get(STATUS) == UNREADABLE:  # half a file (from before atomic writes): ours
+        set_aside(record_path, previous[ERROR])
+        previous = {STATUS: UNREADABLE, JOB_ID: identity[JOB_ID]}
     if previous and previous.get(JOB_ID) != identity[JOB_ID]:
         err = ConfigError(
             f"{output_dir} holds the record of another config (job_id "
@@ -321,23 +357,25 @@ def prepare(cfg: DictConfig) -> Job | float | None:
     if previous.get(STATUS) in FINISHED:
         log.info("Skipping %s: already %s", output_dir.name, previous[STATUS])
         return optimized_value(cfg, previous)
-    if in_sweep:
-        try:
+    try:
+        check_config(cfg)
+        if in_sweep:
             check_sweepable(cfg)
-        except ConfigError as err:
-            return job_failed(err, identity, record_path, in_sweep)
+    except ConfigError as err:
+        return job_failed(err, identity, record_path, in_sweep)
 
     print_config(cfg)
     torch.set_num_threads(torch_threads(cfg))
     log.info("torch threads: %d", torch.get_num_threads())
-    if cfg.seed is None:  # draw one and keep it: the record is enough to reproduce the run
+    if cfg.seed is None:  # draw one (an interrupted job: the one it drew) and keep it
         with open_dict(cfg):
-            cfg.seed = secrets.randbelow(2**31)
+            drawn = previous.get(SEED)
+            cfg.seed = drawn if drawn is not None else secrets.randbelow(2**31)
         log.info("seed=null: drew seed %d", cfg.seed)
-    last_ckpt = output_dir / "checkpoints" / "last.ckpt"
-    resume_from = last_ckpt if previous and last_ckpt.is_file() else None
+    resume = newest_readable_checkpoint(output_dir / "checkpoints") if previous else None
+    resume_from, resume_step = (resume[0], resume[1]["global_step"]) if resume else (None, None)
     save_record(record_path, {STATUS: "started", SEED: cfg.seed, **identity})
-    return Job(cfg, record_path, identity, resume_from, in_sweep)
+    return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep)
 
 
 def finish(job: Job, train_and_test: Callable[[], dict[str, Any]]) -> float | None:
@@ -351,6 +389,9 @@ def finish(job: Job, train_and_test: Callable[[], dict[str, Any]]) -> float | No
     save_record(job.record_path, record)
     hidden = (GRAD_NORMS_AT_START, JOB_CONFIG)
     rich.print({k: v for k, v in record.items() if k not in hidden})
+    last_ckpt = job.record_path.parent / "checkpoints" / "last.ckpt"
+    if last_ckpt.is_file():
+        log.info("Evaluate it with: %s", eval_command(last_ckpt))
     return optimized_value(job.cfg, record)
 
 
@@ -366,7 +407,13 @@ def job_failed(
     err: Exception, identity: dict[str, Any], record_path: Path | None, in_sweep: bool
 ) -> None:
     """Record the failure (where there is a record of this job's to write), then let a sweep go
-    on; a single run ends with the one-paragraph error of a bad setting, or the traceback."""
+    on; a single run ends with the one-paragraph error of a bad setting, or the traceback.
+
+    A full disk is no failure of the job's: its `started` record stays as it is (it trains on
+    when the command runs again), and the command ends with the paragraph, as every other job
+    would fail the same way."""
+    if is_disk_full(err):
+        exit_with(DiskFull(record_path.parent if record_path else Path.cwd()))
     error = f"{type(err).__name__}: {err}"
     if record_path is not None:
         save_record(record_path, {STATUS: "failed", ERROR: error, **identity})

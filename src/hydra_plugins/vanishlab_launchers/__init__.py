@@ -14,9 +14,10 @@ the job on from its last checkpoint, as it does an interrupted job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ class StackedLauncher(Launcher):
     """Runs a sweep's jobs in this process, as Hydra's basic launcher does, in two passes: each
     job through Hydra's `run_job` (its directory, `.hydra/` files, log and callbacks) up to the
     point where it would train (`vanishlab.train.prepare`: skipped, failed or ready); then the
-    ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own."""
+    ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own.
+
+    Each job's log file (`train.log`) gets its own lines and its stack's: between jobs the
+    launcher logs as Hydra's own logging is set, and a stack logs into its jobs' files."""
 
     def __init__(self, max_stack: int = 16) -> None:
         self.max_stack = max_stack
@@ -60,6 +64,7 @@ class StackedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs locally, in stacks", len(job_overrides))
+        self.log_files: list[list[logging.Handler]] = []
         returns = [self.prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
         ready = [i for i, r in enumerate(returns) if isinstance(r.return_value, train.Job)]
         jobs = [returns[i].return_value for i in ready]
@@ -68,7 +73,8 @@ class StackedLauncher(Launcher):
         stacks = f"{len(groups)} stack{'s' * (len(groups) != 1)}"
         log.info("%d jobs to train -> %s (%s)", len(jobs), stacks, sizes or "none")
         for group in groups:
-            values = stack.run_stack([jobs[i] for i in group])
+            with logging_into([h for i in group for h in self.log_files[ready[i]]]):
+                values = stack.run_stack([jobs[i] for i in group])
             for i, value in zip(group, values, strict=True):
                 returns[ready[i]].return_value = value
         return returns
@@ -79,13 +85,33 @@ class StackedLauncher(Launcher):
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config.hydra.job):
             config.hydra.job.id, config.hydra.job.num = idx, idx
-        return run_job(
+        job_return = run_job(
             hydra_context=self.hydra_context,
             task_function=prepare_resolved,
             config=config,
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
+        # The job's log file, as Hydra set it up; then the launcher's own logging again.
+        root = logging.getLogger()
+        self.log_files.append([h for h in root.handlers if isinstance(h, logging.FileHandler)])
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return job_return
+
+
+@contextlib.contextmanager
+def logging_into(handlers: list[logging.Handler]) -> Iterator[None]:
+    """Log into `handlers` too, while the block runs (they reopen their files: Hydra's next
+    `configure_log` closed them)."""
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def prepare_resolved(cfg: DictConfig) -> Any:
