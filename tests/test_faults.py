@@ -10,15 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO_ROOT, kill_cli_when, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import FAST, REPO_ROOT, kill_cli_when, run_cli
 from vanishlab.checkpoints import AtomicCheckpointIO
-from vanishlab.report import scalar_curves
+from vanishlab.report import LOSS_TAGS, scalar_curves
 from vanishlab.results import (
     JOB_ID,
     RESUMED_FROM,
@@ -102,16 +103,29 @@ def test_a_sweep_killed_at_every_stage_ends_as_an_uninterrupted_one(tiny_data, t
     code, out = run(killed, tiny_data)
     assert code == 0, out[-3000:]
 
+    records = {name: read_record(killed / name / "metrics.json") for name in reference}
     for name, expected in reference.items():
-        record = read_record(killed / name / "metrics.json")
-        assert comparable(record) == comparable(expected), name
-        # What the user sees: TensorBoard and the report show the uninterrupted curves.
+        assert comparable(records[name]) == comparable(expected), name
+    assert sum(RESUMED_FROM in record for record in records.values()) >= 4  # kills hit them all
+    for name, expected in reference.items():
+        # What the user sees, in TensorBoard and the report: one value per tag and step, as
+        # the uninterrupted job has it (Lightning logs `epoch` twice at a validation's step).
         shown = scalars_as_tensorboard_shows(killed / name)
-        assert shown == scalars_as_tensorboard_shows(whole / name), name
-        tags = list(shown)
-        assert scalar_curves(killed / name, tags) == scalar_curves(whole / name, tags), name
-    resumed = [r for p in killed.glob("*/metrics.json") if RESUMED_FROM in (r := read_record(p))]
-    assert len(resumed) >= 4  # the kills hit jobs in every stage
+        uninterrupted = scalars_as_tensorboard_shows(whole / name)
+        for tag, points in shown.items():
+            most = max(Counter(step for step, _ in points).values(), default=0)
+            usual = Counter(step for step, _ in uninterrupted.get(tag, []))
+            assert most <= max(usual.values(), default=1), (name, tag, points)
+        as_shown = {
+            tag: ([s for s, _ in points], [v for _, v in points])
+            for tag, points in shown.items()
+            if tag in LOSS_TAGS
+        }
+        assert scalar_curves(killed / name, LOSS_TAGS) == as_shown, name
+        # A job that trained to its end shows the uninterrupted job's curves. (A stacked job
+        # that diverged is validated by its stack to the end, and alone it is not: issue 26.)
+        if expected[STATUS] == "completed":
+            assert shown == uninterrupted, name
 
 
 def test_a_checkpoint_is_written_beside_its_target_and_never_in_part(tmp_path) -> None:

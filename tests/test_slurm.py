@@ -105,3 +105,45 @@ def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path)
     by_seed = {r[JOB_CONFIG]["seed"]: r for r in records(tmp_path).values()}
     assert by_seed[1][STATUS] == "completed" and by_seed[1][RESUMED_FROM]
     assert by_seed[1][EPOCHS] == 150
+
+
+def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -> None:
+    """The command that submitted a sweep is killed while its tasks run on: running it again
+    is refused with the paragraph naming those tasks, and submits nothing; once they have
+    been cancelled, it submits only the jobs that did not finish."""
+    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=100")
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATA_DIR": str(tiny_data)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while len(list(tmp_path.glob("*/checkpoints/last.ckpt"))) < 2:
+            assert time.time() < deadline and sweep.poll() is None, "the tasks never trained"
+            time.sleep(0.2)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    tasks = sorted(p.name for p in tmp_path.glob(".submitit/*_*"))
+    assert len(tasks) == 2
+    try:
+        result = run_cli(*args, data_dir=tiny_data)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "still has SLURM tasks pending or running" in result.stderr
+        assert all(task in result.stderr for task in tasks) and "Fix:" in result.stderr
+        assert sorted(p.name for p in tmp_path.glob(".submitit/*_*")) == tasks
+    finally:
+        subprocess.run(["scancel", tasks[0].split("_")[0]], check=True)
+    deadline = time.time() + 120
+    while subprocess.run(
+        ["squeue", "-h", "-j", tasks[0].split("_")[0]], capture_output=True, text=True
+    ).stdout.strip():
+        assert time.time() < deadline, "the cancelled tasks stayed in the queue"
+        time.sleep(0.5)
+    result = run_cli(*command(tmp_path, "seed=0,1", "trainer.max_epochs=100"), data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {r[STATUS] for r in records(tmp_path).values()} == {"completed"}

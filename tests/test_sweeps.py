@@ -4,12 +4,15 @@ tests/test_optuna.py)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, compose_config, kill_cli_when, run_cli
+from conftest import FAST, REPO_ROOT, compose_config, kill_cli_when, run_cli
 from vanishlab.hparams import FILE_SUFFIX
 from vanishlab.results import (
     EPOCHS,
@@ -177,3 +180,52 @@ def test_a_batch_that_cannot_be_shared_out_is_refused(tiny_data, tmp_path) -> No
     result = ddp_run(tmp_path, tiny_data, "data.batch_size=51")
     assert result.returncode == 2 and "data.batch_size=51 is not allowed" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_rerun_leaves_a_finished_jobs_hydra_files_as_they_were(tiny_data, tmp_path) -> None:
+    """Re-running a finished sweep with settings that do not change a job's identity skips
+    every job; their `.hydra/` files stay those their records were made with."""
+    result = sweep(tmp_path, tiny_data, "seed=0,1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = {p: p.read_text() for p in tmp_path.glob("*/.hydra/*.yaml")}
+    assert len(saved) == 6
+    result = sweep(tmp_path, tiny_data, "seed=0,1", "threads=1", "tags=[rerun]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Skipping" in result.stdout + result.stderr
+    assert {p: p.read_text() for p in tmp_path.glob("*/.hydra/*.yaml")} == saved
+
+
+def test_each_stacked_jobs_log_holds_its_own_lines_and_its_stacks(tiny_data, tmp_path) -> None:
+    """A job's train.log has no other job's launch line (`#1 : seed=1 ...`, which the launcher
+    logs between jobs), and what its stack logged as it trained (each job's end)."""
+    result = sweep(tmp_path, tiny_data, "seed=0,1,2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for seed in range(3):
+        lines = (tmp_path / f"seed={seed}" / "train.log").read_text().splitlines()
+        launches = [line for line in lines if re.search(r"#\d+ : ", line)]
+        assert all(f"seed={seed} " in line for line in launches), launches
+        ends = [line for line in lines if "Evaluate it with" in line]
+        assert any(f"seed={seed}/checkpoints" in line for line in ends), lines
+
+
+def test_the_printed_eval_command_pastes_into_a_shell_as_it_is(tiny_data, tmp_path) -> None:
+    """A sweep job's directory holds `=` and `,`; the command each run prints to evaluate its
+    checkpoint is quoted for Hydra's parser and the shell, and runs as printed."""
+    result = sweep(tmp_path, tiny_data, "model.depth=1,2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = [
+        line.split("Evaluate it with: ", 1)[1]
+        for line in (result.stdout + result.stderr).splitlines()
+        if "Evaluate it with: " in line
+    ]
+    assert len(printed) == 2 and all("depth=1" in c or "depth=2" in c for c in printed)
+    evaluated = subprocess.run(
+        f"{printed[0].replace('python', sys.executable, 1)} hydra.run.dir={tmp_path / 'eval'}",
+        shell=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATA_DIR": str(tiny_data)},
+        capture_output=True,
+        text=True,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] > 0

@@ -70,3 +70,11 @@ def eval_command(ckpt_path: Path) -> str:
     path = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
     quote = "'" if '"' in str(path) else '"'
     return f"python -m vanishlab.eval {shlex.quote(f'ckpt_path={quote}{path}{quote}')}"
+
+
+def logging_step(checkpoint: dict[str, Any]) -> int:
+    """The step at which a trainer restored from `checkpoint` logs again: Lightning's count of
+    batches that stepped, from its fit loop's state. It is the checkpoint's `global_step` but for
+    a stacked job that stopped early, whose loops are its stack's."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return loop.get("_batches_that_stepped", checkpoint["global_step"])

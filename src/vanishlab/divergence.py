@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm
 
-from vanishlab.results import DIVERGED_AT_EPOCH, DIVERGED_AT_STEP, STATUS
+from vanishlab.results import DIVERGED_AT_EPOCH, DIVERGED_AT_STEP, EPOCHS, STATUS, STEPS
 
 
 class StopOnDivergence(pl.Callback):
@@ -40,12 +40,19 @@ class StopOnDivergence(pl.Callback):
             trainer.should_stop = True
 
     def evidence(self) -> dict[str, Any]:
+        """A diverged run's status and where it diverged, and so its step and epoch counts: it
+        stops after the bad step, at the end of that epoch. They are stated here, not read off
+        the trainer, because a diverged stacked job killed before its record was written trains
+        on from a checkpoint whose loops are the stack's."""
         if self.diverged_at is None:
             return {}
+        step, epoch = self.diverged_at["step"], self.diverged_at["epoch"]
         return {
             STATUS: "diverged",
-            DIVERGED_AT_STEP: self.diverged_at["step"],
-            DIVERGED_AT_EPOCH: self.diverged_at["epoch"],
+            DIVERGED_AT_STEP: step,
+            DIVERGED_AT_EPOCH: epoch,
+            STEPS: step + 1,
+            EPOCHS: epoch + 1,
         }
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module, loss: Tensor) -> None:

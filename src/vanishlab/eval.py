@@ -23,7 +23,6 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import rich
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -31,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vanishlab import ConfigError, exit_with
+from vanishlab.checkpoints import read_checkpoint
 from vanishlab.config import CONFIG_DIR, check_ckpt_path
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.results import write_json
@@ -39,17 +39,6 @@ from vanishlab.trust import allowed_modules, check_targets, resolve
 
 BUILT = ("data", "model", "init", "loss", "optimizer", "scheduler")  # what `build` instantiates
 EVALUATION = ("paths", "trainer")  # this evaluation's own, from its command line: trusted
-
-
-def read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} cannot be read as weights only ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}); it was not loaded further, as it may hold code. Fix: "
-            f"pass a checkpoint a vanishlab run wrote (<run>/checkpoints/last.ckpt)."
-        ) from None
 
 
 def data_overrides() -> list[Override]:

@@ -42,7 +42,12 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from vanishlab import ConfigError, exit_with
-from vanishlab.checkpoints import AtomicCheckpointIO, eval_command, newest_readable_checkpoint
+from vanishlab.checkpoints import (
+    AtomicCheckpointIO,
+    eval_command,
+    logging_step,
+    newest_readable_checkpoint,
+)
 from vanishlab.config import CONFIG_DIR, check_config, check_memory, check_sweepable
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
@@ -297,7 +302,7 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
 @dataclass
 class Job:
     """A job ready to train: its config, where its record goes, its identity, and the
-    checkpoint it trains on from (an interrupted job's own) with that checkpoint's step."""
+    checkpoint it trains on from (an interrupted job's own) with the step it logs from."""
 
     cfg: DictConfig
     record_path: Path
@@ -373,7 +378,7 @@ def prepare(cfg: DictConfig) -> Job | float | None:
             cfg.seed = drawn if drawn is not None else secrets.randbelow(2**31)
         log.info("seed=null: drew seed %d", cfg.seed)
     resume = newest_readable_checkpoint(output_dir / "checkpoints") if previous else None
-    resume_from, resume_step = (resume[0], resume[1]["global_step"]) if resume else (None, None)
+    resume_from, resume_step = (resume[0], logging_step(resume[1])) if resume else (None, None)
     save_record(record_path, {STATUS: "started", SEED: cfg.seed, **identity})
     return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep)
 

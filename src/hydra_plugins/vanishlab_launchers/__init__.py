@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,22 @@ def prepare_resolved(cfg: DictConfig) -> Any:
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-        """Submit the jobs as the plugin does, then collect each one's result on its own."""
+        """Submit the jobs as the plugin does, then collect each one's result on its own; but
+        never while an earlier command's tasks of this sweep are still in SLURM's queue."""
+        from vanishlab import ConfigError, exit_with
+
+        queued = self.still_queued()
+        if queued:
+            first = queued[0].split("_")[0]
+            exit_with(
+                ConfigError(
+                    f"hydra.sweep.dir={str(self.config.hydra.sweep.dir)!r} still has SLURM "
+                    f"tasks pending or running from an earlier command ({', '.join(queued)}); "
+                    f"submitting its jobs again would train them twice. Fix: wait until they "
+                    f"end (squeue --jobs={first}), or cancel them (scancel {first}), then run "
+                    f"the same command again: it submits only the jobs that did not finish."
+                )
+            )
         jobs = self.submit(job_overrides, initial_job_idx)
         returns = []
         for idx, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
@@ -172,6 +188,20 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             state = Singleton.get_state()
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
         return executor.map_array(self, *zip(*job_params, strict=True))
+
+    def still_queued(self) -> list[str]:
+        """This sweep's SLURM tasks still pending or running: those an earlier command submitted
+        (their ids are the names of the folders submitit made) that `squeue` still lists."""
+        folder = Path(str(self.params["submitit_folder"])).parent
+        ids = sorted({d.name.split("_")[0] for d in folder.iterdir()}) if folder.is_dir() else []
+        if not ids:
+            return []
+        listed = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i", f"--jobs={','.join(ids)}"],
+            capture_output=True,
+            text=True,
+        )
+        return listed.stdout.split()
 
     def record_ended(self, overrides: list[str], idx: int, job: Any) -> None:
         """Write the record of a job that SLURM ended, where the job itself would have."""
