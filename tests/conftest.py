@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -138,6 +139,23 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+def sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m vanishlab.train -m` with `FAST` and `overrides` into `sweep_dir`."""
+    return run_cli(
+        "vanishlab.train",
+        "-m",
+        *FAST,
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        data_dir=data_dir,
+    )
+
+
+def records(sweep_dir: Path) -> dict[str, dict]:
+    """A sweep's records by job directory name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
 # A sweep of 4 jobs that vary the activation and the learning rate (ReLU at lr=1e4 diverges), with

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, REPO_ROOT, kill_cli_when, run_cli
+from conftest import FAST, REPO_ROOT, kill_cli_when, run_cli, sweep
 from vanishlab.checkpoints import AtomicCheckpointIO
 from vanishlab.report import LOSS_TAGS, scalar_curves
 from vanishlab.results import (
@@ -157,8 +157,7 @@ def test_a_checkpoint_is_written_beside_its_target_and_never_in_part(tmp_path) -
 
 
 def sweep_cli(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = ["-m", *FAST, "trainer.max_epochs=2", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    return run_cli("vanishlab.train", *args, data_dir=data_dir)
+    return sweep(sweep_dir, data_dir, "trainer.max_epochs=2", *overrides)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -230,12 +229,13 @@ def test_a_second_command_into_a_live_sweep_is_refused(tiny_data, tmp_path) -> N
         while not list(tmp_path.glob("*/checkpoints/last.ckpt")):
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.05)
-        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        # What a second command would write first: the sweep's and its jobs' configs.
+        configs = [tmp_path / "multirun.yaml", *tmp_path.glob("*/.hydra/*.yaml")]
+        before = {p: p.stat().st_mtime_ns for p in configs}
         second = run_cli("vanishlab.train", *args, data_dir=tiny_data)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
         assert f"process {first.pid}" in second.stderr and "another command" in second.stderr
-        after = sorted(str(p) for p in tmp_path.rglob("*"))
-        assert [p for p in after if p not in before and "events.out" not in p] == []
+        assert {p: p.stat().st_mtime_ns for p in configs} == before
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -279,7 +279,7 @@ def test_a_full_disk_ends_the_command_with_the_paragraph_and_loses_nothing(
     mount_tmpfs(disk, 48)
     try:
         sweep_dir = disk / "sweep"
-        args = ["-m", *FAST, "trainer.max_epochs=2", "seed=0,1,2,3", "model.width=400"]
+        args = ["-m", *FAST, "trainer.max_epochs=2", "seed=0,1,2,3", "model.width=800"]
         args += [f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}"]
         filler = fill(disk, 20 * 2**20)
         result = run_cli("vanishlab.train", *args, data_dir=tiny_data)

@@ -3,8 +3,6 @@ failed trials, and a study that outlives its command (a killed search, re-run)."
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -12,26 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import FAST, kill_cli_when, run_cli
+from conftest import FAST, kill_cli_when, records, run_cli, sweep
 from vanishlab.hparams import FILE_SUFFIX
 from vanishlab.results import STATUS, read_record
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
-
-
-def sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_cli(
-        "vanishlab.train",
-        "-m",
-        *FAST,
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-        data_dir=data_dir,
-    )
-
-
-def records(sweep_dir: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
 def job_statuses(sweep_dir: Path) -> dict[Path, str]:

@@ -4,7 +4,6 @@ machine without one, these tests are skipped with the reason."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO_ROOT, run_cli
+from conftest import FAST, REPO_ROOT, records, run_cli
 from vanishlab.results import (
     EPOCHS,
     ERROR,
@@ -49,10 +48,6 @@ SLURM = [
 
 def command(sweep_dir: Path, *overrides: str) -> list[str]:
     return ["vanishlab.train", "-m", *SLURM, *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}"]
-
-
-def records(sweep_dir: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
 def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path) -> None:
@@ -128,14 +123,14 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
     finally:
         os.killpg(sweep.pid, signal.SIGKILL)
         sweep.wait()
-    tasks = sorted(p.name for p in tmp_path.glob(".submitit/*_*"))
+    tasks = sorted(p.name for p in tmp_path.glob(".submitit/*_*") if p.is_dir())
     assert len(tasks) == 2
     try:
         result = run_cli(*args, data_dir=tiny_data)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "still has SLURM tasks pending or running" in result.stderr
         assert all(task in result.stderr for task in tasks) and "Fix:" in result.stderr
-        assert sorted(p.name for p in tmp_path.glob(".submitit/*_*")) == tasks
+        assert sorted(p.name for p in tmp_path.glob(".submitit/*_*") if p.is_dir()) == tasks
     finally:
         subprocess.run(["scancel", tasks[0].split("_")[0]], check=True)
     deadline = time.time() + 120

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO_ROOT, compose_config, kill_cli_when, run_cli
+from conftest import FAST, REPO_ROOT, compose_config, kill_cli_when, records, run_cli, sweep
 from vanishlab.hparams import FILE_SUFFIX
 from vanishlab.results import (
     EPOCHS,
@@ -31,21 +31,6 @@ from vanishlab.stack import STACKED_WITH
 from vanishlab.train import fit_and_test
 
 pytestmark = pytest.mark.slow  # every test here runs the command line
-
-
-def sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_cli(
-        "vanishlab.train",
-        "-m",
-        *FAST,
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-        data_dir=data_dir,
-    )
-
-
-def records(sweep_dir: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
 def job(records_by_name: dict[str, dict], *overrides: str) -> dict:

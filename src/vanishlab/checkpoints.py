@@ -34,7 +34,8 @@ class UnreadableCheckpoint(ConfigError):
 
     def __init__(self, path: Path, err: Exception) -> None:
         lines = str(err).strip().splitlines()
-        self.reason = f"{type(err).__name__}: {lines[0] if lines else 'no detail'}"
+        # torch's first sentence only: its next ones suggest weights_only=False, which runs code.
+        self.reason = f"{type(err).__name__}: {lines[0].split('. ')[0] if lines else 'no detail'}"
         super().__init__(
             f"ckpt_path={str(path)!r} cannot be read as a checkpoint ({self.reason}); it was not "
             f"loaded further, as it may hold code. Fix: pass a whole checkpoint that a vanishlab "

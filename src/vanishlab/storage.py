@@ -137,3 +137,11 @@ class SweepLock:
 
     def release(self) -> None:
         self.lock.release()
+
+    def __getstate__(self) -> dict[str, Path]:
+        """Pickled (a SLURM launcher sends Hydra's callbacks to its jobs) as a lock not held:
+        only the process that acquired it holds it."""
+        return {"sweep_dir": self.sweep_dir}
+
+    def __setstate__(self, state: dict[str, Path]) -> None:
+        self.__init__(state["sweep_dir"])

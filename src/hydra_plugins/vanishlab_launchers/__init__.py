@@ -193,7 +193,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """This sweep's SLURM tasks still pending or running: those an earlier command submitted
         (their ids are the names of the folders submitit made) that `squeue` still lists."""
         folder = Path(str(self.params["submitit_folder"])).parent
-        ids = sorted({d.name.split("_")[0] for d in folder.iterdir()}) if folder.is_dir() else []
+        jobs = [d.name.split("_")[0] for d in folder.glob("*_*") if d.is_dir()]
+        ids = sorted(job for job in jobs if job.isdigit())
         if not ids:
             return []
         listed = subprocess.run(
