@@ -129,7 +129,8 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
         result = run_cli(*args, data_dir=tiny_data)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "still has SLURM tasks pending or running" in result.stderr
-        assert all(task in result.stderr for task in tasks) and "Fix:" in result.stderr
+        assert all(task in result.stderr for task in tasks), (tasks, result.stderr[-2000:])
+        assert "Fix:" in result.stderr
         assert sorted(p.name for p in tmp_path.glob(".submitit/*_*") if p.is_dir()) == tasks
     finally:
         subprocess.run(["scancel", tasks[0].split("_")[0]], check=True)
