@@ -4,6 +4,7 @@ probes alone; init, remedies, dead units and the test-split evidence read only t
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import evidence_on_test_split
-from vanishlab.init import initialise, zeros
-from vanishlab.nets import Probe, Residual
+from vanishlab.init import initialise, kaiming_normal, variance_scaling, zeros
+from vanishlab.nets import CNN, MLP, Probe, Residual
 from vanishlab.results import (
     CLASSES_PREDICTED,
     GRAD_NORMS_AT_START,
@@ -113,6 +114,37 @@ def test_init_names_the_weights_it_leaves_alone(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="vanishlab.init"):
         initialise(WithUndeclaredWeight(), zeros)
     assert "1 parameter(s)" in caplog.text and "scale" in caplog.text
+
+
+# The weights MLP and CNN started from, seed 0, when init read each probe's `layer.weight` and
+# `layer.bias` (before probes named their parameters and had roles): the sum over the state
+# dict's tensors of (position + 1) x sum of squares, which any other draw or order changes.
+BEFORE_ROLES = {
+    ("mlp", "kaiming_normal"): 2803.050859667855,
+    ("mlp", "variance_scaling"): 2811.4599170826914,
+    ("cnn", "kaiming_normal"): 524.5134239985241,
+    ("cnn", "variance_scaling"): 513.3205182341998,
+}
+NETS = {
+    "mlp": lambda: MLP((1, 28, 28), 10, depth=3, width=20, norm="batch", residual=True),
+    "cnn": lambda: CNN((1, 28, 28), 10, depth=3, width=4, norm="layer", residual=True),
+}
+INITS = {
+    "kaiming_normal": kaiming_normal,
+    "variance_scaling": partial(variance_scaling, sigma_w2=2.0, sigma_b2=0.1),
+}
+
+
+@pytest.mark.parametrize(("model", "init"), BEFORE_ROLES)
+def test_mlp_and_cnn_start_from_the_weights_they_always_did(model, init) -> None:
+    torch.manual_seed(0)
+    net = NETS[model]()
+    initialise(net, INITS[init])
+    tensors = net.state_dict().values()
+    fingerprint = sum((i + 1) * t.double().square().sum().item() for i, t in enumerate(tensors))
+    assert fingerprint == pytest.approx(BEFORE_ROLES[model, init], rel=1e-12)
+    roles = [p.role for p in net.probes()]
+    assert roles == ["input", "norm", "hidden", "norm", "hidden", "norm", "output"]
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,52 @@ def test_a_users_model_and_init_from_their_own_directory(tiny_data, tmp_path) ->
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     evaluated = json.loads((project / "e2" / "metrics.json").read_text())
     assert evaluated[TEST_ACC] == pytest.approx(record[TEST_ACC], abs=1e-6)
+
+
+USER_RNN = '''
+"""A recurrent model whose probe says nothing of its parameters: an RNN has no `weight`."""
+from torch import nn
+
+from vanishlab.nets import Probe
+
+
+class Rows(nn.Module):
+    def __init__(self, input_shape, num_classes, width=16):
+        super().__init__()
+        self.rnn = nn.RNN(input_shape[-1], width, batch_first=True)
+        self.last = nn.Identity()
+        self.readout, self.logits = nn.Linear(width, num_classes), nn.Identity()
+
+    def forward(self, x):
+        states, _ = self.rnn(x.flatten(1, 2))
+        return self.logits(self.readout(self.last(states[:, -1])))
+
+    def probes(self):
+        return [
+            Probe("layer_00", self.rnn, self.last),
+            Probe("layer_01", self.readout, self.logits),
+        ]
+'''
+
+
+@pytest.mark.slow
+def test_a_probe_naming_parameters_its_layer_lacks_ends_in_one_paragraph(tiny_data, tmp_path):
+    """Where init once failed deep inside with `'bool' object has no attribute 'zero_'`
+    (`nn.RNN.bias` is a flag), the network is refused as it is built: exit 2, no traceback."""
+    project = tmp_path / "project"
+    (project / "my_conf" / "model").mkdir(parents=True)
+    (project / "mynets.py").write_text(textwrap.dedent(USER_RNN))
+    (project / "my_conf" / "model" / "rows.yaml").write_text("_target_: mynets.Rows\n")
+    result = run_cli(
+        "vanishlab.train",
+        *FAST,
+        f"hydra.searchpath=[file://{project / 'my_conf'}]",
+        "model=rows",
+        f"hydra.run.dir={project / 'run'}",
+        data_dir=tiny_data,
+        cwd=project,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "model=mynets.Rows: probe 'layer_00' names weight, bias" in result.stderr
+    assert "params=('weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0', 'bias_hh_l0')" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from vanishlab import ConfigError
 from vanishlab.checkpoints import UnreadableCheckpoint
 from vanishlab.data import DATASETS, TEST_SIZE, TRAIN_SIZE
+from vanishlab.schedulers import AFTER_WARMUP, INTERVALS
 
 
 def config_dir() -> Path:
@@ -138,6 +139,36 @@ DOMAINS = (
         "optimizer.weight_decay",
         number(0),
         "weight decay cannot be negative",
+        "a number >= 0, e.g. 0.0",
+    ),
+    Domain(
+        "scheduler.interval",
+        lambda v: v in INTERVALS,
+        "Lightning steps a scheduler after every epoch or after every optimizer step",
+        " or ".join(INTERVALS),
+    ),
+    Domain(
+        "scheduler.total_steps",
+        lambda v: v is None or integer(1)(v),
+        "it counts the optimizer steps the schedule spans",
+        "an integer >= 1, or null for the run's optimizer steps",
+    ),
+    Domain(
+        "scheduler.warmup_steps",
+        integer(0),
+        "it counts the optimizer steps of the warm-up",
+        "an integer >= 0, e.g. 100 (0: no warm-up)",
+    ),
+    Domain(
+        "scheduler.after",
+        lambda v: v in AFTER_WARMUP,
+        "it is not a known schedule after the warm-up",
+        " or ".join(AFTER_WARMUP),
+    ),
+    Domain(
+        "scheduler.eta_min",
+        number(0),
+        "it is the learning rate the cosine falls to",
         "a number >= 0, e.g. 0.0",
     ),
     Domain(

@@ -164,7 +164,7 @@ class GradientFlow(pl.Callback):
             return
         for hook in self._hooks:
             hook.remove()
-        weights = [p.layer.weight for p in self.probes]
+        weights = [p.weight for p in self.probes]
         self._grad_norms = torch.stack([grad_norm(w) for w in weights])
         self._weights_before = [w.detach().clone() for w in weights]
 
@@ -191,7 +191,7 @@ class GradientFlow(pl.Callback):
 
     def _measure(self) -> dict[str, float]:
         """All figures of one measured step, computed on the device and synced once."""
-        weights = [p.layer.weight.detach() for p in self.probes]
+        weights = [p.weight.detach() for p in self.probes]
         activations = [self._activations[p.name] for p in self.probes]
         weight_norms = torch.stack([vector_norm(w) for w in weights])
         update_norms = torch.stack(

@@ -1,9 +1,10 @@
 """Weight initialisations: each `conf/init/<name>.yaml` points at one function here.
 
-An init function fills one layer's `weight` in place, and its `bias` if it has a rule for it
-(biases start at zero otherwise). `initialise` applies it to every weighted layer the network's
-probes declare (Linear and Conv alike), puts norm layers at weight 1 and bias 0, and names in the
-log any parameter it did not touch, so no weight keeps PyTorch's default init unnoticed.
+An init function fills one weight in place, and its bias if it has a rule for it (biases start
+at zero otherwise). `initialise` applies it to every weight the network's probes name (Linear,
+Conv, RNN and attention weights alike), by role: it puts norm probes at weight 1 and bias 0,
+leaves the roles the network initialises itself as its own code made them, and names in the log
+any parameter no probe names, so no weight keeps PyTorch's default init unnoticed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vanishlab.nets import Network
+from vanishlab.nets import Network, Probe, is_bias, roles_initialised_by
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +69,34 @@ def variance_scaling(
 
 @torch.no_grad()
 def initialise(net: Network, init: InitFn) -> None:
-    """Apply `init` to every weighted layer `net` probes (its bias zeroed first); reset norm
-    layers to weight 1, bias 0; log any parameter left as PyTorch made it."""
-    touched = set()
+    """Initialise every parameter `net`'s probes name (`initialise_probe`), but those of the roles
+    `net` initialises itself; log any parameter no probe names, left as PyTorch made it."""
+    own = roles_initialised_by(net)
+    named = set()
     for probe in net.probes():
-        layer = probe.layer
-        if probe.is_norm:
-            layer.reset_parameters()
-        else:
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-            init(layer.weight, layer.bias)
-        touched.update(id(p) for p in layer.parameters())
-    untouched = [name for name, p in net.named_parameters() if id(p) not in touched]
+        if probe.role not in own:
+            initialise_probe(probe, init)
+        named.update(id(p) for p in probe.parameters().values())
+    untouched = [name for name, p in net.named_parameters() if id(p) not in named]
     if untouched:
         log.warning(
             "init left %d parameter(s) at PyTorch's default init, as no probe declares them: %s",
             len(untouched),
             ", ".join(untouched),
         )
+
+
+def initialise_probe(probe: Probe, init: InitFn) -> None:
+    """A norm probe's weights to 1 and biases to 0; any other's biases to 0, then `init` on each
+    weight with its bias (PyTorch's name for it: `weight_ih_l0` -> `bias_ih_l0`), if named."""
+    params = probe.parameters()
+    if probe.is_norm:
+        for name, p in params.items():
+            nn.init.constant_(p, 0.0 if is_bias(name) else 1.0)
+        return
+    biases = {name: p for name, p in params.items() if is_bias(name)}
+    for bias in biases.values():
+        nn.init.zeros_(bias)
+    for name, weight in params.items():
+        if name not in biases:
+            init(weight, biases.get(name.replace("weight", "bias")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -9,9 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from vanishlab.schedulers import lr_scheduler
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+SchedulerFactory = functools.partial  # a `scheduler` option: `schedulers.lr_scheduler` reads it
 
 
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -31,10 +34,10 @@ def logs_this_step(module: pl.LightningModule) -> bool:
 
 class Classifier(pl.LightningModule):
     """Trains `net` on `loss_fn` with the optimizer that `make_optimizer` builds, its learning
-    rate set each epoch by the scheduler `make_scheduler` builds (if any). `config`, the
-    composed config it was built from, is its one hyperparameter: Lightning saves it in every
-    checkpoint (`hyper_parameters`), so a checkpoint describes itself. It is not logged, since
-    the run's HParams row is written from its record when it ends (`hparams.py`).
+    rate set each epoch, or each step, by the scheduler `make_scheduler` builds (if any).
+    `config`, the composed config it was built from, is its one hyperparameter: Lightning saves
+    it in every checkpoint (`hyper_parameters`), so a checkpoint describes itself. It is not
+    logged, since the run's HParams row is written from its record when it ends (`hparams.py`).
 
     The training step stays lean: it logs only on the trainer's logging steps
     (`log_every_n_steps`), because a `self.log` on every step costs about 1 ms, half a step of
@@ -87,10 +90,13 @@ class Classifier(pl.LightningModule):
         return stage_metrics(stage, self.loss_fn(outputs, y), outputs, y), outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer, and the scheduler stepped as its config's `interval` says
+        (`schedulers.lr_scheduler`)."""
         optimizer = self.make_optimizer(self.parameters())
         if self.make_scheduler is None:
             return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}
+        schedule = lr_scheduler(self.make_scheduler, optimizer, self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 class ValidationMetrics(pl.Callback):

@@ -10,12 +10,14 @@ transformer block) is one class here or in the user's own code, plus one YAML in
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from torch import Tensor, nn
 
+from vanishlab import ConfigError
 from vanishlab.config import Domain, integer, number
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -40,18 +42,68 @@ KINDS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], str], ...] = (
 )
 
 
+# What a probe's parameters are to the network, which decides who initialises them: the `init`
+# group, unless the network initialises that role itself (`Network.initialised_roles`).
+ROLES = {
+    "input": "the first weighted layer, which reads the data",
+    "hidden": "a weighted layer between the input and output layers",
+    "output": "the last weighted layer, which gives the class logits",
+    "recurrent": "a recurrent layer's hidden-to-hidden weights",
+    "attention": "an attention layer's projections",
+    "embedding": "embeddings, positional embeddings and class tokens",
+    "norm": "a norm layer's scale and shift, which start at 1 and 0 whatever the init",
+}
+
+
+def is_bias(name: str) -> bool:
+    """Whether a probe's parameter `name` is a bias, as PyTorch names them (`bias`,
+    `bias_ih_l0`, `in_proj_bias`, `out_proj.bias`); every other parameter is a weight."""
+    return "bias" in name.rpartition(".")[2]
+
+
+def parameter(layer: nn.Module, name: str) -> nn.Parameter | None:
+    """`layer`'s parameter `name` (dotted names reach into submodules: `out_proj.weight`), or None
+    where the layer keeps the place empty (`nn.Linear(..., bias=False)`'s `bias`). Raises
+    AttributeError where it has no such parameter (`nn.RNN` has no `weight`; its `bias` is a flag).
+    """
+    path, _, attribute = name.rpartition(".")
+    value = getattr(layer.get_submodule(path), attribute)
+    if value is not None and not isinstance(value, nn.Parameter):
+        raise AttributeError(f"{attribute} is a {type(value).__name__}, not a parameter")
+    return value
+
+
 @dataclass(frozen=True)
 class Probe:
-    """One measured place: `layer` holds the weight (and bias) whose gradient is measured, and
-    `output` is the module whose output is the activation measured there.
+    """One measured place: `layer` holds the parameters `params` names, which are measured and
+    initialised, and `output` is the module whose output is the activation measured there.
 
-    `name` is the probe's stable tag (`layer_03`, `norm_03`). A norm layer is its own probe
-    (`layer` and `output` are the norm), so its scale and shift are measured beside the weights.
+    `name` is the probe's stable tag (`layer_03`, `norm_03`: the dashboards' charts match
+    `dashboard.PROBE`). `params` are `layer`'s parameter names, dotted into its submodules where
+    needed: `("weight", "bias")` by default; `nn.RNN`, `nn.LSTM` and `nn.GRU` name theirs
+    `weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, ..., and `nn.MultiheadAttention` its
+    `in_proj_weight`, `in_proj_bias`, `out_proj.weight`, `out_proj.bias`. A name containing
+    `bias` is a bias, any other a weight (`is_bias`). The gradient-flow figures of a probe with
+    several weights are those of the first it names (`weight`): list the one to watch first, or
+    give each weight a probe of its own (two probes may share a layer and an output, not a
+    parameter).
+
+    `role` (one of `ROLES`) says what the parameters are to the network, and so whether the
+    `init` group or the network's own code initialises them; it is `norm` for a norm layer (its
+    own probe: `layer` and `output` are the norm) and `hidden` for any other layer unless given.
     """
 
     name: str
     layer: nn.Module
     output: nn.Module
+    params: tuple[str, ...] = ("weight", "bias")
+    role: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is None:
+            object.__setattr__(
+                self, "role", "norm" if isinstance(self.layer, NORM_LAYERS) else "hidden"
+            )
 
     @property
     def kind(self) -> str:
@@ -60,26 +112,112 @@ class Probe:
 
     @property
     def is_norm(self) -> bool:
-        return isinstance(self.layer, NORM_LAYERS)
+        return self.role == "norm"
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The named parameters, by name; a place the layer keeps empty is left out."""
+        found = {name: parameter(self.layer, name) for name in self.params}
+        return {name: p for name, p in found.items() if p is not None}
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The weight the gradient-flow figures measure: the first named one."""
+        return next(p for name, p in self.parameters().items() if not is_bias(name))
 
 
 class Network(Protocol):
-    """What vanishlab needs of a network beyond `nn.Module`."""
+    """What vanishlab needs of a network beyond `nn.Module`: its probes. A network whose own code
+    initialises some roles' parameters (an RNN's recurrent weights, a positional embedding) also
+    has `initialised_roles() -> Collection[str]`, naming those roles: init leaves them as they
+    are (`roles_initialised_by`)."""
 
     def probes(self) -> list[Probe]: ...
 
 
+def roles_initialised_by(net: Network) -> frozenset[str]:
+    """The roles `net` initialises itself (none, unless it has `initialised_roles()`)."""
+    own = getattr(net, "initialised_roles", None)
+    return frozenset(own()) if own else frozenset()
+
+
+def check_probes(net: Network, model: str) -> None:
+    """Raise the paragraph `ConfigError` for probes that cannot be measured and initialised as
+    declared: a name the dashboards' charts do not match, or that two probes share (their
+    figures would be merged); a role outside `ROLES`; a parameter the layer lacks, a probe
+    naming no weight to measure, or a parameter two probes name (both would initialise it)."""
+    from vanishlab.dashboard import PROBE  # imported here: dashboard imports this module
+
+    def fail(probe: Probe, why: str, fix: str) -> NoReturn:
+        raise ConfigError(f"model={model}: probe {probe.name!r} {why}. Fix: {fix}.")
+
+    roles = f"one of {', '.join(ROLES)}"
+    names: set[str] = set()
+    owners: dict[int, str] = {}
+    for probe in net.probes():
+        if not re.fullmatch(PROBE, probe.name):
+            fail(
+                probe,
+                f"is not named as the dashboards' charts expect ({PROBE})",
+                "name it layer_<NN> (norm_<NN> for a norm layer), numbered from the input side",
+            )
+        if probe.name in names:
+            fail(
+                probe,
+                "is the name of two probes, whose figures would be merged",
+                "number them apart",
+            )
+        names.add(probe.name)
+        if probe.role not in ROLES:
+            fail(probe, f"has role {probe.role!r}, not a known role", f"give it {roles}")
+        layer = type(probe.layer).__name__
+        has = tuple(name for name, _ in probe.layer.named_parameters())
+        example = f"Probe({probe.name!r}, layer, output, params={has!r})"
+        lacks = [name for name in probe.params if not has_parameter(probe.layer, name)]
+        if lacks:
+            fail(
+                probe,
+                f"names {', '.join(lacks)}, which its {layer} does not have",
+                f"name the parameters to measure and initialise, e.g. {example} (all it has)",
+            )
+        named = probe.parameters()
+        if all(is_bias(name) for name in named):
+            fail(probe, f"names no weight of its {layer} to measure", f"name one, e.g. {example}")
+        for name, p in named.items():
+            if id(p) in owners:
+                fail(
+                    probe,
+                    f"names {name}, which probe {owners[id(p)]!r} names too",
+                    "name each parameter in one probe",
+                )
+            owners[id(p)] = probe.name
+    own = roles_initialised_by(net) - ROLES.keys()
+    if own:
+        raise ConfigError(
+            f"model={model} initialises roles {', '.join(sorted(own))}, which are not known "
+            f"roles. Fix: name {roles} in its initialised_roles()."
+        )
+
+
+def has_parameter(layer: nn.Module, name: str) -> bool:
+    try:
+        parameter(layer, name)
+    except AttributeError:
+        return False
+    return True
+
+
 class Block(nn.Sequential):
     """A weighted layer, an optional norm of its output, and an activation: the unit most
-    networks stack, with its probes named after its place (`index`) in the network."""
+    networks stack, with its probes named after its place (`index`) in the network and its
+    layer's `role` there."""
 
     def __init__(self, layer: nn.Module, activation: nn.Module, norm: nn.Module | None = None):
         super().__init__(*(m for m in (layer, norm, activation) if m is not None))
 
-    def probes(self, index: int) -> list[Probe]:
+    def probes(self, index: int, role: str) -> list[Probe]:
         layer, *norms, activation = self
         norm_probes = [Probe(f"norm_{index:02d}", norm, norm) for norm in norms]
-        return [Probe(f"layer_{index:02d}", layer, activation), *norm_probes]
+        return [Probe(f"layer_{index:02d}", layer, activation, role=role), *norm_probes]
 
 
 class Residual(nn.Module):
@@ -92,8 +230,8 @@ class Residual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.scale * self.block(x)
 
-    def probes(self, index: int) -> list[Probe]:
-        return self.block.probes(index)
+    def probes(self, index: int, role: str) -> list[Probe]:
+        return self.block.probes(index, role)
 
 
 def check_arguments(domains: tuple[Domain, ...], values: dict[str, object]) -> None:
@@ -180,10 +318,23 @@ class BlockNet(nn.Module):
     ) -> list[nn.Module]:
         raise NotImplementedError
 
+    def hidden_map(self) -> nn.Module:
+        """The map from the first probe's output (the first hidden block's) to the last hidden
+        block's output, the identity for one block: the hidden stack `jacobian.Jacobian`
+        differentiates. An optional part of the network interface: `callbacks=jacobian` refuses
+        a network without it, and nothing else asks for it."""
+        return self.hidden[1:]
+
     def probes(self) -> list[Probe]:
-        """Named by position: `layer_00` (and `norm_00`) is the first hidden block."""
+        """Named by position: `layer_00` (and `norm_00`) is the first hidden block, whose layer
+        is the `input` one; the output block's is the `output` one, the others `hidden`."""
         blocks = [*self.hidden, self.output]
-        return [probe for index, block in enumerate(blocks) for probe in block.probes(index)]
+        roles = ["input", *["hidden"] * (len(blocks) - 2), "output"]
+        return [
+            probe
+            for index, (block, role) in enumerate(zip(blocks, roles, strict=True))
+            for probe in block.probes(index, role)
+        ]
 
 
 class MLP(BlockNet):

@@ -57,6 +57,7 @@ from vanishlab.results import (
     job_id,
     verdict,
 )
+from vanishlab.schedulers import lr_scheduler
 from vanishlab.train import (
     Job,
     build_seeded,
@@ -426,7 +427,8 @@ class StackedClassifier(pl.LightningModule):
         make_scheduler = self.jobs[0].make_scheduler
         if make_scheduler is None:
             return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": make_scheduler(optimizer)}
+        schedule = lr_scheduler(make_scheduler, optimizer, self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_gradient_clipping(
         self,

@@ -53,7 +53,7 @@ from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
 from vanishlab.module import Classifier, ValidationMetrics
-from vanishlab.nets import Network
+from vanishlab.nets import Network, check_probes
 from vanishlab.results import (
     DIVERGED_AT_EPOCH,
     EPOCHS,
@@ -129,7 +129,8 @@ def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
 
 def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
     """The network `node` names; a model that refuses its keys (a `ConfigError` of its own, or
-    keys it does not take) ends in the one-paragraph error, not Hydra's traceback."""
+    keys it does not take), or whose probes cannot be measured as declared
+    (`nets.check_probes`), ends in the one-paragraph error, not Hydra's traceback."""
     try:
         net = instantiate(node, **shapes)
     except InstantiationException as err:
@@ -145,6 +146,7 @@ def instantiate_model(node: DictConfig, **shapes: Any) -> Network:
             f"model={node._target_} has no probes() method, so nothing can measure it. Fix: "
             f"add `def probes(self) -> list[vanishlab.nets.Probe]` (see vanishlab.nets.BlockNet)."
         )
+    check_probes(net, node._target_)
     return net
 
 
