@@ -235,6 +235,18 @@ DOMAINS = (
         "an integer >= 1, e.g. 20",
     ),
     Domain(
+        "callbacks.jacobian.inputs",
+        integer(1),
+        "the Jacobian is measured at that many examples of the first training batch",
+        "an integer >= 1, e.g. 16",
+    ),
+    Domain(
+        "callbacks.jacobian.max_width",
+        integer(1),
+        "it is the widest hidden state whose Jacobian is computed",
+        "an integer >= 1, e.g. 1024",
+    ),
+    Domain(
         "callbacks.gradient_flow.figure_log10_range",
         lambda v: (
             OmegaConf.is_list(v) and len(v) == 2 and all(map(number(-math.inf), v)) and v[0] < v[1]

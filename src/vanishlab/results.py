@@ -80,6 +80,13 @@ CLASSES_PREDICTED = "evidence/classes_predicted"
 DEAD_CLASSES = "evidence/dead_classes"
 SHARPNESS = "sharpness/top_eigenvalue"  # at the last measured step (`sharpness.Sharpness`)
 SHARPNESS_TIMES_LR = "sharpness/times_lr_over_2"  # >= 1: past gradient descent's stability limit
+# The hidden stack's Jacobian dh_last/dh_first (`jacobian.Jacobian`): its singular values' spread
+# and mean square, log10, at the end of training and at the first measured step.
+JACOBIAN_SPREAD = "jacobian/log10_max_over_median"
+JACOBIAN_SPREAD_START = "evidence/jacobian_log10_max_over_median_at_start"
+JACOBIAN_MEAN_SQ = "jacobian/log10_mean_sq_singular_value"
+JACOBIAN_MEAN_SQ_START = "evidence/jacobian_log10_mean_sq_singular_value_at_start"
+JACOBIAN_THEORY = "jacobian/theory_log10_mean_sq_singular_value"  # chi_1^(L-1), where it applies
 
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 UNREADABLE = "unreadable"  # how `read_record` reads a metrics.json that holds no record

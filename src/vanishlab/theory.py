@@ -205,3 +205,14 @@ def critical_sigma_w2(activation: str, sigma_b2: float) -> float:
     while crossing(high) <= 0:
         high *= 2
     return bisect(crossing, high / 2 if high > 1 else 1e-6, high)
+
+
+def jacobian_log10_mean_sq_singular_value(
+    activation: str, sigma_w2: float, sigma_b2: float, layers: int
+) -> float:
+    """log10 of the mean squared singular value of the Jacobian of `layers` layers at q*,
+    chi_1^layers: each layer multiplies a vector's squared norm by chi_1 on average
+    (Pennington, Schoenholz & Ganguli 2017), whatever the spread of the singular values, which
+    the mean does not tell. Orthogonal weights with gain g have the same chi_1 at sigma_w2 = g^2.
+    Taken as log10, so a deep product of slopes far from 1 neither overflows nor reads 0."""
+    return layers * math.log10(chi_1(activation, sigma_w2, sigma_b2))
