@@ -42,24 +42,28 @@ CONFIG_DIR = config_dir()
 
 @dataclass(frozen=True)
 class Between:
-    """A number (an integer where `integral`) from `low` up to, not including, `high`."""
+    """A number (an integer where `integral`) from `low` up to, not including, `high`; or null,
+    where `nullable`."""
 
     low: float
     high: float = math.inf
     integral: bool = False
     low_open: bool = False
+    nullable: bool = False
 
     def is_kind(self, v: Any) -> bool:
         kinds = int if self.integral else int | float
-        return isinstance(v, kinds) and not isinstance(v, bool)
+        return (v is None and self.nullable) or (isinstance(v, kinds) and not isinstance(v, bool))
 
     def __call__(self, v: Any) -> bool:
+        if v is None:
+            return self.nullable
         low, high = self.low, self.high
         return self.is_kind(v) and (low < v if self.low_open else low <= v) and v < high
 
 
-def integer(low: int, high: float = math.inf) -> Between:
-    return Between(low, high, integral=True)
+def integer(low: int, high: float = math.inf, *, nullable: bool = False) -> Between:
+    return Between(low, high, integral=True, nullable=nullable)
 
 
 def number(low: float, high: float = math.inf, *, low_open: bool = False) -> Between:
@@ -91,13 +95,13 @@ class Domain:
 DOMAINS = (
     Domain(
         "seed",
-        lambda v: v is None or integer(0, 2**32)(v),
+        integer(0, 2**32, nullable=True),
         "a seed is an integer that torch, numpy and Python's random all take",
         "an integer in [0, 2**32), e.g. 0, or null to draw one",
     ),
     Domain(
         "threads",
-        lambda v: v is None or integer(1)(v),
+        integer(1, nullable=True),
         "it is the number of torch threads a job uses",
         "an integer >= 1, or null for the cores this job was given (shared among parallel jobs)",
     ),
@@ -149,7 +153,7 @@ DOMAINS = (
     ),
     Domain(
         "scheduler.total_steps",
-        lambda v: v is None or integer(1)(v),
+        integer(1, nullable=True),
         "it counts the optimizer steps the schedule spans",
         "an integer >= 1, or null for the run's optimizer steps",
     ),
@@ -185,7 +189,7 @@ DOMAINS = (
     ),
     Domain(
         "data.train_subset",
-        lambda v: v is None or integer(1)(v),
+        integer(1, nullable=True),
         "it counts the training images to train on",
         "an integer >= 1, e.g. 2000 (at most the training split), or null for all of them",
     ),
