@@ -26,7 +26,7 @@ from vanishlab.hparams import (
     column_infos,
     write_hparams,
 )
-from vanishlab.results import JOB_CONFIG, START, STATUS, VERDICT, read_record
+from vanishlab.results import BACKWARD_START, JOB_CONFIG, START, STATUS, VERDICT, read_record
 from vanishlab.sweep import job_name
 
 SHOWN = 5  # hparams and metrics TensorBoard 2.21 shows without a click
@@ -136,9 +136,10 @@ def test_each_session_says_what_its_record_says(tiny_sweep) -> None:
         assert (end.status == api_pb2.STATUS_SUCCESS) == succeeded, name
         events = EventAccumulator(str(tiny_sweep / name))
         events.Reload()
-        (at_start,) = [tag for tag, key in METRICS.items() if key == START]
-        shown = events.Scalars(at_start)[-1].value
-        assert shown == pytest.approx(math.log10(record[START]), abs=1e-5)
+        for evidence in (START, BACKWARD_START):  # the weight-gradient and backward ratios
+            (at_start,) = [tag for tag, key in METRICS.items() if key == evidence]
+            shown = events.Scalars(at_start)[-1].value
+            assert shown == pytest.approx(math.log10(record[evidence]), abs=1e-5)
 
 
 def test_a_single_run_writes_its_own_hparams_table(tiny_data, tmp_path) -> None:

@@ -18,6 +18,8 @@ from vanishlab.dashboard import LOG10, LOG10_FLOOR
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.hparams import row
 from vanishlab.results import (
+    BACKWARD_FIRST_OVER_LAST,
+    BACKWARD_START,
     CLASSES,
     CLASSES_PREDICTED,
     DEAD_CLASSES,
@@ -178,24 +180,46 @@ def test_finite_gradients_do_not_stop_the_run() -> None:
 TRAINED = {FULL_EPOCHS: 1}  # one full pass over the training split
 
 
+def signal(first: float, last: float | None = None) -> dict[str, float]:
+    """A measured run's backward-signal ratio at its first and last measured step (`last`
+    defaults to `first`: one measured step), its weight-gradient ratio balanced."""
+    last = first if last is None else last
+    return {START: 1.0, BACKWARD_START: first, BACKWARD_FIRST_OVER_LAST: last}
+
+
 @pytest.mark.parametrize(
     ("evidence", "expected"),
     [
-        ({STATUS: "diverged", START: 1.0}, "diverged"),
+        ({STATUS: "diverged", **signal(1.0)}, "diverged"),
         ({TEST_LOSS: math.nan, **TRAINED}, "diverged"),  # no StopOnDivergence (callbacks=none)
-        ({DEAD_CLASSES: 1, START: 1e5, **TRAINED}, "dead"),
-        ({MAX_DEAD: 1.0, START: 1.0}, "dead"),
-        ({START: 101.0}, "exploding"),
-        ({START: 0.009, CLASSES_PREDICTED: 1, **TRAINED}, "vanishing"),
-        ({START: 1.0, CLASSES_PREDICTED: 9, **TRAINED}, "dead"),
-        ({START: 1.0, MAX_SATURATED: 0.5}, "vanishing"),
-        ({START: 101.0, MAX_SATURATED: 0.9}, "exploding"),
-        ({START: 0.011, CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
-        ({START: 99.0, MAX_DEAD: 0.99, **TRAINED}, "trained"),
+        ({DEAD_CLASSES: 1, **signal(1e5), **TRAINED}, "dead"),
+        ({MAX_DEAD: 1.0, **signal(1e-5)}, "dead"),
+        (signal(101.0), "exploding"),
+        # An exploding signal is read at the start: the damage is done in the first steps.
+        ({**signal(101.0, 1.0), CLASSES_PREDICTED: 10, **TRAINED}, "exploding"),
+        ({**signal(99.0, 1e3), CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
+        # A vanishing one at the start, where training did not outgrow it: it still vanishes
+        # at the end, or the network is stuck.
+        (signal(0.009), "vanishing"),  # fast_dev_run: its one step is first and last
+        ({**signal(0.009), CLASSES_PREDICTED: 10, **TRAINED}, "vanishing"),
+        ({**signal(0.009, 0.011), CLASSES_PREDICTED: 1, **TRAINED}, "vanishing"),
+        ({**signal(0.009, 0.011), CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
+        ({**signal(0.009, 0.011), CLASSES_PREDICTED: 1}, "too_short"),  # no full pass
+        ({**signal(1.0, 0.009), CLASSES_PREDICTED: 10, **TRAINED}, "trained"),  # not at init
+        ({**signal(1.0), CLASSES_PREDICTED: 9, **TRAINED}, "undertrained"),
+        ({CLASSES_PREDICTED: 9, **TRAINED}, "undertrained"),  # no GradientFlow
+        ({**signal(1.0), MAX_SATURATED: 0.5}, "vanishing"),
+        ({**signal(101.0), MAX_SATURATED: 0.9}, "exploding"),
+        ({**signal(0.011), CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
+        ({**signal(99.0), MAX_DEAD: 0.99, **TRAINED}, "trained"),
         ({CLASSES_PREDICTED: 10, **TRAINED}, "trained"),  # no GradientFlow
+        # The weight-gradient ratio is no evidence: balanced with a vanished signal (ReLU +
+        # Xavier), vanishing with a balanced one.
+        ({**signal(10**-2.2), START: 10**0.35, CLASSES_PREDICTED: 10, **TRAINED}, "vanishing"),
+        ({**signal(1.0), START: 1e-5, CLASSES_PREDICTED: 10, **TRAINED}, "trained"),
         # Without the evidence a rule needs, it does not fire:
         ({}, "too_short"),  # max_epochs=0: nothing measured, no full pass
-        ({START: 1.0, CLASSES_PREDICTED: 1}, "too_short"),  # fast_dev_run
+        ({**signal(1.0), CLASSES_PREDICTED: 1}, "too_short"),  # fast_dev_run
         ({DEAD_CLASSES: 3, CLASSES_PREDICTED: 2}, "too_short"),
         ({MAX_DEAD: 1.0, **TRAINED}, "trained"),  # dead_frac needs a measurement
     ],

@@ -49,7 +49,8 @@ def test_every_model_trains_and_every_probe_is_logged(model, remedy, tiny_data, 
     for probe in probes:
         for family in ("grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std"):
             assert f"{family}/{probe.name}" in tags
-    assert record[VERDICT] in ("trained", "vanishing", "exploding", "dead", "too_short")
+    verdicts = ("trained", "vanishing", "exploding", "dead", "undertrained", "too_short")
+    assert record[VERDICT] in verdicts
     assert len(record[GRAD_NORMS_AT_START]) == sum(not p.is_norm for p in probes)
 
 

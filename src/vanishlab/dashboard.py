@@ -32,7 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 from vanishlab.nets import Probe
 
 LOG10 = "Log10/"
-LOG10_FAMILIES = ("grad_norm", "update_ratio")
+LOG10_FAMILIES = ("grad_norm", "update_ratio", "backward")
 LOG10_FLOOR, LOG10_CEILING = -30.0, 30.0  # below 1e-30 (zero included) / above 1e30 (inf)
 PROBE = r"(layer|norm)_\d+"
 # Custom Scalars tab: one multi-line chart per family, a line per probe (select one run to read
@@ -44,6 +44,11 @@ LAYOUT = {
         "log10 first / last layer gradient norm": [
             "Multiline",
             [rf"^{LOG10}grad_norm/first_over_last$"],
+        ],
+        "log10 backward signal ||dL/dh||": ["Multiline", [rf"^{LOG10}backward/{PROBE}$"]],
+        "log10 first / last hidden layer backward signal": [
+            "Multiline",
+            [rf"^{LOG10}backward/first_over_last$"],
         ],
         "dead fraction (ReLU)": ["Multiline", [rf"^dead_frac/{PROBE}$"]],
         "saturated fraction (sigmoid, tanh)": ["Multiline", [rf"^saturated_frac/{PROBE}$"]],

@@ -14,13 +14,29 @@ training runs at full speed.
                            gradient 0: dead). Leaky ReLU and GELU units never are.
 - `saturated_frac/<probe>` sigmoid/tanh hidden layers: outputs within 2% of their bounds
 - `grad_norm/first_over_last`  first layer's gradient norm over the last layer's (layer probes)
+- `backward/<probe>`       L2 norm of dL/dh, the loss's gradient at the probe's output
+                           activation h: the backward signal that reaches that layer
+- `backward/first_over_last`  that norm at the first hidden layer probe over the last hidden
+                           one (the output's is the loss's own gradient; norm probes left out)
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
-- `Log10/grad_norm/...`, `Log10/update_ratio/...`  the same figures as log10, for the eye
+- `Log10/grad_norm/...`, `Log10/update_ratio/...`, `Log10/backward/...`  the same figures as
+                           log10, for the eye
                            (`dashboard.py`)
 
 The last optimizer step of training is always measured. Each `histograms_every_n_epochs` epochs,
 and at that last step, it also draws histograms and the gradient-flow figure (`dashboard.py`).
 `evidence_on_test_split` measures the trained network on the test split (`Predictions`).
+
+The backward signal is read from taps: on a measured step each probe's output h becomes
+`h + tap`, where `tap` is a zero tensor that requires a gradient (not a parameter), so after
+backward `tap.grad` is exactly dL/dh, with no hook on the backward pass. A plain network gets its
+taps from a forward hook on each probe's `output` module (`GradientFlow._capture`); hooks that
+make tensors, or `Tensor.register_hook`, do not work inside `torch.func.vmap` (a tap made there
+gets no `.grad`). A vmapped model (a stack's jobs as one batched network) would make each probe's
+tap outside `vmap`, one for all K jobs (`zeros(K, *h.shape, requires_grad=True)`, the shape from
+an earlier forward), pass the taps in as an input mapped over the jobs, add each where it applies
+that probe's output module, and give job k's GradientFlow `tap.grad[k]` and `h[k]`: the figures
+below only read each probe's activation and its tap's gradient.
 """
 
 from __future__ import annotations
@@ -46,6 +62,8 @@ from vanishlab.dashboard import (
 from vanishlab.data import MNISTDataModule
 from vanishlab.nets import Probe
 from vanishlab.results import (
+    BACKWARD_FIRST_OVER_LAST,
+    BACKWARD_START,
     CLASSES,
     CLASSES_PREDICTED,
     DEAD_CLASSES,
@@ -64,18 +82,20 @@ def tag(family: str, probe: Probe) -> str:
     return f"{family}/{probe.name}"
 
 
-def grad_norm(weight: Tensor) -> Tensor:
-    """The norm of `weight`'s gradient; nan where there is none (a step whose update
-    StopOnDivergence dropped), so the figures do not depend on which callback runs first."""
-    return vector_norm(weight.grad) if weight.grad is not None else weight.new_full((), math.nan)
+def grad_norm(tensor: Tensor) -> Tensor:
+    """The norm of `tensor`'s gradient (a weight's, or a tap's: dL/dh); nan where there is none
+    (a weight whose update StopOnDivergence dropped), so the figures do not depend on which
+    callback runs first."""
+    return vector_norm(tensor.grad) if tensor.grad is not None else tensor.new_full((), math.nan)
 
 
 class GradientFlow(pl.Callback):
     """Logs per-probe gradient flow; keeps the figures the run's verdict needs (`evidence`).
 
-    `at_first_step` holds the layer probes' gradient norms and their first-over-last ratio at
-    the first measured step (the network as initialised), and `at_last_step` the ratio and the
-    largest dead and saturated fractions at the last measured step.
+    `at_first_step` holds the layer probes' gradient norms, their first-over-last ratio and the
+    backward signal's at the first measured step (the network as initialised), and
+    `at_last_step` the two ratios and the largest dead and saturated fractions at the last
+    measured step.
     """
 
     def __init__(
@@ -117,6 +137,8 @@ class GradientFlow(pl.Callback):
             MAX_DEAD: last["max_dead_frac"],
             MAX_SATURATED: last["max_saturated_frac"],
             GRAD_NORMS_AT_START: first["grad_norms"],
+            BACKWARD_START: first["backward_first_over_last"],
+            BACKWARD_FIRST_OVER_LAST: last["backward_first_over_last"],
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,7 +146,12 @@ class GradientFlow(pl.Callback):
         layers = [index for index, probe in enumerate(self.probes) if not probe.is_norm]
         self.first, self.last = layers[0], layers[-1]  # the last layer probe is the output
         self.layer_tags = [tag("grad_norm", self.probes[i]) for i in layers]
-        hidden = [self.probes[i] for i in layers[:-1]]
+        *hidden_layers, _ = layers
+        # The backward signal's ratio spans the hidden layers (a network whose only layer probe
+        # is its output reads 1).
+        signal = hidden_layers or layers
+        self.first_hidden, self.last_hidden = signal[0], signal[-1]
+        hidden = [self.probes[i] for i in hidden_layers]
         self.dead = [p for p in hidden if p.kind == "relu"]
         self.saturating = [p for p in hidden if p.kind in BOUNDS]
         self.output_relu = self.probes[self.last].kind == "relu"
@@ -139,7 +166,7 @@ class GradientFlow(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         # With gradient accumulation several batches lead to one optimizer step: the hooks stay
-        # on until that step, so the activations are those of its last batch.
+        # on until that step, so the activations and taps are those of its last batch.
         step = trainer.global_step
         if self._logging or (step % self.every_n_steps and step != self._last_step):
             return
@@ -150,13 +177,18 @@ class GradientFlow(pl.Callback):
             and not self._profiles_this_epoch
         )
         self._activations: dict[str, Tensor] = {}
+        self._taps: dict[str, Tensor] = {}
         self._hooks = [
             probe.output.register_forward_hook(partial(self._capture, probe.name))
             for probe in self.probes
         ]
 
-    def _capture(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _capture(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        """Keep the probe's activation and put its tap on it: the module's output becomes
+        `output + tap` (the same values), so backward leaves dL/dh in `tap.grad`."""
         self._activations[name] = output.detach()
+        self._taps[name] = tap = torch.zeros_like(output, requires_grad=True)
+        return output + tap
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
         """The gradient as the optimizer will apply it: accumulated over its batches."""
@@ -166,6 +198,8 @@ class GradientFlow(pl.Callback):
             hook.remove()
         weights = [p.weight for p in self.probes]
         self._grad_norms = torch.stack([grad_norm(w) for w in weights])
+        self._backward_norms = torch.stack([grad_norm(self._taps[p.name]) for p in self.probes])
+        self._taps = {}  # their gradients are as large as the activations
         self._weights_before = [w.detach().clone() for w in weights]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -180,9 +214,11 @@ class GradientFlow(pl.Callback):
             self.at_first_step = {
                 "grad_norms": profile,
                 "first_over_last": metrics[FIRST_OVER_LAST],
+                "backward_first_over_last": metrics[BACKWARD_FIRST_OVER_LAST],
             }
         self.at_last_step = {
             "first_over_last": metrics[FIRST_OVER_LAST],
+            "backward_first_over_last": metrics[BACKWARD_FIRST_OVER_LAST],
             "max_dead_frac": max_of_family(metrics, "dead_frac"),
             "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
         }
@@ -203,6 +239,7 @@ class GradientFlow(pl.Callback):
             "update_ratio": (self.probes, update_norms / weight_norms),
             "act_mean": (self.probes, torch.stack([a.mean() for a in activations])),
             "act_std": (self.probes, torch.stack([a.std() for a in activations])),
+            "backward": (self.probes, self._backward_norms),
         }
         if self.dead:
             fractions = [silent(self._activations[p.name]).float().mean() for p in self.dead]
@@ -210,7 +247,11 @@ class GradientFlow(pl.Callback):
         if self.saturating:
             fractions = [saturated(self._activations[p.name], p.kind) for p in self.saturating]
             families["saturated_frac"] = (self.saturating, torch.stack(fractions))
-        single = {FIRST_OVER_LAST: self._grad_norms[self.first] / self._grad_norms[self.last]}
+        backward = self._backward_norms
+        single = {
+            FIRST_OVER_LAST: self._grad_norms[self.first] / self._grad_norms[self.last],
+            BACKWARD_FIRST_OVER_LAST: backward[self.first_hidden] / backward[self.last_hidden],
+        }
         if self.output_relu:
             single["dead_outputs"] = silent(activations[self.last]).sum().float()
         values = torch.cat([*(v for _, v in families.values()), torch.stack([*single.values()])])

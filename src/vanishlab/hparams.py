@@ -15,8 +15,9 @@ the metrics, the first five in the configuration's order. So:
 - marked are `Status`, `Verdict` and the keys that say what the runs vary in (`varying`): not
   `init.std`, which differs only because `init` does, nor `data.seed`, a copy of `seed`;
 - text and booleans get discrete domains; integers are text, so `16` does not read `16.000`;
-- `METRICS` leads with accuracy and the log10 gradient ratios (`dashboard.LOG10`; `Log10/test/loss`
-  keeps a diverged run's 1e23 on a readable axis);
+- `METRICS` leads with accuracy and the log10 backward-signal ratios at the first and the last
+  measured step (what the `vanishing` and `exploding` verdicts read), then the weight-gradient
+  ratios (`dashboard.LOG10`; `Log10/test/loss` keeps a diverged run's 1e23 on a readable axis);
 - a session's status is `Success` only for a completed run: diverged and failed runs (and those a
   scheduler ended) are `Failure`, a run still `started` is `Unknown`.
 """
@@ -40,6 +41,8 @@ from torch.utils.tensorboard.writer import FileWriter
 
 from vanishlab.dashboard import LOG10, log10_display
 from vanishlab.results import (
+    BACKWARD_FIRST_OVER_LAST,
+    BACKWARD_START,
     CLASSES_PREDICTED,
     DEAD_CLASSES,
     FIRST_OVER_LAST,
@@ -64,6 +67,8 @@ SHOWN_FIRST = (STATUS_COLUMN, VERDICT_COLUMN)
 METRICS = {
     TEST_ACC: TEST_ACC,
     VAL_ACC: VAL_ACC,
+    f"{LOG10}{BACKWARD_FIRST_OVER_LAST}_at_start": BACKWARD_START,
+    LOG10 + BACKWARD_FIRST_OVER_LAST: BACKWARD_FIRST_OVER_LAST,
     f"{LOG10}{FIRST_OVER_LAST}_at_start": START,
     LOG10 + FIRST_OVER_LAST: FIRST_OVER_LAST,
     LOG10 + TEST_LOSS: TEST_LOSS,

@@ -64,6 +64,8 @@ RESULTS = {
     results.TEST_LOSS: results.TEST_LOSS,
     results.FIRST_OVER_LAST: results.FIRST_OVER_LAST,
     "first_over_last_at_start": results.START,
+    results.BACKWARD_FIRST_OVER_LAST: results.BACKWARD_FIRST_OVER_LAST,
+    "backward_first_over_last_at_start": results.BACKWARD_START,
     results.SHARPNESS: results.SHARPNESS,
     results.SHARPNESS_TIMES_LR: results.SHARPNESS_TIMES_LR,
     results.TRAIN_SECONDS: results.TRAIN_SECONDS,
@@ -74,6 +76,12 @@ OPTIONAL_RESULTS = (results.SHARPNESS, results.SHARPNESS_TIMES_LR)
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
 LOSS_TAGS = ("train/loss", "val/loss")
 LR = "optimizer.lr"  # each job's, varied or not: the sharpness figures draw 2/lr
+# The heatmap's ratio, with its colour bar's label: the backward signal's (what the verdicts read),
+# or in a sweep recorded before it was measured, the weight gradients'.
+HEATMAP_RATIOS = {
+    "backward_first_over_last_at_start": "log10(first / last hidden ||dL/dh||) at start",
+    "first_over_last_at_start": "log10(first / last layer grad norm) at start",
+}
 # The seed summary's columns after the setting's keys.
 SEEDS, ACC_MEAN, ACC_STD, VERDICTS = "seeds", "test/acc mean", "test/acc std", "verdicts"
 SEED_SUMMARY = "seed_summary.csv"
@@ -345,12 +353,14 @@ def gradient_layout(
 
 
 def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
-    """log10 gradient ratio at the start, init options as columns. Rows are the numeric varied key
-    with the most values (e.g. depth), with a panel per setting of the other keys (e.g.
-    activation); without a numeric key, a row per setting of the other keys, in one panel."""
+    """log10 backward-signal ratio at the start (`HEATMAP_RATIOS`), init options as columns. Rows
+    are the numeric varied key with the most values (e.g. depth), with a panel per setting of the
+    other keys (e.g. activation); without a numeric key, a row per setting of the other keys, in
+    one panel."""
     inits, others, row_key = gradient_layout(table, varied)
     panel_keys = [key for key in others if key != row_key] if row_key else []
-    ratio = table["first_over_last_at_start"]
+    column = next((c for c in HEATMAP_RATIOS if table[c].notna().any()), "first_over_last_at_start")
+    ratio = table[column]
     table = table.assign(
         log_ratio=np.log10(ratio.where(np.isfinite(ratio) & (ratio > 0))),
         row=table[varied[row_key]] if row_key else labels(table, varied, others),
@@ -375,7 +385,7 @@ def plot_grad_ratio_heatmap(table: pd.DataFrame, varied: dict[str, str]) -> Figu
         image = draw_cells(ax, cells, "RdBu_r", (-limit, limit), ".1f")
         ax.set(xlabel="init", ylabel=varied[row_key] if row_key else "")
         ax.set_title(panel)
-    fig.colorbar(image, ax=axes, label="log10(first / last layer grad norm) at start")
+    fig.colorbar(image, ax=axes, label=HEATMAP_RATIOS[column])
     return fig
 
 
@@ -693,9 +703,11 @@ def write_report(sweep_dir: Path) -> Path:
         )
     figures["grad_ratio_heatmap.png"] = (
         plot_grad_ratio_heatmap(table, settings),
-        "log10 of the first-layer over last-layer gradient norm as initialised (first logged "
-        "step; median over a cell's jobs): 0 is balanced, strongly negative means the "
-        "input-side layers get vanishing gradients, strongly positive exploding ones; grey "
+        "log10 of the backward signal ||dL/dh|| at the first hidden layer over the last hidden "
+        "layer as initialised (first logged step; median over a cell's jobs; a sweep recorded "
+        "before it was measured shows the first-layer over last-layer weight-gradient norm, "
+        "and the colour bar says which): 0 is balanced, strongly negative means the "
+        "input-side layers get a vanishing signal, strongly positive an exploding one; grey "
         "cells have no data.",
     )
     figures["phase_diagram.png"] = (

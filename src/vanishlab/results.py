@@ -9,27 +9,47 @@ directory is called.
 The verdict rules live here and only here; the README quotes them. Each needs some evidence, and
 they are checked in order; the first that has its evidence and matches names the run:
 
-rule         needs                               matches when
-1 diverged   nothing more                        the loss or a gradient became non-finite
+rule            needs                            matches when
+1 diverged      nothing more                     the loss or a gradient became non-finite
                                                  (training stopped there), or test/loss is not
-2 dead       one measured step                   a hidden ReLU layer had every unit dead
+2 dead          one measured step                a hidden ReLU layer had every unit dead
                                                  at the last measured step
-3 dead       one full pass over the training     a class's output is 0 for every test image (an
-             split                               output ReLU that died)
-4 exploding  one measured step                   first-layer / last-layer weight-gradient norm
-                                                 above 1e2 at the first measured step
-5 vanishing  one measured step                   that ratio below 1e-2, or at the last measured
-                                                 step half or more of a sigmoid/tanh layer's
-                                                 outputs saturated (their derivative is ~0)
-6 dead       one full pass over the training     the network never predicts some class on the
-             split                               test split (stuck; `evidence/classes` counts them)
-7 trained    one full pass over the training     none of the above
-             split
-8 too_short  -                                   no rule had its evidence: e.g. max_epochs=0,
+3 dead          one full pass over the training  a class's output is 0 for every test image (an
+                split                            output ReLU that died)
+4 exploding     one measured step                the backward ratio, ||dL/dh|| at the first
+                                                 hidden layer over the last hidden layer, above
+                                                 1e2 at the first measured step
+5 vanishing     one measured step                that ratio below 1e-2 at the first measured step
+                                                 and still at the last, or (after a full pass)
+                                                 with a network that never predicts some class;
+                                                 or at the last measured step half or more of a
+                                                 sigmoid/tanh layer's outputs saturated (their
+                                                 derivative is ~0)
+6 undertrained  one full pass over the training  the network never predicts some class on the
+                split                            test split (`evidence/classes` counts them): it
+                                                 learned too little, and none of the evidence
+                                                 above says why
+7 trained       one full pass over the training  none of the above
+                split
+8 too_short     -                                no rule had its evidence: e.g. max_epochs=0,
                                                  fast_dev_run, limited batches, no GradientFlow
 
 A measured step is an optimizer step that `GradientFlow` measured; a full pass is an epoch that ran
-every batch of the training split (`evidence/full_epochs` counts them).
+every batch of the training split (`evidence/full_epochs` counts them). A run with one measured
+step (fast_dev_run) reads it as both its first and its last.
+
+Why the backward signal and not the weight gradient: a layer's weight gradient is its input
+activation times the backward signal, so where both shrink layer by layer (ReLU with Xavier
+init) the weight gradients read balanced while the backward signal has vanished.
+
+Which steps: an exploding signal does its damage in the first steps (updates many times too
+large saturate or kill the input side's units; tanh with N(0, 1) weights at depth 8 reads 1e3 at
+the start and 1e1 at the end, every unit saturated), so rule 4 reads the first step. A vanishing
+signal only makes the input side's updates small, a stall that training can outgrow (ReLU with
+Xavier init at depth 8 starts at 1e-1.1 and ends at 1e0; a recurrent net's signal over time can
+start at 1e-6 and it learns), so rule 5 names it only where training did not: the signal still
+vanishes at the last step, or the network never learned to predict every class. Saturation and
+dead units are read at the last step: what the trained network is left with.
 """
 
 from __future__ import annotations
@@ -72,6 +92,9 @@ TEST_LOSS = "test/loss"
 FIRST_OVER_LAST = "grad_norm/first_over_last"  # at the last measured step
 GRAD_NORMS_AT_START = "grad_norms_at_start"  # per layer probe, at the first measured step
 START = "evidence/first_over_last_at_start"  # present once GradientFlow measured a step
+# ||dL/dh|| at the first hidden probe's output over the last hidden probe's (`GradientFlow`).
+BACKWARD_FIRST_OVER_LAST = "backward/first_over_last"  # at the last measured step
+BACKWARD_START = "evidence/backward_first_over_last_at_start"  # at the first measured step
 FULL_EPOCHS = "evidence/full_epochs"  # epochs that ran every batch of the training split
 MAX_DEAD = "evidence/max_dead_frac"
 MAX_SATURATED = "evidence/max_saturated_frac"
@@ -106,20 +129,22 @@ def verdict(record: dict[str, Any]) -> str:
     """Name what happened to a run from the evidence in its record (rules: module docstring)."""
     measured = START in record
     trained = record.get(FULL_EPOCHS, 0) >= 1
-    ratio = record.get(START, math.nan)
+    stuck = trained and CLASSES_PREDICTED in record and record[CLASSES_PREDICTED] < record[CLASSES]
+    at_start = record.get(BACKWARD_START, math.nan)
+    at_end = record.get(BACKWARD_FIRST_OVER_LAST, math.nan)
     if record[STATUS] == "diverged" or not math.isfinite(record.get(TEST_LOSS, 0.0)):
         return "diverged"
     if measured and record.get(MAX_DEAD, 0) >= 1:
         return "dead"
     if trained and record.get(DEAD_CLASSES, 0) >= 1:
         return "dead"
-    if measured and ratio > EXPLODING_ABOVE:
+    if at_start > EXPLODING_ABOVE:
         return "exploding"
-    if measured and (ratio < VANISHING_BELOW or record.get(MAX_SATURATED, 0) >= SATURATED_FROM):
+    vanished = at_start < VANISHING_BELOW and (at_end < VANISHING_BELOW or stuck)
+    if vanished or (measured and record.get(MAX_SATURATED, 0) >= SATURATED_FROM):
         return "vanishing"
     if trained:
-        stuck = CLASSES_PREDICTED in record and record[CLASSES_PREDICTED] < record[CLASSES]
-        return "dead" if stuck else "trained"
+        return "undertrained" if stuck else "trained"
     return "too_short"
 
 
