@@ -91,7 +91,7 @@ def write_histograms(
     """Weights, gradients and output activations of every probe (`weights/layer_00`, ...)."""
     for writer in tensorboard_writers(loggers):
         for probe in probes:
-            weight = probe.layer.weight
+            weight = probe.weight
             for family, values in (
                 ("weights", weight),
                 ("grads", weight.grad),

@@ -78,6 +78,9 @@ BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 SATURATION_MARGIN = 0.02  # of the output range
 
 
+BACKWARD = "backward_first_over_last"  # its key in GradientFlow's state
+
+
 def tag(family: str, probe: Probe) -> str:
     return f"{family}/{probe.name}"
 
@@ -137,8 +140,9 @@ class GradientFlow(pl.Callback):
             MAX_DEAD: last["max_dead_frac"],
             MAX_SATURATED: last["max_saturated_frac"],
             GRAD_NORMS_AT_START: first["grad_norms"],
-            BACKWARD_START: first["backward_first_over_last"],
-            BACKWARD_FIRST_OVER_LAST: last["backward_first_over_last"],
+            # A checkpoint from before the backward signal was measured has none to resume.
+            **({BACKWARD_START: first[BACKWARD]} if BACKWARD in first else {}),
+            **({BACKWARD_FIRST_OVER_LAST: last[BACKWARD]} if BACKWARD in last else {}),
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,11 +218,11 @@ class GradientFlow(pl.Callback):
             self.at_first_step = {
                 "grad_norms": profile,
                 "first_over_last": metrics[FIRST_OVER_LAST],
-                "backward_first_over_last": metrics[BACKWARD_FIRST_OVER_LAST],
+                BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
             }
         self.at_last_step = {
             "first_over_last": metrics[FIRST_OVER_LAST],
-            "backward_first_over_last": metrics[BACKWARD_FIRST_OVER_LAST],
+            BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
             "max_dead_frac": max_of_family(metrics, "dead_frac"),
             "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
         }
