@@ -17,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
 
 from vanishlab.config import CONFIG_DIR
 
@@ -70,6 +71,28 @@ FAST = [
     "trainer.log_every_n_steps=1",
     "++callbacks.progress_bar=null",
 ]
+
+
+class Recorder(Logger):
+    """Keeps what is logged, step by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 def bare_trainer(**overrides) -> pl.Trainer:

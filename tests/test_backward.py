@@ -10,11 +10,10 @@ from functools import partial
 
 import pytest
 import torch
-from pytorch_lightning.loggers import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
-from conftest import FAST, bare_trainer, compose_config
+from conftest import FAST, Recorder, bare_trainer, compose_config
 from vanishlab.dashboard import LAYOUT, LOG10, LOG10_FAMILIES
 from vanishlab.data import TensorBatches
 from vanishlab.diagnostics import GradientFlow
@@ -32,32 +31,6 @@ from vanishlab.stack import StackedBatches, StackedClassifier
 from vanishlab.train import build, fit_and_test
 
 
-class Recorder(Logger):
-    """Keeps what is logged, step by step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def measured(self) -> list[dict[str, float]]:
-        """GradientFlow's figures, one dict per measured step."""
-        return [metrics for _, metrics in self.logged if "backward/layer_00" in metrics]
-
-
 def probe_gradients(net: nn.Module, loss_of_outputs, x: Tensor) -> dict[str, Tensor]:
     """dL/dh at every probe's output by `torch.autograd.grad`, for comparison."""
     outputs: dict[str, Tensor] = {}
@@ -72,6 +45,11 @@ def probe_gradients(net: nn.Module, loss_of_outputs, x: Tensor) -> dict[str, Ten
         hook.remove()
     gradients = torch.autograd.grad(loss, list(outputs.values()))
     return dict(zip(outputs, gradients, strict=True))
+
+
+def measured(recorder: Recorder) -> list[dict[str, float]]:
+    """GradientFlow's figures, one dict per measured step."""
+    return [metrics for _, metrics in recorder.logged if "backward/layer_00" in metrics]
 
 
 def one_step(net: nn.Module, x: Tensor, y: Tensor, *callbacks) -> Recorder:
@@ -97,7 +75,7 @@ def test_backward_signal_is_dl_dh_exactly_and_the_taps_change_nothing() -> None:
     expected = probe_gradients(copy.deepcopy(net), lambda out: cross_entropy(out, y), x)
     untapped = copy.deepcopy(net)
 
-    (figures,) = one_step(net, x, y, GradientFlow(every_n_steps=1)).measured()
+    (figures,) = measured(one_step(net, x, y, GradientFlow(every_n_steps=1)))
     one_step(untapped, x, y)
     assert {p.name for p in net.probes()} == set(expected) and len(expected) == 7
     for name, gradient in expected.items():
@@ -116,7 +94,7 @@ def test_relu_xavier_backward_signal_vanishes_where_weight_gradients_look_balanc
     net = MLP(input_shape=(1, 28, 28), num_classes=10, depth=16, width=200)
     initialise(net, xavier_normal)
     x, y = batch(200, (1, 28, 28), 10)
-    (figures,) = one_step(net, x, y, GradientFlow(every_n_steps=1)).measured()
+    (figures,) = measured(one_step(net, x, y, GradientFlow(every_n_steps=1)))
     assert 1e-2 < figures[FIRST_OVER_LAST] < 1e2
     assert figures[BACKWARD_FIRST_OVER_LAST] < 1e-2
 
@@ -182,7 +160,7 @@ def test_a_stacked_job_measures_the_backward_signal_it_measures_alone() -> None:
         nets.append(MLP(input_shape=(1, 4, 4), num_classes=3, depth=2, width=8))
         jobs_x.append(batch(16, (1, 4, 4), 3, seed))
     alone = [
-        one_step(copy.deepcopy(net), x, y, GradientFlow(every_n_steps=1)).measured()
+        measured(one_step(copy.deepcopy(net), x, y, GradientFlow(every_n_steps=1)))
         for net, (x, y) in zip(nets, jobs_x, strict=True)
     ]
     modules = [Classifier(net, cross_entropy, partial(torch.optim.SGD, lr=0.1)) for net in nets]
@@ -193,6 +171,6 @@ def test_a_stacked_job_measures_the_backward_signal_it_measures_alone() -> None:
     batches = StackedBatches([TensorBatches(x, y, len(x)) for x, y in jobs_x])
     bare_trainer(max_steps=1).fit(stack, train_dataloaders=batches)
     for recorder, (figures,) in zip(recorders, alone, strict=True):
-        (stacked,) = recorder.measured()
+        (stacked,) = measured(recorder)
         backward = {k: v for k, v in figures.items() if "backward" in k}
         assert {k: stacked[k] for k in backward} == pytest.approx(backward, rel=1e-6)

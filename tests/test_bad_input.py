@@ -43,6 +43,11 @@ BAD_VALUES = {
         "callbacks.sharpness.every_n_steps=0"
     ),
     "callbacks=sharpness callbacks.sharpness.batch_size=0": "callbacks.sharpness.batch_size=0",
+    "callbacks=jacobian callbacks.jacobian.inputs=0": "callbacks.jacobian.inputs=0",
+    "callbacks=jacobian callbacks.jacobian.max_width=0": "callbacks.jacobian.max_width=0",
+    "callbacks=jacobian callbacks.jacobian.inputs=2.5": (
+        "callbacks.jacobian.inputs=2.5 is not allowed: it is float"
+    ),
     "callbacks=sharpness callbacks.sharpness.max_iterations=0": (
         "callbacks.sharpness.max_iterations=0"
     ),

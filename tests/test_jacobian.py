@@ -246,21 +246,3 @@ def test_a_hidden_state_wider_than_max_width_gets_the_paragraph() -> None:
         "callbacks.jacobian.max_width=32"
     )
     assert "Fix:" in message and "\n" not in message
-
-
-BAD_VALUES = {
-    "callbacks.jacobian.inputs=0": "callbacks.jacobian.inputs=0",
-    "callbacks.jacobian.max_width=0": "callbacks.jacobian.max_width=0",
-    "callbacks.jacobian.inputs=2.5": "callbacks.jacobian.inputs=2.5 is not allowed: it is float",
-}
-
-
-@pytest.mark.parametrize("override", BAD_VALUES)
-def test_a_bad_key_names_key_value_and_fix(override, tiny_data, tmp_path) -> None:
-    cfg = compose_config([*FAST, "callbacks=jacobian", override], tiny_data, tmp_path)
-    with pytest.raises(ConfigError) as err:
-        fit_and_test(cfg)
-    message = str(err.value)
-    assert message.startswith(BAD_VALUES[override])
-    assert "Fix:" in message and "\n" not in message
-    assert not (tmp_path / "checkpoints").exists()

@@ -6,38 +6,15 @@ from functools import partial
 
 import pytest
 import torch
-from pytorch_lightning.loggers import Logger
 from torch import nn
 
-from conftest import FAST, bare_trainer, compose_config
+from conftest import FAST, Recorder, bare_trainer, compose_config
 from vanishlab.data import TensorBatches
 from vanishlab.losses import squared_error
 from vanishlab.module import Classifier
 from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
 from vanishlab.sharpness import Sharpness
 from vanishlab.train import build_seeded
-
-
-class Recorder(Logger):
-    """Keeps what is logged, step by step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 def test_a_linear_models_sharpness_is_the_top_eigenvalue_of_its_inputs_second_moment() -> None:
