@@ -17,7 +17,9 @@ training runs at full speed.
 - `backward/<probe>`       L2 norm of dL/dh, the loss's gradient at the probe's output
                            activation h: the backward signal that reaches that layer
 - `backward/first_over_last`  that norm at the first hidden layer probe over the last hidden
-                           one (the output's is the loss's own gradient; norm probes left out)
+                           one (the output's is the loss's own gradient; norm probes left out),
+                           or at step 0 over the last step where the network has time probes
+                           (role `time`: an RNN's h_t, measured by activation and dL/dh only)
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
 - `Log10/grad_norm/...`, `Log10/update_ratio/...`, `Log10/backward/...`  the same figures as
                            log10, for the eye
@@ -147,18 +149,21 @@ class GradientFlow(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.probes: list[Probe] = pl_module.net.probes()
-        layers = [index for index, probe in enumerate(self.probes) if not probe.is_norm]
+        # Time probes (an RNN's h_t) have no weight: only their activation and dL/dh are read.
+        self.weighted = [probe for probe in self.probes if not probe.is_time]
+        layers = [index for index, probe in enumerate(self.weighted) if not probe.is_norm]
         self.first, self.last = layers[0], layers[-1]  # the last layer probe is the output
-        self.layer_tags = [tag("grad_norm", self.probes[i]) for i in layers]
+        self.layer_tags = [tag("grad_norm", self.weighted[i]) for i in layers]
         *hidden_layers, _ = layers
         # The backward signal's ratio spans the hidden layers (a network whose only layer probe
-        # is its output reads 1).
-        signal = hidden_layers or layers
+        # is its output reads 1), or the time steps where the network has time probes.
+        times = [index for index, probe in enumerate(self.probes) if probe.is_time]
+        signal = times or [self.probes.index(self.weighted[i]) for i in hidden_layers or layers]
         self.first_hidden, self.last_hidden = signal[0], signal[-1]
-        hidden = [self.probes[i] for i in hidden_layers]
+        hidden = [self.weighted[i] for i in hidden_layers]
         self.dead = [p for p in hidden if p.kind == "relu"]
         self.saturating = [p for p in hidden if p.kind in BOUNDS]
-        self.output_relu = self.probes[self.last].kind == "relu"
+        self.output_relu = self.weighted[self.last].kind == "relu"
         self._profiles_this_epoch: list[list[float]] = []
         self._figure = GradientFlowFigure(len(layers), self.figure_log10_range)
         write_layout(trainer.loggers)
@@ -200,7 +205,7 @@ class GradientFlow(pl.Callback):
             return
         for hook in self._hooks:
             hook.remove()
-        weights = [p.weight for p in self.probes]
+        weights = [p.weight for p in self.weighted]
         self._grad_norms = torch.stack([grad_norm(w) for w in weights])
         self._backward_norms = torch.stack([grad_norm(self._taps[p.name]) for p in self.probes])
         self._taps = {}  # their gradients are as large as the activations
@@ -227,20 +232,20 @@ class GradientFlow(pl.Callback):
             "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
         }
         if self._histograms:
-            write_histograms(trainer.loggers, self.probes, self._activations, self._step)
+            write_histograms(trainer.loggers, self.weighted, self._activations, self._step)
 
     def _measure(self) -> dict[str, float]:
         """All figures of one measured step, computed on the device and synced once."""
-        weights = [p.weight.detach() for p in self.probes]
+        weights = [p.weight.detach() for p in self.weighted]
         activations = [self._activations[p.name] for p in self.probes]
         weight_norms = torch.stack([vector_norm(w) for w in weights])
         update_norms = torch.stack(
             [vector_norm(w - b) for w, b in zip(weights, self._weights_before, strict=True)]
         )
         families: dict[str, tuple[list[Probe], Tensor]] = {
-            "grad_norm": (self.probes, self._grad_norms),
-            "weight_norm": (self.probes, weight_norms),
-            "update_ratio": (self.probes, update_norms / weight_norms),
+            "grad_norm": (self.weighted, self._grad_norms),
+            "weight_norm": (self.weighted, weight_norms),
+            "update_ratio": (self.weighted, update_norms / weight_norms),
             "act_mean": (self.probes, torch.stack([a.mean() for a in activations])),
             "act_std": (self.probes, torch.stack([a.std() for a in activations])),
             "backward": (self.probes, self._backward_norms),
@@ -257,7 +262,8 @@ class GradientFlow(pl.Callback):
             BACKWARD_FIRST_OVER_LAST: backward[self.first_hidden] / backward[self.last_hidden],
         }
         if self.output_relu:
-            single["dead_outputs"] = silent(activations[self.last]).sum().float()
+            output = self._activations[self.weighted[self.last].name]
+            single["dead_outputs"] = silent(output).sum().float()
         values = torch.cat([*(v for _, v in families.values()), torch.stack([*single.values()])])
         names = [tag(family, p) for family, (probes, _) in families.items() for p in probes]
         names += [*single]

@@ -13,8 +13,10 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NoReturn, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from vanishlab import ConfigError
@@ -52,6 +54,7 @@ ROLES = {
     "attention": "an attention layer's projections",
     "embedding": "embeddings, positional embeddings and class tokens",
     "norm": "a norm layer's scale and shift, which start at 1 and 0 whatever the init",
+    "time": "a recurrent network's hidden state at one time step: an activation, no parameters",
 }
 
 
@@ -120,6 +123,11 @@ class Probe:
         return {name: p for name, p in found.items() if p is not None}
 
     @property
+    def is_time(self) -> bool:
+        """A hidden state at one time step: measured by its output alone (no weight)."""
+        return self.role == "time"
+
+    @property
     def weight(self) -> nn.Parameter:
         """The weight the gradient-flow figures measure: the first named one."""
         return next(p for name, p in self.parameters().items() if not is_bias(name))
@@ -144,7 +152,8 @@ def check_probes(net: Network, model: str) -> None:
     """Raise the paragraph `ConfigError` for probes that cannot be measured and initialised as
     declared: a name the dashboards' charts do not match, or that two probes share (their
     figures would be merged); a role outside `ROLES`; a parameter the layer lacks, a probe
-    naming no weight to measure, or a parameter two probes name (both would initialise it)."""
+    naming no weight to measure (a `time` probe names none: it measures its output alone), or a
+    parameter two probes name (both would initialise it)."""
     from vanishlab.dashboard import PROBE  # imported here: dashboard imports this module
 
     def fail(probe: Probe, why: str, fix: str) -> NoReturn:
@@ -158,7 +167,8 @@ def check_probes(net: Network, model: str) -> None:
             fail(
                 probe,
                 f"is not named as the dashboards' charts expect ({PROBE})",
-                "name it layer_<NN> (norm_<NN> for a norm layer), numbered from the input side",
+                "name it layer_<NN> (norm_<NN> for a norm layer, recurrent_<NN> for recurrent "
+                "weights, step_<NNN> for a time step), numbered from the input side",
             )
         if probe.name in names:
             fail(
@@ -180,7 +190,9 @@ def check_probes(net: Network, model: str) -> None:
                 f"name the parameters to measure and initialise, e.g. {example} (all it has)",
             )
         named = probe.parameters()
-        if all(is_bias(name) for name in named):
+        if probe.role == "time" and named:
+            fail(probe, "is a time probe, which measures only its output", "give it params=()")
+        if probe.role != "time" and all(is_bias(name) for name in named):
             fail(probe, f"names no weight of its {layer} to measure", f"name one, e.g. {example}")
         for name, p in named.items():
             if id(p) in owners:
@@ -378,3 +390,163 @@ class CNN(BlockNet):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(self.pool(self.hidden(x)))
+
+
+CELLS: dict[str, Callable[[int, int], nn.Module]] = {
+    "tanh": partial(nn.RNNCell, nonlinearity="tanh"),
+    "relu": partial(nn.RNNCell, nonlinearity="relu"),
+    "lstm": nn.LSTMCell,
+    "gru": nn.GRUCell,
+}
+SEQUENCES = ("rows", "pixels")
+RECURRENT_INITS = ("orthogonal", "identity", "init")
+MAX_TIME_PROBES = 32
+RNN_DOMAINS = (
+    Domain(
+        "model.cell",
+        lambda v: v in CELLS,
+        "it is not a known recurrent cell",
+        f"one of {', '.join(CELLS)}",
+    ),
+    Domain("model.depth", integer(1), "the network needs a recurrent layer", "an integer >= 1"),
+    Domain("model.width", integer(1), "a layer needs at least one unit", "an integer >= 1"),
+    Domain(
+        "model.sequence",
+        lambda v: v in SEQUENCES,
+        "it is not a way of reading the image as a sequence",
+        "rows (28 steps of 28 pixels) or pixels (784 steps of 1)",
+    ),
+    Domain(
+        "model.recurrent_init",
+        lambda v: v in RECURRENT_INITS,
+        "it is not a known recurrent-weight init",
+        "orthogonal, identity, or init (whatever the init group says)",
+    ),
+    Domain(
+        "model.recurrent_scale",
+        number(0),
+        "it is the recurrent weights' spectral radius",
+        "a number >= 0, e.g. 1.0",
+    ),
+    Domain(
+        "model.forget_bias",
+        number(-math.inf),
+        "it is the LSTM forget gate's bias",
+        "a finite number, e.g. 1.0",
+    ),
+)
+
+
+class RNN(nn.Module):
+    """`depth` stacked recurrent layers of `width` units (`cell`: tanh, relu, lstm, gru) reading
+    the image as a sequence (`rows`: 28 steps of 28 pixels; `pixels`: 784 steps of 1), and a
+    linear readout of the top layer's last hidden state.
+
+    The cells are unrolled in Python, one `nn.*Cell` call per step, so each step is its own
+    autograd node and the top layer's hidden state h_t can be a probe output: an `nn.Identity`
+    per recorded step (`self.steps`, at most `MAX_TIME_PROBES` evenly spaced steps, step 0 and
+    the last always among them) is applied to h_t in the loop, so GradientFlow's tap there reads
+    dL/dh_t. For an LSTM the measured state is h_t (c_t reaches the loss only through later h).
+
+    The recurrent weights are the model's own (`initialised_roles`): each gate's block of
+    `weight_hh` is `recurrent_scale` (rho, the spectral radius: Pascanu et al. 2013) times an
+    orthogonal matrix or the identity (with `cell=relu`, Le et al.'s IRNN), and its biases zero
+    but the LSTM forget gate's, at `forget_bias` (Jozefowicz et al. 2015). `recurrent_init=init`
+    leaves the recurrent role to the init group (rho and the forget bias then unused).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        cell: str = "tanh",
+        width: int = 128,
+        depth: int = 1,
+        sequence: str = "rows",
+        recurrent_init: str = "orthogonal",
+        recurrent_scale: float = 1.0,
+        forget_bias: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_arguments(RNN_DOMAINS, locals())
+        pixels = math.prod(input_shape)
+        self.step_size = input_shape[-1] if sequence == "rows" else 1
+        self.num_steps = pixels // self.step_size
+        sizes = [self.step_size] + [width] * depth
+        self.cells = nn.ModuleList(
+            CELLS[cell](i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        # Each layer's whole hidden sequence passes through its own identity: the output of
+        # that layer's weight probes, the sequence the next layer (or the readout) reads.
+        self.layers_out = nn.ModuleList(nn.Identity() for _ in self.cells)
+        count = min(MAX_TIME_PROBES, self.num_steps)
+        spacing = (self.num_steps - 1) / max(count - 1, 1)
+        self.recorded = sorted({round(k * spacing) for k in range(count)})
+        self.steps = nn.ModuleDict({str(t): nn.Identity() for t in self.recorded})
+        self.output = Block(nn.Linear(width, num_classes), nn.Identity())
+        self.recurrent_init = recurrent_init
+        if recurrent_init != "init":
+            for layer in self.cells:
+                init_recurrent(layer, recurrent_init, recurrent_scale, forget_bias)
+
+    def initialised_roles(self) -> tuple[str, ...]:
+        return ("recurrent",) if self.recurrent_init != "init" else ()
+
+    def forward(self, x: Tensor) -> Tensor:
+        sequence = x.flatten(1).unflatten(1, (self.num_steps, self.step_size))
+        top = len(self.cells) - 1
+        for index, (cell, out) in enumerate(zip(self.cells, self.layers_out, strict=True)):
+            state: Tensor | tuple[Tensor, Tensor] | None = None
+            hidden = []
+            for t in range(self.num_steps):
+                state = cell(sequence[:, t], state)
+                h = state[0] if isinstance(state, tuple) else state
+                if index == top and str(t) in self.steps:
+                    h = self.steps[str(t)](h)
+                    state = (h, state[1]) if isinstance(state, tuple) else h
+                hidden.append(h)
+            sequence = out(torch.stack(hidden, 1))
+        return self.output(sequence[:, -1])
+
+    def probes(self) -> list[Probe]:
+        """Per layer `layer_<NN>` (its input weights: role `input` for the first, `hidden` after)
+        and `recurrent_<NN>` (its recurrent weights), both measured at the layer's hidden
+        sequence; the readout `layer_<depth>`; and `step_<TTT>`, the top layer's h_t."""
+        weights = [
+            probe
+            for index, (cell, out) in enumerate(zip(self.cells, self.layers_out, strict=True))
+            for probe in (
+                Probe(
+                    f"layer_{index:02d}",
+                    cell,
+                    out,
+                    ("weight_ih", "bias_ih"),
+                    "input" if index == 0 else "hidden",
+                ),
+                Probe(f"recurrent_{index:02d}", cell, out, ("weight_hh", "bias_hh"), "recurrent"),
+            )
+        ]
+        readout = self.output.probes(len(self.cells), "output")
+        times = [
+            Probe(f"step_{t:03d}", m, m, (), "time")
+            for t, m in zip(self.recorded, self.steps.values(), strict=True)
+        ]
+        return [*weights, *readout, *times]
+
+
+@torch.no_grad()
+def init_recurrent(cell: nn.Module, how: str, scale: float, forget_bias: float) -> None:
+    """Each gate's `weight_hh` block to `scale` times an orthogonal matrix or the identity (the
+    block's spectral radius is then `scale`); `bias_hh` to zero, but an LSTM's forget gate.
+    A network built on the `meta` device (to check its keys and size) has no values to set."""
+    if cell.weight_hh.is_meta:
+        return
+    for block in cell.weight_hh.chunk(cell.weight_hh.shape[0] // cell.hidden_size):
+        if how == "orthogonal":
+            nn.init.orthogonal_(block)
+        else:
+            block.copy_(torch.eye(cell.hidden_size))
+        block.mul_(scale)
+    nn.init.zeros_(cell.bias_hh)
+    if isinstance(cell, nn.LSTMCell):  # gates i, f, g, o
+        cell.bias_hh.chunk(4)[1].fill_(forget_bias)
