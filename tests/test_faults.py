@@ -3,12 +3,14 @@ nothing blocks a job for good, and what a re-run leaves equals an uninterrupted 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +31,7 @@ from vanishlab.results import (
     read_record,
 )
 from vanishlab.stack import STACKED_WITH
+from vanishlab.storage import report_disk_full_in_threads
 
 FAULTS = Path(__file__).parent / "faults"  # kill_at.py, the fault injector
 KILL_AT = "+callbacks.kill_at={_target_:kill_at.KillAt}"
@@ -314,3 +317,22 @@ def test_records_stacked_with_are_the_other_jobs_ids(tiny_data, tmp_path) -> Non
     ids = {r[JOB_ID] for r in records}
     for record in records:
         assert sorted(record[STACKED_WITH]) == sorted(ids - {record[JOB_ID]})
+
+
+def test_a_writer_thread_on_a_full_disk_logs_one_line_not_a_traceback(capsys, caplog) -> None:
+    """TensorBoard writes events from a thread of its own: its ENOSPC must not print a
+    traceback beside the command's paragraph."""
+
+    def write() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    default = threading.excepthook
+    try:
+        report_disk_full_in_threads()
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join()
+    finally:
+        threading.excepthook = default
+    assert "Traceback" not in capsys.readouterr().err
+    assert "could not write: the disk is full" in caplog.text

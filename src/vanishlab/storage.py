@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -74,6 +75,20 @@ def is_disk_full(err: BaseException) -> bool:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return False
+
+
+def report_disk_full_in_threads() -> None:
+    """A writer thread that meets a full disk (TensorBoard's event writer) logs one line
+    instead of printing a traceback: the command itself ends with the `DiskFull` paragraph."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and is_disk_full(args.exc_value):
+            log.error("%s could not write: the disk is full (%s)", args.thread, args.exc_value)
+        else:
+            default(args)
+
+    threading.excepthook = hook
 
 
 class DiskFull(ConfigError):

@@ -82,7 +82,7 @@ from vanishlab.results import (
     verdict,
     write_json,
 )
-from vanishlab.storage import DiskFull, is_disk_full, set_aside
+from vanishlab.storage import DiskFull, is_disk_full, report_disk_full_in_threads, set_aside
 from vanishlab.sweep import register_job_dir_resolver
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 gc.freeze()
 gc.enable()
 register_job_dir_resolver()
+report_disk_full_in_threads()
 
 
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
