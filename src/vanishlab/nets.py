@@ -253,10 +253,11 @@ def check_arguments(domains: tuple[Domain, ...], values: dict[str, object]) -> N
 
 
 NORM_CHOICES = ("none", "batch", "layer")
+WIDTH = Domain("model.width", integer(1), "a layer needs at least one unit", "an integer >= 1")
 # The keys MLP and CNN share; each is checked as the network is built.
 MODEL_DOMAINS = (
     Domain("model.depth", integer(1), "the network needs a hidden layer", "an integer >= 1"),
-    Domain("model.width", integer(1), "a layer needs at least one unit", "an integer >= 1"),
+    WIDTH,
     Domain(
         "model.activation",
         lambda v: v in ACTIVATIONS,
@@ -409,7 +410,7 @@ RNN_DOMAINS = (
         f"one of {', '.join(CELLS)}",
     ),
     Domain("model.depth", integer(1), "the network needs a recurrent layer", "an integer >= 1"),
-    Domain("model.width", integer(1), "a layer needs at least one unit", "an integer >= 1"),
+    WIDTH,
     Domain(
         "model.sequence",
         lambda v: v in SEQUENCES,
