@@ -215,3 +215,9 @@ def write_events(directory: Path, summaries: list[tuple[Summary, int]]) -> None:
     for summary, step in summaries:
         writer.add_summary(summary, step)
     writer.close()
+    # TensorBoard reads a run's event files in name order, and a resumed run's writer purges
+    # what came before it from its step on (`purge_step`). Its name must sort after the run's:
+    # within one second, `<pid>.10.hparams` sorts before `<pid>.8`. One second later does.
+    (written,) = directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}")  # the old ones are gone
+    stamps = [int(p.name.split(".")[3]) for p in directory.glob("events.out.tfevents.*")]
+    written.replace(directory / f"events.out.tfevents.{max(stamps) + 1:010d}{FILE_SUFFIX}")
