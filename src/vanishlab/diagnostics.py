@@ -157,7 +157,7 @@ class GradientFlow(pl.Callback):
         *hidden_layers, _ = layers
         # The backward signal's ratio spans the hidden layers (a network whose only layer probe
         # is its output reads 1), or the time steps where the network has time probes.
-        times = [index for index, probe in enumerate(self.probes) if probe.is_time]
+        times = [index for index, probe in enumerate(self.probes) if probe.role == "time"]
         signal = times or [self.probes.index(self.weighted[i]) for i in hidden_layers or layers]
         self.first_hidden, self.last_hidden = signal[0], signal[-1]
         hidden = [self.weighted[i] for i in hidden_layers]
@@ -188,16 +188,17 @@ class GradientFlow(pl.Callback):
         self._activations: dict[str, Tensor] = {}
         self._taps: dict[str, Tensor] = {}
         self._hooks = [
-            probe.output.register_forward_hook(partial(self._capture, probe.name))
+            probe.output.register_forward_hook(partial(self._capture, probe))
             for probe in self.probes
         ]
 
-    def _capture(self, name: str, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        """Keep the probe's activation and put its tap on it: the module's output becomes
-        `output + tap` (the same values), so backward leaves dL/dh in `tap.grad`."""
-        self._activations[name] = output.detach()
-        self._taps[name] = tap = torch.zeros_like(output, requires_grad=True)
-        return output + tap
+    def _capture(self, probe: Probe, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """Keep the probe's activation and put its tap on it: the measured tensor h becomes
+        `h + tap` (the same values), so backward leaves dL/dh in `tap.grad`."""
+        h = probe.measured(output)
+        self._activations[probe.name] = h.detach()
+        self._taps[probe.name] = tap = torch.zeros_like(h, requires_grad=True)
+        return probe.tapped(output, tap)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
         """The gradient as the optimizer will apply it: accumulated over its batches."""

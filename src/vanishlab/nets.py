@@ -55,7 +55,10 @@ ROLES = {
     "embedding": "embeddings, positional embeddings and class tokens",
     "norm": "a norm layer's scale and shift, which start at 1 and 0 whatever the init",
     "time": "a recurrent network's hidden state at one time step: an activation, no parameters",
+    "memory": "an LSTM's cell state at one time step: an activation, no parameters",
 }
+# Roles measured by their output alone: no parameters, no weight figures.
+ACTIVATION_ROLES = ("time", "memory")
 
 
 def is_bias(name: str) -> bool:
@@ -94,6 +97,10 @@ class Probe:
     `role` (one of `ROLES`) says what the parameters are to the network, and so whether the
     `init` group or the network's own code initialises them; it is `norm` for a norm layer (its
     own probe: `layer` and `output` are the norm) and `hidden` for any other layer unless given.
+
+    `element` is for an `output` module that returns a tuple (`nn.MultiheadAttention`: the
+    attended values and the attention weights; `nn.LSTM`: the output and its states): the index
+    of the tensor measured there. None: the output is one tensor.
     """
 
     name: str
@@ -101,6 +108,7 @@ class Probe:
     output: nn.Module
     params: tuple[str, ...] = ("weight", "bias")
     role: str | None = None
+    element: int | None = None
 
     def __post_init__(self) -> None:
         if self.role is None:
@@ -124,8 +132,19 @@ class Probe:
 
     @property
     def is_time(self) -> bool:
-        """A hidden state at one time step: measured by its output alone (no weight)."""
-        return self.role == "time"
+        """A state at one time step (h_t, or an LSTM's c_t): measured by its output alone."""
+        return self.role in ACTIVATION_ROLES
+
+    def tapped(self, output: Tensor | tuple[Tensor, ...], tap: Tensor) -> Tensor | tuple:
+        """`output` with `tap` added to the measured tensor (the `element` of a tuple)."""
+        if self.element is None:
+            return output + tap
+        e = self.element
+        return (*output[:e], output[e] + tap, *output[e + 1 :])
+
+    def measured(self, output: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """The tensor this probe measures in its `output` module's output."""
+        return output if self.element is None else output[self.element]
 
     @property
     def weight(self) -> nn.Parameter:
@@ -168,7 +187,8 @@ def check_probes(net: Network, model: str) -> None:
                 probe,
                 f"is not named as the dashboards' charts expect ({PROBE})",
                 "name it layer_<NN> (norm_<NN> for a norm layer, recurrent_<NN> for recurrent "
-                "weights, step_<NNN> for a time step), numbered from the input side",
+                "weights, step_<NNN> for a time step, memory_<NNN> for an LSTM's cell state "
+                "there), numbered from the input side",
             )
         if probe.name in names:
             fail(
@@ -190,9 +210,13 @@ def check_probes(net: Network, model: str) -> None:
                 f"name the parameters to measure and initialise, e.g. {example} (all it has)",
             )
         named = probe.parameters()
-        if probe.role == "time" and named:
-            fail(probe, "is a time probe, which measures only its output", "give it params=()")
-        if probe.role != "time" and all(is_bias(name) for name in named):
+        if probe.is_time and named:
+            fail(
+                probe,
+                f"is a {probe.role} probe, which measures only its output",
+                "give it params=()",
+            )
+        if not probe.is_time and all(is_bias(name) for name in named):
             fail(probe, f"names no weight of its {layer} to measure", f"name one, e.g. {example}")
         for name, p in named.items():
             if id(p) in owners:
