@@ -34,7 +34,7 @@ from vanishlab.nets import Probe
 LOG10 = "Log10/"
 LOG10_FAMILIES = ("grad_norm", "update_ratio", "backward")
 LOG10_FLOOR, LOG10_CEILING = -30.0, 30.0  # below 1e-30 (zero included) / above 1e30 (inf)
-PROBE = r"(layer|norm|recurrent|step|memory)_\d+"
+PROBE = r"(layer|norm|recurrent|step|memory|stream)_\d+"
 # Custom Scalars tab: one multi-line chart per family, a line per probe (select one run to read
 # a run's profile; every selected run adds its lines).
 LAYOUT = {

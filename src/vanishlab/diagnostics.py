@@ -18,8 +18,10 @@ training runs at full speed.
                            activation h: the backward signal that reaches that layer
 - `backward/first_over_last`  that norm at the first hidden layer probe over the last hidden
                            one (the output's is the loss's own gradient; norm probes left out),
-                           or at step 0 over the last step where the network has time probes
-                           (role `time`: an RNN's h_t, measured by activation and dL/dh only)
+                           or along the first axis the network has (`nets.SIGNAL_AXES`): step
+                           0 over the last step (role `time`: an RNN's h_t), the residual
+                           stream after the first block over after the last (role `stream`).
+                           Such activation probes are measured by activation and dL/dh only
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
 - `Log10/grad_norm/...`, `Log10/update_ratio/...`, `Log10/backward/...`  the same figures as
                            log10, for the eye
@@ -62,7 +64,7 @@ from vanishlab.dashboard import (
     write_scalars,
 )
 from vanishlab.data import MNISTDataModule
-from vanishlab.nets import Probe
+from vanishlab.nets import SIGNAL_AXES, Probe
 from vanishlab.results import (
     BACKWARD_FIRST_OVER_LAST,
     BACKWARD_START,
@@ -155,10 +157,13 @@ class GradientFlow(pl.Callback):
         self.first, self.last = layers[0], layers[-1]  # the last layer probe is the output
         self.layer_tags = [tag("grad_norm", self.weighted[i]) for i in layers]
         *hidden_layers, _ = layers
-        # The backward signal's ratio spans the hidden layers (a network whose only layer probe
-        # is its output reads 1), or the time steps where the network has time probes.
-        times = [index for index, probe in enumerate(self.probes) if probe.role == "time"]
-        signal = times or [self.probes.index(self.weighted[i]) for i in hidden_layers or layers]
+        # The backward signal's ratio spans the first axis the network has (`SIGNAL_AXES`: its
+        # time steps, its residual stream), else its hidden layers (a network whose only layer
+        # probe is its output reads 1).
+        axes = ([i for i, p in enumerate(self.probes) if p.role == axis] for axis in SIGNAL_AXES)
+        signal = next((a for a in axes if a), None) or [
+            self.probes.index(self.weighted[i]) for i in hidden_layers or layers
+        ]
         self.first_hidden, self.last_hidden = signal[0], signal[-1]
         hidden = [self.weighted[i] for i in hidden_layers]
         self.dead = [p for p in hidden if p.kind == "relu"]

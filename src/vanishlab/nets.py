@@ -56,9 +56,13 @@ ROLES = {
     "norm": "a norm layer's scale and shift, which start at 1 and 0 whatever the init",
     "time": "a recurrent network's hidden state at one time step: an activation, no parameters",
     "memory": "an LSTM's cell state at one time step: an activation, no parameters",
+    "stream": "a residual stream after one block (a transformer's): an activation, no parameters",
 }
 # Roles measured by their output alone: no parameters, no weight figures.
-ACTIVATION_ROLES = ("time", "memory")
+ACTIVATION_ROLES = ("time", "memory", "stream")
+# The axes the backward signal's first-over-last ratio can run along, by the probes' role: the
+# first a network has (time steps, else the residual stream's blocks), else its hidden layers.
+SIGNAL_AXES = ("time", "stream")
 
 
 def is_bias(name: str) -> bool:
@@ -132,7 +136,8 @@ class Probe:
 
     @property
     def is_time(self) -> bool:
-        """A state at one time step (h_t, or an LSTM's c_t): measured by its output alone."""
+        """An activation probe (h_t, an LSTM's c_t, a residual stream): no weight, measured by
+        its output alone."""
         return self.role in ACTIVATION_ROLES
 
     def tapped(self, output: Tensor | tuple[Tensor, ...], tap: Tensor) -> Tensor | tuple:
@@ -188,7 +193,7 @@ def check_probes(net: Network, model: str) -> None:
                 f"is not named as the dashboards' charts expect ({PROBE})",
                 "name it layer_<NN> (norm_<NN> for a norm layer, recurrent_<NN> for recurrent "
                 "weights, step_<NNN> for a time step, memory_<NNN> for an LSTM's cell state "
-                "there), numbered from the input side",
+                "there, stream_<NN> for a residual stream), numbered from the input side",
             )
         if probe.name in names:
             fail(
