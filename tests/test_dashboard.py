@@ -184,15 +184,17 @@ def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) 
 def test_the_redrawn_figure_is_what_a_full_render_draws(tmp_path) -> None:
     """Each draw renders only its lines on the kept background; the image must be the figure a
     whole render of it gives: every line, marker and the title, on the same axes."""
-    figure = GradientFlowFigure(n_layers=5, log10_range=(-16.0, 4.0))
+    positions = [0, 7, 14, 27]  # time steps: the backward panel is drawn at them
+    figure = GradientFlowFigure(5, positions, "time step", log10_range=(-16.0, 4.0))
     writer = TensorBoardLogger(str(tmp_path))
     background = np.asarray(figure.canvas.buffer_rgba()).copy()
     profiles: dict[int, list[float]] = {}
+    backward: dict[int, list[float]] = {}
     for epoch, norms in enumerate(
         ([1e-3] * 5, [0.0, 1e-20, 1e-6, 1e-2, 1e6], [1e-9, 1e-5, 1e-2, 1.0, 10.0])
     ):
-        profiles[epoch] = norms
-        figure.draw([writer], profiles, step=epoch)
+        profiles[epoch], backward[epoch] = norms, norms[1:]
+        figure.draw([writer], profiles, backward, step=epoch)
         redrawn = np.asarray(figure.canvas.buffer_rgba()).copy()
         figure.canvas.draw()
         whole = np.asarray(figure.canvas.buffer_rgba())
@@ -206,3 +208,10 @@ def test_the_redrawn_figure_is_what_a_full_render_draws(tmp_path) -> None:
     images = events.Images("gradient_flow")
     assert [image.step for image in images] == [0, 1, 2]
     assert (images[-1].width, images[-1].height) == whole.shape[1::-1]
+    layers, signal = figure.figure.axes
+    assert layers.get_xlabel() == "layer (0 = input side)" and signal.get_xlabel() == "time step"
+    # Each epoch's backward line at the time steps, log10, clamped to the y-range.
+    *_, last = signal.lines
+    assert list(last.get_xdata()) == positions
+    assert list(last.get_ydata()) == pytest.approx([-5.0, -2.0, 0.0, 1.0])
+    assert signal.get_ylim() == layers.get_ylim() == (-16.0, 4.0)

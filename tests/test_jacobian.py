@@ -14,13 +14,16 @@ from torch import nn
 
 from conftest import FAST, bare_trainer, compose_config
 from vanishlab import ConfigError, theory
+from vanishlab.dashboard import LOG10_FLOOR
 from vanishlab.data import TensorBatches
 from vanishlab.init import initialise, orthogonal, variance_scaling
 from vanishlab.jacobian import (
+    QUANTILES,
     SINGULAR_VALUES,
     Jacobian,
     first_hidden_state,
     log10_max_over_median,
+    log10_quantiles,
     mean_field_point,
     singular_values,
 )
@@ -30,6 +33,8 @@ from vanishlab.nets import MLP
 from vanishlab.results import (
     JACOBIAN_MEAN_SQ,
     JACOBIAN_MEAN_SQ_START,
+    JACOBIAN_QUANTILES,
+    JACOBIAN_QUANTILES_START,
     JACOBIAN_SPREAD,
     JACOBIAN_SPREAD_START,
     JACOBIAN_THEORY,
@@ -41,6 +46,7 @@ from vanishlab.stack import fit_and_test_stack
 from vanishlab.train import fit_and_test
 
 KEYS = (JACOBIAN_SPREAD, JACOBIAN_SPREAD_START, JACOBIAN_MEAN_SQ, JACOBIAN_MEAN_SQ_START)
+QUANTILE_KEYS = (JACOBIAN_QUANTILES, JACOBIAN_QUANTILES_START)  # the spectrum in brief
 LOGGED = (JACOBIAN_SPREAD, JACOBIAN_MEAN_SQ, JACOBIAN_THEORY)  # at the start and at the end
 TANH = ["callbacks=jacobian", "model.depth=4", "model.activation=tanh"]
 
@@ -135,6 +141,19 @@ def test_a_relu_stacks_spread_is_that_of_its_nonzero_spectrum() -> None:
     assert 0.5 < log10_max_over_median(values, exact_zeros=True) < 3
 
 
+def test_the_quantiles_run_from_the_smallest_singular_value_to_the_largest() -> None:
+    """Sorted, every example's values pooled, the ends log10 of the smallest and the largest;
+    an exact 0 (a dead ReLU stack's) reads the dashboards' floor, not -inf."""
+    values = spectrum(8, "tanh", partial(variance_scaling, sigma_w2=1.0, sigma_b2=0.0))
+    quantiles = log10_quantiles(values)
+    assert len(quantiles) == QUANTILES and quantiles == sorted(quantiles)
+    assert quantiles[0] == pytest.approx(values.min().log10().item())
+    assert quantiles[-1] == pytest.approx(values.max().log10().item())
+    assert quantiles[10] == pytest.approx(values.flatten().log10().median().item(), abs=0.05)
+    with_zero = log10_quantiles(torch.cat([values, torch.zeros_like(values[:1])]))
+    assert with_zero[0] == LOG10_FLOOR and with_zero[-1] == quantiles[-1]
+
+
 def tensorboard(run_dir) -> EventAccumulator:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
@@ -157,6 +176,9 @@ def test_a_short_run_records_the_figures_and_leaves_training_as_it_was(tiny_data
     plain = fit_and_test(compose_config([*FAST, *without], tiny_data, tmp_path / "off"))
 
     assert all(math.isfinite(record[key]) for key in KEYS)
+    for key in QUANTILE_KEYS:
+        assert len(record[key]) == QUANTILES and record[key] == sorted(record[key])
+    assert record[JACOBIAN_QUANTILES_START] != record[JACOBIAN_QUANTILES]  # it trained
     assert record[JACOBIAN_THEORY] == theory.jacobian_log10_mean_sq_singular_value(
         "tanh", 1.76, 0.05, 3
     )
@@ -169,7 +191,8 @@ def test_a_short_run_records_the_figures_and_leaves_training_as_it_was(tiny_data
     ]
     assert SINGULAR_VALUES in tensorboard(tmp_path / "on").Tags()["histograms"]
     timeless = {TRAIN_SECONDS, TEST_SECONDS}
-    rest = {k: v for k, v in record.items() if k not in {*KEYS, JACOBIAN_THEORY, *timeless}}
+    ours = {*KEYS, *QUANTILE_KEYS, JACOBIAN_THEORY}
+    rest = {k: v for k, v in record.items() if k not in {*ours, *timeless}}
     assert rest == {k: v for k, v in plain.items() if k not in timeless}
 
 
@@ -189,7 +212,7 @@ def test_a_stacked_jobs_figures_are_the_ones_it_measures_alone(tiny_data, tmp_pa
 
     alone = [fit_and_test(cfg) for cfg in configs("alone")]
     stacked = fit_and_test_stack(configs("stacked"))
-    tags = (*KEYS, JACOBIAN_THEORY)
+    tags = (*KEYS, *QUANTILE_KEYS, JACOBIAN_THEORY)
     for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
         assert {tag: record[tag] for tag in tags} == {tag: own[tag] for tag in tags}
         assert logged(tmp_path / "alone" / str(i)) == logged(tmp_path / "stacked" / str(i))
@@ -213,9 +236,10 @@ def test_a_resumed_run_keeps_its_start_figures(tiny_data, tmp_path) -> None:
         "resumed", "trainer.max_epochs=2", f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"
     )
     done = run("done", "trainer.max_epochs=2", f"ckpt_path={tmp_path}/whole/checkpoints/last.ckpt")
-    for key in (JACOBIAN_SPREAD_START, JACOBIAN_MEAN_SQ_START, JACOBIAN_THEORY):
+    starts = (JACOBIAN_SPREAD_START, JACOBIAN_MEAN_SQ_START, JACOBIAN_QUANTILES_START)
+    for key in (*starts, JACOBIAN_THEORY):
         assert resumed[key] == done[key] == whole[key], key
-    for key in (JACOBIAN_SPREAD, JACOBIAN_MEAN_SQ):
+    for key in (JACOBIAN_SPREAD, JACOBIAN_MEAN_SQ, JACOBIAN_QUANTILES):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
         assert done[key] == whole[key], key
 

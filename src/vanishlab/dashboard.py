@@ -5,7 +5,9 @@ defaults (linear axes, outliers ignored, every card its own y-range):
   [`LOG10_FLOOR`, `LOG10_CEILING`]: a zero gradient shows as -30, not 0 or -inf. Capitals sort
   first, so the `Log10` group opens the Time Series tab. Display only: `metrics.json` and the raw
   tags keep the true values.
-- a custom-scalars layout (`LAYOUT`): every layer of a family on one chart.
+- a custom-scalars layout (`LAYOUT`): every layer of a family on one chart, and the backward
+  signal's time steps (an RNN's h_t, an LSTM's c_t) and residual-stream blocks on charts of
+  their own.
 - per-probe histograms, and the gradient-flow figure on a fixed y-range that a key sets.
 
 Loggers other than TensorBoard's are skipped for everything but the scalars. A TensorBoard gets
@@ -17,12 +19,15 @@ a measured step took about 1 ms that way, more than measuring them, and 0.13 ms 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -30,11 +35,13 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from vanishlab.nets import Probe
+from vanishlab.results import AXIS_LABELS
 
 LOG10 = "Log10/"
 LOG10_FAMILIES = ("grad_norm", "update_ratio", "backward")
 LOG10_FLOOR, LOG10_CEILING = -30.0, 30.0  # below 1e-30 (zero included) / above 1e30 (inf)
 PROBE = r"(layer|norm|recurrent|step|memory|stream)_\d+"
+LAYER = r"(layer|norm|recurrent)_\d+"  # the probes with weights; the others are activations
 # Custom Scalars tab: one multi-line chart per family, a line per probe (select one run to read
 # a run's profile; every selected run adds its lines).
 LAYOUT = {
@@ -45,7 +52,19 @@ LAYOUT = {
             "Multiline",
             [rf"^{LOG10}grad_norm/first_over_last$"],
         ],
-        "log10 backward signal ||dL/dh||": ["Multiline", [rf"^{LOG10}backward/{PROBE}$"]],
+        "log10 backward signal ||dL/dh||": ["Multiline", [rf"^{LOG10}backward/{LAYER}$"]],
+        "log10 backward signal through time, one line per time step": [
+            "Multiline",
+            [rf"^{LOG10}backward/step_\d+$"],
+        ],
+        "log10 backward signal through the LSTM cell state, one line per time step": [
+            "Multiline",
+            [rf"^{LOG10}backward/memory_\d+$"],
+        ],
+        "log10 backward signal along the residual stream, one line per block": [
+            "Multiline",
+            [rf"^{LOG10}backward/stream_\d+$"],
+        ],
         "log10 first / last hidden layer backward signal": [
             "Multiline",
             [rf"^{LOG10}backward/first_over_last$"],
@@ -139,8 +158,12 @@ def histogram_summary(values: Tensor) -> list[float]:
 
 
 class GradientFlowFigure:
-    """Per-layer weight-gradient norm, log10, one line per epoch, light (first) to dark (last): a
-    line that falls toward layer 0 is a vanishing gradient, one that rises an exploding one.
+    """Two panels, log10, one line per epoch, light (first) to dark (last): the weight-gradient
+    norm per layer, and the backward signal ||dL/dh|| along its axis (`results.AXIS_LABELS`: the
+    time steps, the residual stream's blocks or the hidden layers, at the probes' `positions`).
+    A line that falls toward the input side (an RNN's first steps) is a vanishing gradient, one
+    that rises an exploding one; the weight gradients can look balanced where the backward
+    signal has vanished (`results`: why the verdicts read the backward signal).
 
     The y-range is fixed (`log10_range`, the same in every run of a sweep), so two runs' figures
     compare side by side; a value beyond it is drawn on its edge as a triangle pointing out.
@@ -150,46 +173,71 @@ class GradientFlowFigure:
     most of it now the PNG encoding.
     Colours stand in for a legend (a legend would be redrawn whole every time)."""
 
-    def __init__(self, n_layers: int, log10_range: tuple[float, float]) -> None:
+    def __init__(
+        self, n_layers: int, positions: list[int], axis: str, log10_range: tuple[float, float]
+    ) -> None:
         self.low, self.high = log10_range
-        self.figure = Figure(figsize=(5, 3.5), dpi=80)
-        self.axes = self.figure.add_subplot()
-        self.axes.set_xticks(range(n_layers))
-        self.axes.set_ylim(self.low, self.high)
-        self.axes.set_xlabel("layer (0 = input side)")
-        self.axes.set_ylabel("log10 weight-gradient L2 norm")
-        self.axes.grid(alpha=0.3)
-        self.axes.set_xlim(-0.5, n_layers - 0.5)
-        self.axes.set_autoscale_on(False)  # the axes stay those of the rendered background
-        self.title = self.axes.set_title("")
-        self.figure.subplots_adjust(left=0.15, bottom=0.13)  # room for the labels
+        self.figure = Figure(figsize=(9, 3.5), dpi=80)
+        layers, signal = self.figure.subplots(1, 2)
+        self.panels = (
+            (layers, list(range(n_layers))),  # drawn from the weight-gradient profiles
+            (signal, positions),  # from the backward profiles
+        )
+        labels = (
+            (AXIS_LABELS["layer"], "log10 weight-gradient L2 norm"),
+            (AXIS_LABELS[axis], "log10 backward signal ||dL/dh||"),
+        )
+        for (axes, xs), (xlabel, ylabel) in zip(self.panels, labels, strict=True):
+            pad = max(0.5, (xs[-1] - xs[0]) / 40)
+            axes.set_xlim(xs[0] - pad, xs[-1] + pad)
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.set_ylim(self.low, self.high)
+            axes.set(xlabel=xlabel, ylabel=ylabel)
+            axes.grid(alpha=0.3)
+            axes.set_autoscale_on(False)  # the axes stay those of the rendered background
+        self.title = self.figure.suptitle("")
+        self.figure.subplots_adjust(left=0.08, right=0.98, bottom=0.14, wspace=0.25)
         self.canvas = FigureCanvasAgg(self.figure)
         self.canvas.draw()
         self.background = self.canvas.copy_from_bbox(self.figure.bbox)
 
     def draw(
-        self, loggers: list[Logger], epoch_profiles: dict[int, list[float]], step: int
+        self,
+        loggers: list[Logger],
+        epoch_profiles: dict[int, list[float]],
+        epoch_backward_profiles: dict[int, list[float]],
+        step: int,
     ) -> None:
-        """Redraw with every epoch's profile and write the image to each TensorBoard."""
+        """Redraw with every epoch's profiles and write the image to each TensorBoard (a run
+        resumed from a checkpoint older than the backward profile lacks its first epochs')."""
         writers = tensorboard_writers(loggers)
         if not writers:
             return
-        for artist in [*self.axes.lines, *self.axes.collections]:
-            artist.remove()
         last = max(epoch_profiles)
-        for epoch, norms in epoch_profiles.items():
-            log_norms = log10_display(torch.tensor(norms, dtype=torch.float64))
-            shown = log_norms.clamp(self.low, self.high)
-            colour = colormaps["viridis_r"](0.15 + 0.85 * epoch / max(last, 1))
-            self.axes.plot(shown, marker="o", color=colour)
-            for beyond, marker in ((log_norms < self.low, "v"), (log_norms > self.high, "^")):
-                if beyond.any():
-                    layers = beyond.nonzero().flatten()
-                    self.axes.scatter(layers, shown[layers], marker=marker, s=80, color=colour)
+        for (axes, xs), profiles in zip(
+            self.panels, (epoch_profiles, epoch_backward_profiles), strict=True
+        ):
+            for artist in [*axes.lines, *axes.collections]:
+                artist.remove()
+            for epoch, norms in profiles.items():
+                colour = colormaps["viridis_r"](0.15 + 0.85 * epoch / max(last, 1))
+                self.plot(axes, xs, norms, colour)
         self.title.set_text(f"gradient flow, epochs 0 (light) to {last} (dark)")
         self.canvas.restore_region(self.background)
-        for artist in [*self.axes.lines, *self.axes.collections, self.title]:
-            self.axes.draw_artist(artist)
+        for axes, _ in self.panels:
+            for artist in [*axes.lines, *axes.collections]:
+                axes.draw_artist(artist)
+        self.figure.draw_artist(self.title)
         image = np.asarray(self.canvas.buffer_rgba())[..., :3]  # what `add_figure` renders
         for writer in writers:
             writer.add_image("gradient_flow", image, step, dataformats="HWC")
+
+    def plot(self, axes: Axes, xs: list[int], norms: list[float], colour: Any) -> None:
+        """One epoch's line, log10, clamped to the y-range; a triangle where it leaves it."""
+        log_norms = log10_display(torch.tensor(norms, dtype=torch.float64))
+        shown = log_norms.clamp(self.low, self.high)
+        x = torch.tensor(xs)
+        axes.plot(x, shown, marker="o", markersize=4, color=colour)
+        for beyond, marker in ((log_norms < self.low, "v"), (log_norms > self.high, "^")):
+            if beyond.any():
+                axes.scatter(x[beyond], shown[beyond], marker=marker, s=80, color=colour)

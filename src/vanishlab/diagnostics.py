@@ -12,7 +12,13 @@ training runs at full speed.
 - `act_mean/`, `act_std/`  the probe's output activation over the batch
 - `dead_frac/<probe>`      ReLU hidden layers: units that are 0 for every example (output 0 and
                            gradient 0: dead). Leaky ReLU and GELU units never are.
-- `saturated_frac/<probe>` sigmoid/tanh hidden layers: outputs within 2% of their bounds
+- `saturated_frac/<probe>` sigmoid/tanh hidden layers: outputs within 2% of their bounds.
+                           Both are read from the probe alone, by its output module's kind, so
+                           activation probes (an RNN's h_t, an LSTM's c_t, a residual stream)
+                           have neither: their output module is an `nn.Identity` after the cell
+                           or block, and which nonlinearity made h_t (a tanh cell's, an LSTM's
+                           o * tanh(c), a ReLU cell's unbounded one) is not the probe's to say;
+                           bounds guessed from the values would call any small state saturated.
 - `grad_norm/first_over_last`  first layer's gradient norm over the last layer's (layer probes)
 - `backward/<probe>`       L2 norm of dL/dh, the loss's gradient at the probe's output
                            activation h: the backward signal that reaches that layer
@@ -26,6 +32,11 @@ training runs at full speed.
 - `Log10/grad_norm/...`, `Log10/update_ratio/...`, `Log10/backward/...`  the same figures as
                            log10, for the eye
                            (`dashboard.py`)
+
+The record keeps the backward profile (`results.BACKWARD_NORMS_START`, `BACKWARD_NORMS`): the
+norms `backward/first_over_last` divides, every probe along its axis (time steps, the residual
+stream's blocks, or the hidden layers), at the first and the last measured step, and the axis's
+name, from the probes' role alone (`results.SIGNAL_AXIS_OF_ROLE`).
 
 The last optimizer step of training is always measured. Each `histograms_every_n_epochs` epochs,
 and at that last step, it also draws histograms and the gradient-flow figure (`dashboard.py`).
@@ -67,6 +78,8 @@ from vanishlab.data import MNISTDataModule
 from vanishlab.nets import SIGNAL_AXES, Probe
 from vanishlab.results import (
     BACKWARD_FIRST_OVER_LAST,
+    BACKWARD_NORMS,
+    BACKWARD_NORMS_START,
     BACKWARD_START,
     CLASSES,
     CLASSES_PREDICTED,
@@ -75,14 +88,18 @@ from vanishlab.results import (
     GRAD_NORMS_AT_START,
     MAX_DEAD,
     MAX_SATURATED,
+    SIGNAL_AXIS,
+    SIGNAL_AXIS_OF_ROLE,
     START,
+    axis_position,
 )
 
 BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 SATURATION_MARGIN = 0.02  # of the output range
 
 
-BACKWARD = "backward_first_over_last"  # its key in GradientFlow's state
+# Keys in GradientFlow's state: the backward ratio, and the profile along its axis.
+BACKWARD, PROFILE, AXIS = "backward_first_over_last", "backward_norms", "signal_axis"
 
 
 def tag(family: str, probe: Probe) -> str:
@@ -100,9 +117,11 @@ class GradientFlow(pl.Callback):
     """Logs per-probe gradient flow; keeps the figures the run's verdict needs (`evidence`).
 
     `at_first_step` holds the layer probes' gradient norms, their first-over-last ratio and the
-    backward signal's at the first measured step (the network as initialised), and
-    `at_last_step` the two ratios and the largest dead and saturated fractions at the last
-    measured step.
+    backward signal's and its profile at the first measured step (the network as initialised),
+    and `at_last_step` the two ratios, the profile and its axis, and the largest dead and
+    saturated fractions at the last measured step. `epoch_profiles` and
+    `epoch_backward_profiles` hold each epoch's mean weight-gradient norm per layer and mean
+    backward signal along its axis, for the figure.
     """
 
     def __init__(
@@ -117,6 +136,7 @@ class GradientFlow(pl.Callback):
         self.at_first_step: dict[str, Any] = {}
         self.at_last_step: dict[str, float] = {}
         self.epoch_profiles: dict[int, list[float]] = {}  # mean grad norm per layer, per epoch
+        self.epoch_backward_profiles: dict[int, list[float]] = {}  # mean ||dL/dh||, per epoch
         self._logging = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,12 +146,15 @@ class GradientFlow(pl.Callback):
             "at_first_step": self.at_first_step,
             "at_last_step": self.at_last_step,
             "epoch_profiles": self.epoch_profiles,
+            "epoch_backward_profiles": self.epoch_backward_profiles,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.at_first_step = state_dict["at_first_step"]
         self.at_last_step = state_dict["at_last_step"]
         self.epoch_profiles = state_dict["epoch_profiles"]
+        # A checkpoint from before the backward profile was kept has none.
+        self.epoch_backward_profiles = state_dict.get("epoch_backward_profiles", {})
 
     def evidence(self) -> dict[str, Any]:
         """What the verdict and the sweep report need; nothing before a measured step."""
@@ -144,9 +167,12 @@ class GradientFlow(pl.Callback):
             MAX_DEAD: last["max_dead_frac"],
             MAX_SATURATED: last["max_saturated_frac"],
             GRAD_NORMS_AT_START: first["grad_norms"],
-            # A checkpoint from before the backward signal was measured has none to resume.
+            # A checkpoint from before the backward signal (or its profile) was measured has
+            # none to resume.
             **({BACKWARD_START: first[BACKWARD]} if BACKWARD in first else {}),
             **({BACKWARD_FIRST_OVER_LAST: last[BACKWARD]} if BACKWARD in last else {}),
+            **({BACKWARD_NORMS_START: first[PROFILE]} if PROFILE in first else {}),
+            **({BACKWARD_NORMS: last[PROFILE], SIGNAL_AXIS: last[AXIS]} if PROFILE in last else {}),
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,12 +191,18 @@ class GradientFlow(pl.Callback):
             self.probes.index(self.weighted[i]) for i in hidden_layers or layers
         ]
         self.first_hidden, self.last_hidden = signal[0], signal[-1]
+        self.signal = [self.probes[i] for i in signal]
+        self.axis = SIGNAL_AXIS_OF_ROLE.get(self.signal[0].role, "layer")
         hidden = [self.weighted[i] for i in hidden_layers]
         self.dead = [p for p in hidden if p.kind == "relu"]
         self.saturating = [p for p in hidden if p.kind in BOUNDS]
         self.output_relu = self.weighted[self.last].kind == "relu"
         self._profiles_this_epoch: list[list[float]] = []
-        self._figure = GradientFlowFigure(len(layers), self.figure_log10_range)
+        self._backward_this_epoch: list[list[float]] = []
+        positions = [axis_position(p.name) for p in self.signal]
+        self._figure = GradientFlowFigure(
+            len(layers), positions, self.axis, self.figure_log10_range
+        )
         write_layout(trainer.loggers)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,16 +256,21 @@ class GradientFlow(pl.Callback):
         metrics = self._measure()
         write_scalars(trainer.loggers, metrics, self._step)
         profile = [metrics[t] for t in self.layer_tags]
+        backward = {p.name: metrics[tag("backward", p)] for p in self.signal}
         self._profiles_this_epoch.append(profile)
+        self._backward_this_epoch.append(list(backward.values()))
         if not self.at_first_step:
             self.at_first_step = {
                 "grad_norms": profile,
                 "first_over_last": metrics[FIRST_OVER_LAST],
                 BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
+                PROFILE: backward,
             }
         self.at_last_step = {
             "first_over_last": metrics[FIRST_OVER_LAST],
             BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
+            PROFILE: backward,
+            AXIS: self.axis,
             "max_dead_frac": max_of_family(metrics, "dead_frac"),
             "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
         }
@@ -282,12 +319,23 @@ class GradientFlow(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._profiles_this_epoch:
             return
-        layers = zip(*self._profiles_this_epoch, strict=True)
-        self.epoch_profiles[trainer.current_epoch] = [sum(v) / len(v) for v in layers]
-        self._profiles_this_epoch = []
-        last = trainer.current_epoch + 1 == trainer.max_epochs or trainer.should_stop
-        if last or trainer.current_epoch % self.histograms_every_n_epochs == 0:
-            self._figure.draw(trainer.loggers, self.epoch_profiles, trainer.global_step)
+        epoch = trainer.current_epoch
+        self.epoch_profiles[epoch] = mean_profile(self._profiles_this_epoch)
+        self.epoch_backward_profiles[epoch] = mean_profile(self._backward_this_epoch)
+        self._profiles_this_epoch, self._backward_this_epoch = [], []
+        last = epoch + 1 == trainer.max_epochs or trainer.should_stop
+        if last or epoch % self.histograms_every_n_epochs == 0:
+            self._figure.draw(
+                trainer.loggers,
+                self.epoch_profiles,
+                self.epoch_backward_profiles,
+                trainer.global_step,
+            )
+
+
+def mean_profile(profiles: list[list[float]]) -> list[float]:
+    """Each place's mean over an epoch's measured steps."""
+    return [sum(values) / len(values) for values in zip(*profiles, strict=True)]
 
 
 def silent(activation: Tensor) -> Tensor:

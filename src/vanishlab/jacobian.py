@@ -25,7 +25,10 @@ examples of the first training batch, and logs to every logger:
 
 and to TensorBoard a histogram of the singular values' log10 (`SINGULAR_VALUES`). The figures
 at the end, and at the start as `evidence/jacobian_..._at_start`, are its evidence in
-`metrics.json`.
+`metrics.json`, with the spectrum in brief for the sweep report to draw: `QUANTILES` quantiles
+of the singular values' log10, all inputs' together, from the smallest to the largest
+(`results.JACOBIAN_QUANTILES`; a singular value of 0 reads `dashboard.LOG10_FLOOR`, as on the
+dashboards).
 
 It needs the network's optional `hidden_map()` (`nets.BlockNet.hidden_map`): the module that
 maps the first probe's output to the last hidden layer's output. The Jacobian is exact:
@@ -50,22 +53,26 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from vanishlab import ConfigError, theory
-from vanishlab.dashboard import add_histogram, tensorboard_writers, write_scalars
+from vanishlab.dashboard import add_histogram, log10_display, tensorboard_writers, write_scalars
 from vanishlab.nets import Probe
 from vanishlab.results import (
     JACOBIAN_MEAN_SQ,
     JACOBIAN_MEAN_SQ_START,
+    JACOBIAN_QUANTILES,
+    JACOBIAN_QUANTILES_START,
     JACOBIAN_SPREAD,
     JACOBIAN_SPREAD_START,
     JACOBIAN_THEORY,
 )
 
 SINGULAR_VALUES = "jacobian/log10_singular_values"  # TensorBoard histogram, all inputs' together
+QUANTILES = 21  # of the log10 singular values in the record: 0, 0.05, ..., 1
 # A figure's record key when measured at the first step (the prediction does not change).
 AT_START = {
     JACOBIAN_SPREAD: JACOBIAN_SPREAD_START,
     JACOBIAN_MEAN_SQ: JACOBIAN_MEAN_SQ_START,
     JACOBIAN_THEORY: JACOBIAN_THEORY,
+    JACOBIAN_QUANTILES: JACOBIAN_QUANTILES_START,
 }
 
 
@@ -110,6 +117,13 @@ def log10_max_over_median(singular_values: Tensor, exact_zeros: bool) -> float:
         nonzero = row[row > row[0] * len(row) * eps] if exact_zeros else row
         spreads.append((row[0] / nonzero.median()).log10().item())  # median of none: nan
     return sum(spreads) / len(spreads)
+
+
+def log10_quantiles(singular_values: Tensor) -> list[float]:
+    """`QUANTILES` evenly spaced quantiles of the singular values' log10, every example's
+    together: the first is the smallest's, the last the largest's (0 reads `LOG10_FLOOR`)."""
+    levels = torch.linspace(0, 1, QUANTILES, dtype=singular_values.dtype)
+    return torch.quantile(log10_display(singular_values.flatten()), levels).tolist()
 
 
 def mean_field_point(config: dict[str, Any] | None) -> tuple[str, float, float] | None:
@@ -165,8 +179,8 @@ class Jacobian(pl.Callback):
         self.inputs = inputs
         self.max_width = max_width
         self.examples: Tensor | None = None
-        self.at_start: dict[str, float] = {}
-        self.at_end: dict[str, float] = {}
+        self.at_start: dict[str, Any] = {}
+        self.at_end: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "at_start": self.at_start, "at_end": self.at_end}
@@ -218,8 +232,9 @@ class Jacobian(pl.Callback):
         if self.examples is not None:  # else no step ran (max_epochs=0): nothing to compare
             self.at_end = self.measure(trainer, pl_module)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """The figures at the module's current weights, logged at the current step."""
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The figures at the module's current weights, logged at the current step, and the
+        spectrum's quantiles."""
         net = pl_module.net
         hidden_map = net.hidden_map()
         training = net.training
@@ -245,7 +260,7 @@ class Jacobian(pl.Callback):
         write_scalars(trainer.loggers, figures, step)
         for writer in tensorboard_writers(trainer.loggers):
             add_histogram(writer, SINGULAR_VALUES, values.log10(), step)
-        return figures
+        return {**figures, JACOBIAN_QUANTILES: log10_quantiles(values)}
 
     def check_width(self, net: nn.Module, first: int, last: int) -> None:
         """Refuse a hidden state wider than `max_width` units per example (module docstring)."""

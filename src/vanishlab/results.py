@@ -95,6 +95,15 @@ START = "evidence/first_over_last_at_start"  # present once GradientFlow measure
 # ||dL/dh|| at the first hidden probe's output over the last hidden probe's (`GradientFlow`).
 BACKWARD_FIRST_OVER_LAST = "backward/first_over_last"  # at the last measured step
 BACKWARD_START = "evidence/backward_first_over_last_at_start"  # at the first measured step
+# The backward profile: ||dL/dh|| at each probe along the axis that ratio runs along (its first
+# value over its last is the ratio), as {probe name: norm} in input-to-output order, at the first
+# and the last measured step; and that axis, named by the probes' role (`SIGNAL_AXIS_OF_ROLE`).
+BACKWARD_NORMS_START = "evidence/backward_norms_at_start"
+BACKWARD_NORMS = "backward_norms"  # at the last measured step
+SIGNAL_AXIS = "evidence/signal_axis"  # "time step", "block" or "layer"
+SIGNAL_AXIS_OF_ROLE = {"time": "time step", "stream": "block"}  # any other role: "layer"
+# How a figure's x axis reads, for each axis.
+AXIS_LABELS = {"time step": "time step", "block": "block", "layer": "layer (0 = input side)"}
 FULL_EPOCHS = "evidence/full_epochs"  # epochs that ran every batch of the training split
 MAX_DEAD = "evidence/max_dead_frac"
 MAX_SATURATED = "evidence/max_saturated_frac"
@@ -110,6 +119,10 @@ JACOBIAN_SPREAD_START = "evidence/jacobian_log10_max_over_median_at_start"
 JACOBIAN_MEAN_SQ = "jacobian/log10_mean_sq_singular_value"
 JACOBIAN_MEAN_SQ_START = "evidence/jacobian_log10_mean_sq_singular_value_at_start"
 JACOBIAN_THEORY = "jacobian/theory_log10_mean_sq_singular_value"  # chi_1^(L-1), where it applies
+# Its spectrum, compact: the `jacobian.QUANTILES` quantiles (0, 0.05, ..., 1) of the log10
+# singular values, all inputs' together, at the end and at the first measured step.
+JACOBIAN_QUANTILES = "jacobian/log10_singular_value_quantiles"
+JACOBIAN_QUANTILES_START = "evidence/jacobian_log10_singular_value_quantiles_at_start"
 
 FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
 UNREADABLE = "unreadable"  # how `read_record` reads a metrics.json that holds no record
@@ -146,6 +159,13 @@ def verdict(record: dict[str, Any]) -> str:
     if trained:
         return "undertrained" if stuck else "trained"
     return "too_short"
+
+
+def axis_position(probe: str) -> int:
+    """Where a backward profile's probe lies on its axis: the number its name ends with
+    (`step_027` -> 27, `layer_03` -> 3; probes are numbered from the input side), so a time
+    axis keeps its steps' spacing where only some steps are probes."""
+    return int(probe.rsplit("_", 1)[1])
 
 
 def composed_config(cfg: DictConfig) -> dict[str, Any]:
