@@ -23,9 +23,13 @@ from vanishlab.module import Classifier
 from vanishlab.nets import MLP
 from vanishlab.results import (
     BACKWARD_FIRST_OVER_LAST,
+    BACKWARD_NORMS,
+    BACKWARD_NORMS_START,
     BACKWARD_START,
     FIRST_OVER_LAST,
+    SIGNAL_AXIS,
     START,
+    STEPS,
 )
 from vanishlab.stack import StackedBatches, StackedClassifier
 from vanishlab.train import build, fit_and_test
@@ -102,7 +106,8 @@ def test_relu_xavier_backward_signal_vanishes_where_weight_gradients_look_balanc
 def test_backward_tags_and_record_keys_after_a_run(tiny_data, tmp_path) -> None:
     """`backward/<probe>` for every probe and `backward/first_over_last` (first hidden over last
     hidden: depth 3 has hidden layers 00-02) with their Log10 forms, on the measured steps; the
-    record keeps the ratio at the first and the last measured step beside the weight ratio."""
+    record keeps the ratio at the first and the last measured step beside the weight ratio,
+    and the profile it divides: the hidden layers' norms, along the axis `layer`."""
     overrides = [*FAST, "model.depth=3", "callbacks.gradient_flow.every_n_steps=4"]
     record = fit_and_test(compose_config(overrides, tiny_data, tmp_path))
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
@@ -111,8 +116,9 @@ def test_backward_tags_and_record_keys_after_a_run(tiny_data, tmp_path) -> None:
     assert "backward" in LOG10_FAMILIES
     (charts,) = LAYOUT.values()
     backward_charts = [regex for _, (_, [regex]) in charts.items() if "backward/" in regex]
-    assert len(backward_charts) == 2  # per layer, and the ratio
-    assert all(any(re.match(regex, tag) for tag in values) for regex in backward_charts)
+    # Per layer and the ratio; time steps, the cell state and the stream are not an MLP's.
+    drawn = [regex for regex in backward_charts if any(re.match(regex, t) for t in values)]
+    assert len(backward_charts) == 5 and len(drawn) == 2
     for name in ("layer_00", "layer_01", "layer_02", "layer_03", "first_over_last"):
         logged = values[f"backward/{name}"]
         assert [e.step for e in events.Scalars(f"backward/{name}")] == [0, 4, 8, 9]
@@ -125,6 +131,12 @@ def test_backward_tags_and_record_keys_after_a_run(tiny_data, tmp_path) -> None:
     assert record[BACKWARD_START] == pytest.approx(ratios[0], rel=1e-5)
     assert record[BACKWARD_FIRST_OVER_LAST] == pytest.approx(ratios[-1], rel=1e-5)
     assert START in record and FIRST_OVER_LAST in record
+    assert record[SIGNAL_AXIS] == "layer"
+    for key, at in ((BACKWARD_NORMS_START, 0), (BACKWARD_NORMS, -1)):
+        profile = record[key]
+        assert list(profile) == ["layer_00", "layer_01", "layer_02"]
+        assert profile == pytest.approx({n: values[f"backward/{n}"][at] for n in profile})
+        assert profile["layer_00"] / profile["layer_02"] == pytest.approx(ratios[at], rel=1e-5)
 
 
 def test_accumulated_steps_read_the_backward_signal_of_their_last_batch(
@@ -174,3 +186,45 @@ def test_a_stacked_job_measures_the_backward_signal_it_measures_alone() -> None:
         (stacked,) = measured(recorder)
         backward = {k: v for k, v in figures.items() if "backward" in k}
         assert {k: stacked[k] for k in backward} == pytest.approx(backward, rel=1e-6)
+
+
+def test_an_rnns_profile_runs_through_time_on_a_chart_of_its_own(tiny_data, tmp_path) -> None:
+    """model=rnn: the profile is dL/dh_t at each time probe, along the axis `time step`, its
+    first over its last the ratio; TensorBoard's time chart draws exactly those steps."""
+    overrides = [*FAST, "model=rnn", "model.width=8", "callbacks.gradient_flow.every_n_steps=4"]
+    record = fit_and_test(compose_config(overrides, tiny_data, tmp_path))
+    assert record[SIGNAL_AXIS] == "time step"
+    profile = record[BACKWARD_NORMS_START]
+    steps = [f"step_{t:03d}" for t in range(28)]
+    assert list(profile) == list(record[BACKWARD_NORMS]) == steps
+    assert profile["step_000"] / profile["step_027"] == pytest.approx(record[BACKWARD_START])
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    (charts,) = LAYOUT.values()
+    ((_, [regex]),) = (chart for title, chart in charts.items() if "through time" in title)
+    drawn = [tag for tag in events.Tags()["scalars"] if re.match(regex, tag)]
+    assert sorted(drawn) == [f"{LOG10}backward/{step}" for step in steps]
+
+
+def test_a_checkpoint_from_before_the_profile_resumes(tiny_data, tmp_path) -> None:
+    """A checkpoint whose GradientFlow state has no backward profile (written before it was
+    kept) trains on: the record has the last step's profile, not the first's, and the figure
+    draws the epochs it has."""
+
+    def run(name: str, *overrides: str) -> dict:
+        cfg = compose_config([*FAST, "model.depth=2", *overrides], tiny_data, tmp_path / name)
+        return fit_and_test(cfg)
+
+    run("first")
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    flow = state["callbacks"]["GradientFlow"]
+    del flow["epoch_backward_profiles"], flow["at_first_step"]["backward_norms"]
+    torch.save(state, checkpoint)
+    record = run("resumed", "trainer.max_epochs=2", f"ckpt_path={checkpoint}")
+    assert BACKWARD_NORMS_START not in record and BACKWARD_START in record
+    assert list(record[BACKWARD_NORMS]) == ["layer_00", "layer_01"]
+    assert record[SIGNAL_AXIS] == "layer"
+    events = EventAccumulator(str(tmp_path / "resumed"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("gradient_flow")][-1] == record[STEPS]
