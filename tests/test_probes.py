@@ -5,14 +5,19 @@ measured as declared end in the one-paragraph error when the network is built.""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
+from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.init import initialise, zeros
 from vanishlab.nets import Probe, check_probes
+from vanishlab.results import STATUS
+from vanishlab.train import fit_and_test
 
 # Modules whose parameters are not `weight` and `bias`.
 LAYERS = {
@@ -102,8 +107,39 @@ def two_named_alike(net: Probed) -> list[Probe]:
             ],
             "'layer_01' names weight, which probe 'layer_00' names too",
         ),
+        (
+            nn.LSTM(4, 3),
+            lambda net: [Probe("layer_00", net.layer, net.layer, ("weight_ih_l0",))],
+            "measures the output of its LSTM, which is a tuple, with element=None",
+        ),
+        (
+            nn.MultiheadAttention(4, 2),
+            lambda net: [Probe("layer_00", net.layer, net.layer, ("in_proj_weight",))],
+            "measures the output of its MultiheadAttention, which is a tuple",
+        ),
+        (
+            nn.LSTM(4, 3),
+            lambda net: [Probe("step_000", net.layer, net.layer, (), "time", element=0)],
+            r"has role time at the output of its LSTM, .* Fix: unroll the cell \(nn.LSTMCell\)",
+        ),
+        (
+            nn.GRU(4, 3),
+            lambda net: [Probe("memory_000", net.out, net.layer, (), "memory", element=0)],
+            "has role memory at the output of its GRU",
+        ),
     ],
-    ids=["missing", "duplicate", "unmatched", "role", "no_weight", "shared"],
+    ids=[
+        "missing",
+        "duplicate",
+        "unmatched",
+        "role",
+        "no_weight",
+        "shared",
+        "tuple_lstm",
+        "tuple_attention",
+        "fused_time",
+        "fused_memory",
+    ],
 )
 def test_probes_that_cannot_be_measured_as_declared_end_in_one_paragraph(layer, probes, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -132,9 +168,9 @@ class OwnRecurrent(nn.Module):
 
     def probes(self) -> list[Probe]:
         return [
-            Probe("layer_00", self, self.rnn, ("position",), role="embedding"),
-            Probe("layer_01", self.rnn, self.rnn, ("weight_ih_l0", "bias_ih_l0"), role="input"),
-            Probe("layer_02", self.rnn, self.rnn, ("weight_hh_l0", "bias_hh_l0"), role="recurrent"),
+            Probe("layer_00", self, self.rnn, ("position",), "embedding", element=0),
+            Probe("layer_01", self.rnn, self.rnn, ("weight_ih_l0", "bias_ih_l0"), "input", 0),
+            Probe("layer_02", self.rnn, self.rnn, ("weight_hh_l0", "bias_hh_l0"), "recurrent", 0),
             Probe("layer_03", self.readout, self.logits, role="output"),
         ]
 
@@ -154,3 +190,36 @@ def test_a_network_owning_a_role_keeps_its_init_and_the_group_inits_the_others(
         assert torch.equal(p, own[name]) if name in kept else torch.all(p == 0), name
     # Only the parameter no probe declares was left as PyTorch made it.
     assert "init left 1 parameter(s)" in caplog.text and caplog.text.rstrip().endswith(": extra")
+
+
+class FusedRows(nn.Module):
+    """A user's LSTM over the image's rows in one fused call, probed by its weights at its output
+    sequence (`element=0`: an `nn.LSTM` returns the sequence and its last states)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_shape[-1], 8, batch_first=True)
+        self.readout, self.logits = nn.Linear(8, num_classes), nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        states, _ = self.lstm(x.flatten(1, 2))
+        return self.logits(self.readout(states[:, -1]))
+
+    def probes(self) -> list[Probe]:
+        weights = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        return [
+            Probe("layer_00", self.lstm, self.lstm, weights, "input", element=0),
+            Probe("layer_01", self.readout, self.logits, role="output"),
+        ]
+
+
+def test_a_fused_lstm_probed_at_its_output_sequence_trains_and_is_measured(tiny_data, tmp_path):
+    cfg = compose_config(FAST, tiny_data, tmp_path)
+    cfg.model = {"_target_": f"{__name__}.FusedRows"}
+    record = fit_and_test(cfg)
+    assert record[STATUS] == "completed"
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    for family in ("grad_norm", "backward", "act_std"):
+        values = [e.value for e in events.Scalars(f"{family}/layer_00")]
+        assert values and all(math.isfinite(v) and v > 0 for v in values)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
 from conftest import FAST, compose_config
@@ -63,9 +64,16 @@ def test_rho_orders_the_backward_signal_through_time_as_pascanu_et_al() -> None:
 def test_each_cell_trains_and_records_the_backward_ratio_through_time(
     cell, tiny_data, tmp_path
 ) -> None:
+    """An LSTM's c_t is measured too, on the recorded steps that pass it on: `memory_<TTT>`."""
     overrides = [*FAST, "model=rnn", f"model.cell={cell}", "model.width=16", "model.depth=2"]
     record = fit_and_test(compose_config(overrides, tiny_data, tmp_path))
     assert math.isfinite(record[BACKWARD_START])
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    memory = sorted(t for t in events.Tags()["scalars"] if t.startswith("backward/memory_"))
+    assert memory == ([f"backward/memory_{t:03d}" for t in range(27)] if cell == "lstm" else [])
+    for name in memory:
+        assert all(math.isfinite(e.value) and e.value > 0 for e in events.Scalars(name))
 
 
 def test_time_probes_are_at_most_32_with_the_first_and_last_step() -> None:

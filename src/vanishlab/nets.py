@@ -177,7 +177,9 @@ def check_probes(net: Network, model: str) -> None:
     declared: a name the dashboards' charts do not match, or that two probes share (their
     figures would be merged); a role outside `ROLES`; a parameter the layer lacks, a probe
     naming no weight to measure (a `time` probe names none: it measures its output alone), or a
-    parameter two probes name (both would initialise it)."""
+    parameter two probes name (both would initialise it); a module known to return a tuple
+    (`TUPLE_OUTPUTS`) measured with no `element`; a fused recurrent module (`nn.RNN`,
+    `nn.LSTM`, `nn.GRU`) as a time step or memory, which it cannot be."""
     from vanishlab.dashboard import PROBE  # imported here: dashboard imports this module
 
     def fail(probe: Probe, why: str, fix: str) -> NoReturn:
@@ -214,6 +216,24 @@ def check_probes(net: Network, model: str) -> None:
                 f"names {', '.join(lacks)}, which its {layer} does not have",
                 f"name the parameters to measure and initialise, e.g. {example} (all it has)",
             )
+        output = type(probe.output).__name__
+        if probe.element is None and isinstance(probe.output, TUPLE_OUTPUTS):
+            fail(
+                probe,
+                f"measures the output of its {output}, which is a tuple, with element=None",
+                "name the tensor to measure, e.g. element=0 (the output sequence of an RNN or "
+                "LSTM, the attended values of an attention layer)",
+            )
+        if probe.role in ("time", "memory") and isinstance(probe.output, nn.RNNBase):
+            fail(
+                probe,
+                f"has role {probe.role} at the output of its {output}, which runs every time "
+                f"step inside one call: it exposes only its output sequence, whose gradient at "
+                f"a step is the loss's direct share there, not what flows back through time",
+                f"unroll the cell (nn.{output}Cell) one step at a time as model=rnn does, with an "
+                f"nn.Identity per measured step, and probe the {output} by its weights "
+                f"(params=('weight_ih_l0', 'weight_hh_l0', ...))",
+            )
         named = probe.parameters()
         if probe.is_time and named:
             fail(
@@ -237,6 +257,10 @@ def check_probes(net: Network, model: str) -> None:
             f"model={model} initialises roles {', '.join(sorted(own))}, which are not known "
             f"roles. Fix: name {roles} in its initialised_roles()."
         )
+
+
+# Modules whose output is a tuple: a probe there names the tensor it measures (`element`).
+TUPLE_OUTPUTS = (nn.RNNBase, nn.LSTMCell, nn.MultiheadAttention)
 
 
 def has_parameter(layer: nn.Module, name: str) -> bool:
@@ -422,6 +446,126 @@ class CNN(BlockNet):
         return self.output(self.pool(self.hidden(x)))
 
 
+PATCH = 4  # pixels on a side of a ViT's patch: 49 tokens for a 28 x 28 image
+NORM_POSITIONS = ("pre", "post")
+# nn.MultiheadAttention's projections, as one attention probe measures and initialises them.
+ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+VIT_DOMAINS = (
+    WIDTH,
+    Domain("model.depth", integer(1), "the network needs a transformer block", "an integer >= 1"),
+    Domain("model.heads", integer(1), "attention needs at least one head", "an integer >= 1"),
+    Domain(
+        "model.norm_position",
+        lambda v: v in NORM_POSITIONS,
+        "it is not a place for a block's LayerNorms",
+        "pre (x + f(norm(x))) or post (norm(x + f(x)))",
+    ),
+)
+
+
+class ViT(nn.Module):
+    """A vision transformer: the image cut into `PATCH` x `PATCH` patches, each mapped linearly
+    to a token of `width` (a convolution whose stride is its kernel), plus a learned positional
+    embedding; `depth` blocks of `heads`-head self-attention and an MLP of 4 x `width` GELU
+    units; the tokens' mean, and a linear layer to the class logits.
+
+    `norm_position` places each block's two LayerNorms. `pre`: x + attention(norm(x)), then
+    x + mlp(norm(x)), and a final LayerNorm before the pool; `post`: norm(x + attention(x)),
+    then norm(x + mlp(x)), as in the original transformer. Xiong et al. (2020) show why it
+    matters: at init Post-LN's gradients are large near the output and small near the input,
+    which is why Post-LN needs a learning-rate warm-up, while Pre-LN's skip path carries the
+    gradient to every block alike. The residual stream after each block passes through an
+    `nn.Identity`, a `stream` probe, so the backward signal's ratio runs along it.
+
+    The positional embedding is the model's own (`initialised_roles`): truncated normal, std
+    0.02, as in ViT (Dosovitskiy et al. 2021), whatever the `init` group.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: int = 64,
+        depth: int = 6,
+        heads: int = 4,
+        norm_position: str = "pre",
+    ) -> None:
+        super().__init__()
+        check_arguments(VIT_DOMAINS, locals())
+        if width % heads:
+            divisors = [h for h in range(1, width + 1) if width % h == 0]
+            raise ConfigError(
+                f"model.heads={heads} does not divide model.width={width}: each head attends "
+                f"over width / heads units. Fix: set model.heads to a divisor of {width} "
+                f"({', '.join(map(str, divisors))}) or model.width to a multiple of {heads}."
+            )
+        channels, height, breadth = input_shape
+        self.patches = nn.Conv2d(channels, width, PATCH, stride=PATCH)
+        tokens = (height // PATCH) * (breadth // PATCH)
+        self.position = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, width), std=0.02))
+        self.embedded = nn.Identity()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "attention": nn.MultiheadAttention(width, heads, batch_first=True),
+                    "norm2": nn.LayerNorm(width),
+                    "mlp": nn.Sequential(
+                        nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+                    ),
+                    "stream": nn.Identity(),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.pre = norm_position == "pre"
+        self.norm = nn.LayerNorm(width) if self.pre else nn.Identity()
+        self.output = Block(nn.Linear(width, num_classes), nn.Identity())
+
+    def initialised_roles(self) -> tuple[str, ...]:
+        return ("embedding",)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embedded(self.patches(x).flatten(2).transpose(1, 2) + self.position)
+        for block in self.blocks:
+            if self.pre:
+                h = block.norm1(x)
+                x = x + block.attention(h, h, h, need_weights=False)[0]
+                x = x + block.mlp(block.norm2(x))
+            else:
+                x = block.norm1(x + block.attention(x, x, x, need_weights=False)[0])
+                x = block.norm2(x + block.mlp(x))
+            x = block.stream(x)
+        return self.output(self.norm(x).mean(1))
+
+    def probes(self) -> list[Probe]:
+        """`layer_00` the patch embedding (role `input`), `layer_01` the positional embedding;
+        per block b its attention (`layer_<3b+2>`, measured at the attended values), its MLP's
+        two layers (`layer_<3b+3>` at the GELU, `layer_<3b+4>`), its LayerNorms (`norm_<2b>`,
+        `norm_<2b+1>`) and the stream after it (`stream_<b>`); Pre-LN's final LayerNorm
+        (`norm_<2 depth>`) and the readout, in the order the forward pass reaches them."""
+        probes = [
+            Probe("layer_00", self.patches, self.patches, role="input"),
+            Probe("layer_01", self, self.embedded, ("position",), "embedding"),
+        ]
+        for b, block in enumerate(self.blocks):
+            attention, mlp = block.attention, block.mlp
+            norm1 = Probe(f"norm_{2 * b:02d}", block.norm1, block.norm1)
+            norm2 = Probe(f"norm_{2 * b + 1:02d}", block.norm2, block.norm2)
+            attend = Probe(
+                f"layer_{3 * b + 2:02d}", attention, attention, ATTENTION_PARAMS, "attention", 0
+            )
+            feed = [
+                Probe(f"layer_{3 * b + 3:02d}", mlp[0], mlp[1]),
+                Probe(f"layer_{3 * b + 4:02d}", mlp[2], mlp[2]),
+            ]
+            order = [norm1, attend, norm2, *feed] if self.pre else [attend, norm1, *feed, norm2]
+            probes += [*order, Probe(f"stream_{b:02d}", block.stream, block.stream, (), "stream")]
+        depth = len(self.blocks)
+        final = [Probe(f"norm_{2 * depth:02d}", self.norm, self.norm)] if self.pre else []
+        return [*probes, *final, *self.output.probes(3 * depth + 2, "output")]
+
+
 CELLS: dict[str, Callable[[int, int], nn.Module]] = {
     "tanh": partial(nn.RNNCell, nonlinearity="tanh"),
     "relu": partial(nn.RNNCell, nonlinearity="relu"),
@@ -476,7 +620,11 @@ class RNN(nn.Module):
     autograd node and the top layer's hidden state h_t can be a probe output: an `nn.Identity`
     per recorded step (`self.steps`, at most `MAX_TIME_PROBES` evenly spaced steps, step 0 and
     the last always among them) is applied to h_t in the loop, so GradientFlow's tap there reads
-    dL/dh_t. For an LSTM the measured state is h_t (c_t reaches the loss only through later h).
+    dL/dh_t. An LSTM's cell state c_t passes through its own identity on those steps
+    (`self.memory`) on its way to the next step, so the tap there reads the gradient the memory
+    carries back from later steps (the additive path through the forget gates that lets an LSTM
+    keep a gradient, Hochreiter & Schmidhuber 1997); the part through h_t is h_t's probe's. The
+    last step's c_t is passed to no later step, so it has no memory probe.
 
     The recurrent weights are the model's own (`initialised_roles`): each gate's block of
     `weight_hh` is `recurrent_scale` (rho, the spectral radius: Pascanu et al. 2013) times an
@@ -513,6 +661,8 @@ class RNN(nn.Module):
         spacing = (self.num_steps - 1) / max(count - 1, 1)
         self.recorded = sorted({round(k * spacing) for k in range(count)})
         self.steps = nn.ModuleDict({str(t): nn.Identity() for t in self.recorded})
+        lstm = cell == "lstm"
+        self.memory = nn.ModuleDict({str(t): nn.Identity() for t in self.recorded if lstm})
         self.output = Block(nn.Linear(width, num_classes), nn.Identity())
         self.recurrent_init = recurrent_init
         if recurrent_init != "init":
@@ -533,7 +683,7 @@ class RNN(nn.Module):
                 h = state[0] if isinstance(state, tuple) else state
                 if index == top and str(t) in self.steps:
                     h = self.steps[str(t)](h)
-                    state = (h, state[1]) if isinstance(state, tuple) else h
+                    state = (h, self.memory[str(t)](state[1])) if isinstance(state, tuple) else h
                 hidden.append(h)
             sequence = out(torch.stack(hidden, 1))
         return self.output(sequence[:, -1])
@@ -541,7 +691,8 @@ class RNN(nn.Module):
     def probes(self) -> list[Probe]:
         """Per layer `layer_<NN>` (its input weights: role `input` for the first, `hidden` after)
         and `recurrent_<NN>` (its recurrent weights), both measured at the layer's hidden
-        sequence; the readout `layer_<depth>`; and `step_<TTT>`, the top layer's h_t."""
+        sequence; the readout `layer_<depth>`; `step_<TTT>`, the top layer's h_t; and for an
+        LSTM `memory_<TTT>`, its c_t."""
         weights = [
             probe
             for index, (cell, out) in enumerate(zip(self.cells, self.layers_out, strict=True))
@@ -561,7 +712,10 @@ class RNN(nn.Module):
             Probe(f"step_{t:03d}", m, m, (), "time")
             for t, m in zip(self.recorded, self.steps.values(), strict=True)
         ]
-        return [*weights, *readout, *times]
+        # The last step's c_t goes to no later step: its identity is no probe.
+        carried = list(self.memory.items())[:-1]
+        memory = [Probe(f"memory_{int(t):03d}", m, m, (), "memory") for t, m in carried]
+        return [*weights, *readout, *times, *memory]
 
 
 @torch.no_grad()
