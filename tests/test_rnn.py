@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.init import initialise, xavier_normal, zeros
-from vanishlab.nets import MAX_TIME_PROBES, RNN, Probe, check_probes
+from vanishlab.nets import MAX_TIME_PROBES, RNN, SIGNAL_AXES, Probe, check_probes
 from vanishlab.results import BACKWARD_START, STATUS
 from vanishlab.stack import fit_and_test_stack
 from vanishlab.train import build, fit_and_test
@@ -22,16 +22,18 @@ from vanishlab.train import build, fit_and_test
 CELLS = ("tanh", "relu", "lstm", "gru")
 
 
-def log10_first_over_last(net: RNN, x: Tensor, y: Tensor) -> float:
-    """log10 ||dL/dh_0|| / ||dL/dh_last||, read from zero taps on the time probes' outputs, as
-    GradientFlow reads them."""
+def log10_first_over_last(net: nn.Module, x: Tensor, y: Tensor) -> float:
+    """log10 ||dL/dh_first|| / ||dL/dh_last|| along the network's signal axis (an RNN's time
+    steps, a ViT's residual stream: `SIGNAL_AXES`), read from zero taps on those probes'
+    outputs, as GradientFlow reads them."""
     taps: dict[str, Tensor] = {}
 
     def tap(name: str, module: nn.Module, inputs: object, output: Tensor) -> Tensor:
         taps[name] = torch.zeros_like(output, requires_grad=True)
         return output + taps[name]
 
-    times = [p for p in net.probes() if p.is_time]
+    axis = next(a for a in SIGNAL_AXES if any(p.role == a for p in net.probes()))
+    times = [p for p in net.probes() if p.role == axis]
     hooks = [
         p.output.register_forward_hook(lambda m, i, o, name=p.name: tap(name, m, i, o))
         for p in times
