@@ -24,7 +24,9 @@ from vanishlab.report import (
     load_sweep,
     main,
     plot_accuracy,
+    plot_backward_profiles,
     plot_grad_ratio_heatmap,
+    plot_jacobian_spectra,
     plot_phase_diagram,
     plot_sharpness,
     scalar_curves,
@@ -71,6 +73,18 @@ def add_job(sweep: Path, overrides: list[str], record: dict | None) -> Path:
     if record is not None:
         (job / "metrics.json").write_text(json.dumps(record))
     return job
+
+
+def trained_job(sweep: Path, name: str, overrides: list[str], data: Path) -> dict:
+    """A job trained for real into `sweep / name` (no "=" in it: compose_config passes the
+    directory as an override), with its record and config as a multirun leaves them."""
+    job = sweep / name
+    cfg = compose_config([*FAST, *overrides], data, job)
+    record = fit_and_test(cfg)
+    (job / "metrics.json").write_text(json.dumps(record))
+    (job / ".hydra").mkdir()
+    OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    return record
 
 
 def write_losses(job: Path) -> None:
@@ -424,14 +438,10 @@ def test_sharpness_figures_from_a_tiny_sweep_with_the_callback_on(tiny_data, tmp
     and the final sharpness against lr."""
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     sharpness = ["callbacks=sharpness", "callbacks.sharpness.every_n_steps=2"]
-    records = {}
-    for lr in (0.05, 0.2):
-        job = tmp_path / f"lr{lr}"  # no "=": compose_config passes it as an override
-        cfg = compose_config([*FAST, *sharpness, f"optimizer.lr={lr}"], tiny_data, job)
-        records[lr] = fit_and_test(cfg)
-        (job / "metrics.json").write_text(json.dumps(records[lr]))
-        (job / ".hydra").mkdir()
-        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    records = {
+        lr: trained_job(tmp_path, f"lr{lr}", [*sharpness, f"optimizer.lr={lr}"], tiny_data)
+        for lr in (0.05, 0.2)
+    }
     report_md = write_report(tmp_path).read_text()
     for name in ("sharpness.png", "sharpness_vs_lr.png"):
         assert (tmp_path / "report" / name).read_bytes().startswith(PNG_MAGIC)
@@ -450,3 +460,55 @@ def test_sharpness_figures_from_a_tiny_sweep_with_the_callback_on(tiny_data, tmp
         (lr,) = [lr for lr in records if 2 / lr == pytest.approx(limit.get_ydata()[0])]
         assert list(curve.get_xdata()) == [0, 2, 4, 6, 8, 9]  # and the last step
         assert curve.get_ydata()[-1] == pytest.approx(records[lr][rec.SHARPNESS])
+
+
+@pytest.fixture(scope="module")
+def profile_sweep(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Two jobs trained for real: an RNN (its backward profile runs through time) and a tanh
+    MLP with callbacks=jacobian (through its hidden layers, and the Jacobian's spectrum);
+    reported once. Returns the sweep and the records by job."""
+    sweep = tmp_path_factory.mktemp("profile_sweep")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    jobs = {
+        "rnn": ["model=rnn", "model.width=8"],
+        "mlp": ["callbacks=jacobian", "model.depth=3", "model.activation=tanh"],
+    }
+    records = {name: trained_job(sweep, name, job, tiny_data) for name, job in jobs.items()}
+    write_report(sweep)
+    return sweep, records
+
+
+def test_backward_profiles_are_drawn_along_each_jobs_axis(profile_sweep) -> None:
+    """A row per axis, labelled as the probes' role says (the RNN's: time step), the start and
+    the last measured step side by side, each line through its record's profile."""
+    sweep, records = profile_sweep
+    report_md = (sweep / "report" / "report.md").read_text()
+    assert "](backward_profiles.png)" in report_md and "](jacobian_spectra.png)" in report_md
+    table, varied = load_sweep(sweep)
+    layers_start, layers_end, time_start, time_end = plot_backward_profiles(table, varied).axes[:4]
+    assert layers_start.get_xlabel() == layers_end.get_xlabel() == "layer (0 = input side)"
+    assert time_start.get_xlabel() == time_end.get_xlabel() == "time step"
+    assert time_start.get_yscale() == "log"
+    for ax, key in ((time_start, rec.BACKWARD_NORMS_START), (time_end, rec.BACKWARD_NORMS)):
+        (line,) = ax.lines
+        profile = records["rnn"][key]
+        assert list(line.get_xdata()) == list(range(28))
+        assert list(line.get_ydata()) == list(profile.values())
+    (line,) = layers_start.lines
+    assert list(line.get_xdata()) == [0, 1, 2]  # the MLP's hidden layers
+    assert line.get_ydata()[0] / line.get_ydata()[-1] == pytest.approx(
+        records["mlp"][rec.BACKWARD_START]
+    )
+
+
+def test_jacobian_spectra_are_drawn_for_the_jobs_that_measured_them(profile_sweep) -> None:
+    """The MLP's quantiles at the start and the end, from the smallest singular value to the
+    largest; the RNN, which has no Jacobian callback, draws no line."""
+    sweep, records = profile_sweep
+    table, varied = load_sweep(sweep)
+    start, end = plot_jacobian_spectra(table, varied).axes[:2]
+    for ax, key in ((start, rec.JACOBIAN_QUANTILES_START), (end, rec.JACOBIAN_QUANTILES)):
+        spectrum, zero = ax.lines  # the job's quantiles, and the dotted isometry line
+        assert list(spectrum.get_ydata()) == records["mlp"][key]
+        assert spectrum.get_xdata()[0] == 0 and spectrum.get_xdata()[-1] == 1
+        assert list(zero.get_ydata()) == [0, 0]

@@ -71,6 +71,25 @@ RESULTS = {
     results.TRAIN_SECONDS: results.TRAIN_SECONDS,
     results.ERROR: results.ERROR,
 }
+# Record keys the figures read, kept in the table beside its columns (lists and dicts: not in
+# results.csv).
+PROFILES = (
+    results.GRAD_NORMS_AT_START,
+    results.BACKWARD_NORMS_START,
+    results.BACKWARD_NORMS,
+    results.SIGNAL_AXIS,
+    results.JACOBIAN_QUANTILES_START,
+    results.JACOBIAN_QUANTILES,
+)
+# The start and end panels of the backward-profile and Jacobian-spectrum figures: their keys.
+BACKWARD_PANELS = {
+    "first measured step": results.BACKWARD_NORMS_START,
+    "last measured step": results.BACKWARD_NORMS,
+}
+SPECTRUM_PANELS = {
+    "first measured step": results.JACOBIAN_QUANTILES_START,
+    "end of training": results.JACOBIAN_QUANTILES,
+}
 # Columns shown only when some job has them (a job records them with the callback on).
 OPTIONAL_RESULTS = (results.SHARPNESS, results.SHARPNESS_TIMES_LR)
 PER_JOB_DIRS = ("output_dir", "dirpath", "save_dir", "default_root_dir")
@@ -150,8 +169,8 @@ def column_names(keys: list[str], all_keys: Iterable[str]) -> dict[str, str]:
 
 
 def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One row per job: `job`, the varied keys, the `RESULTS` columns, and for the figures
-    `grad_norms_at_start`, `optimizer.lr` and the job's `CONFIG`; best test accuracy first, so
+    """One row per job: `job`, the varied keys, the `RESULTS` columns, and for the figures the
+    `PROFILES`, `optimizer.lr` and the job's `CONFIG`; best test accuracy first, so
     failed and unfinished jobs (no accuracy) come last. Also returns each varied key's column
     name."""
     jobs = job_dirs(sweep_dir)
@@ -169,7 +188,7 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             is_target = key.endswith("._target_") and value is not None
             row[column] = results.option_name(value) if is_target else value
         row.update({column: record.get(source) for column, source in RESULTS.items()})
-        row[results.GRAD_NORMS_AT_START] = record.get(results.GRAD_NORMS_AT_START)
+        row.update({key: record.get(key) for key in PROFILES})
         row[CONFIG] = config
         row[LR] = config.get(LR)
         rows.append(row)
@@ -507,17 +526,73 @@ def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | 
         return None
     panels = sorted(table["panel"].unique())
     colours = palette(table["label"])
-    fig = Figure(figsize=(4.5 * len(panels) + 1.5, 4), layout="constrained")
+    fig = Figure(figsize=(max(4.5 * len(panels) + 1.5, 8), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, panel in zip(axes, panels, strict=True):
         for job in table[table["panel"] == panel].itertuples():
             ax.plot(job.grad_norms_at_start, marker=".", color=colours[job.label], alpha=0.8)
         ax.set_yscale("log")
-        ax.set(xlabel="layer (0 = input side)", title=panel)
+        ax.set(xlabel=results.AXIS_LABELS["layer"], title=panel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("weight-gradient norm at start")
     if len(colours) > 1:
-        legend(axes[-1], colours)
+        legend_below(fig, colours)
+    return fig
+
+
+def plot_backward_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
+    """The backward signal ||dL/dh|| along each job's signal axis (`results.SIGNAL_AXIS`: time
+    steps, the residual stream's blocks, or the hidden layers), log scale, at the first and the
+    last measured step (`BACKWARD_PANELS`, a column each): a row per axis the sweep has, a line
+    per job coloured by its setting of the `varied` keys (a setting's seeds share its colour)."""
+    table = table[table[results.SIGNAL_AXIS].notna()]
+    if table.empty:
+        return None
+    table = table.assign(label=labels(table, varied, varied))
+    axes_names = sorted(table[results.SIGNAL_AXIS].unique())
+    colours = palette(table["label"])
+    fig = Figure(figsize=(10, 3.5 * len(axes_names) + 1), layout="constrained")
+    grid = fig.subplots(len(axes_names), len(BACKWARD_PANELS), squeeze=False, sharey=True)
+    for row, axis in zip(grid, axes_names, strict=True):
+        jobs = table[table[results.SIGNAL_AXIS] == axis].to_dict("records")
+        for ax, (when, key) in zip(row, BACKWARD_PANELS.items(), strict=True):
+            for job in (job for job in jobs if isinstance(job[key], dict)):
+                x = [results.axis_position(probe) for probe in job[key]]
+                ax.plot(x, list(job[key].values()), ".-", color=colours[job["label"]], alpha=0.8)
+            ax.set_yscale("log")
+            ax.set(xlabel=results.AXIS_LABELS[axis], title=when)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("||dL/dh||")
+    fig.suptitle("backward signal along each job's signal axis")
+    if len(colours) > 1:
+        legend_below(fig, colours)
+    return fig
+
+
+def plot_jacobian_spectra(table: pd.DataFrame, varied: dict[str, str]) -> Figure | None:
+    """Each job's hidden-stack Jacobian spectrum in brief (`results.JACOBIAN_QUANTILES`: the
+    log10 singular values' quantiles, smallest to largest) as initialised and at the end
+    (`SPECTRUM_PANELS`, a panel each), a line per job coloured by its setting of the `varied`
+    keys, and a dotted line at 0: a flat line there is dynamical isometry."""
+    table = table[table[results.JACOBIAN_QUANTILES].map(lambda q: isinstance(q, list))]
+    if table.empty:
+        return None
+    table = table.assign(label=labels(table, varied, varied))
+    colours = palette(table["label"])
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(SPECTRUM_PANELS), sharey=True)
+    for ax, (when, key) in zip(axes, SPECTRUM_PANELS.items(), strict=True):
+        for job in table.to_dict("records"):
+            if isinstance(job[key], list):
+                levels = np.linspace(0, 1, len(job[key]))
+                ax.plot(levels, job[key], ".-", color=colours[job["label"]], alpha=0.8)
+        ax.axhline(0, color="black", linestyle=":", linewidth=1)
+        ax.set(xlabel="quantile (0: smallest, 1: largest)", title=when)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("log10 singular value")
+    fig.suptitle("singular values of the hidden stack's Jacobian dh_last / dh_first")
+    if len(colours) > 1:
+        legend_below(fig, colours)
     return fig
 
 
@@ -534,6 +609,13 @@ def legend(ax: Axes, colours: dict[str, Any]) -> None:
     """One entry per colour, beside the last panel (the panels share the colours)."""
     handles = [Line2D([], [], color=colour, label=name) for name, colour in colours.items()]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def legend_below(fig: Figure, colours: dict[str, Any]) -> None:
+    """One entry per colour under the panels, whose width a setting's long label needs (a
+    sweep over models varies each model's keys)."""
+    handles = [Line2D([], [], color=colour, label=name) for name, colour in colours.items()]
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=1 + len(handles) // 8)
 
 
 def scalar_curves(job_dir: Path, tags: Iterable[str]) -> dict[str, tuple[list[int], list[float]]]:
@@ -724,6 +806,23 @@ def write_report(sweep_dir: Path) -> Path:
         "Each line is one job's weight-gradient norm per layer at the first logged step (layer 0 "
         "is the input side, log scale): a line rising steeply to the right means the gradient "
         "vanishes on its way back to the input, one falling to the right means it explodes.",
+    )
+    figures["backward_profiles.png"] = (
+        plot_backward_profiles(table, settings),
+        "The backward signal ||dL/dh|| (log scale) along each job's signal axis: its time steps "
+        "(a recurrent network's hidden state), its residual stream's blocks, else its hidden "
+        "layers (0 = input side); at the first measured step (as initialised) and the last, a "
+        "line per job coloured by its setting. A line that falls toward the input side (step "
+        "0) is a vanishing signal, one that rises there an exploding one; its first value over "
+        "its last is the backward ratio the verdicts read.",
+    )
+    figures["jacobian_spectra.png"] = (
+        plot_jacobian_spectra(table, settings),
+        "The hidden stack's input-output Jacobian (`callbacks=jacobian`): its singular values' "
+        "log10 as quantiles over the measured inputs, smallest (left) to largest (right), as "
+        "initialised and at the end, a line per job coloured by its setting. A flat line at 0 "
+        "(dotted) is dynamical isometry, every direction passed on unchanged; a steep one, a "
+        "spectrum spread over decades, passes a few directions and loses the rest.",
     )
     figures["loss_curves.png"] = (
         plot_loss_curves(table, sweep_dir),
