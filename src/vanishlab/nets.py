@@ -472,10 +472,14 @@ class ViT(nn.Module):
     `norm_position` places each block's two LayerNorms. `pre`: x + attention(norm(x)), then
     x + mlp(norm(x)), and a final LayerNorm before the pool; `post`: norm(x + attention(x)),
     then norm(x + mlp(x)), as in the original transformer. Xiong et al. (2020) show why it
-    matters: at init Post-LN's gradients are large near the output and small near the input,
-    which is why Post-LN needs a learning-rate warm-up, while Pre-LN's skip path carries the
-    gradient to every block alike. The residual stream after each block passes through an
-    `nn.Identity`, a `stream` probe, so the backward signal's ratio runs along it.
+    matters: at init Post-LN's gradients are large near the output and small near the input
+    (each LayerNorm on the stream scales the gradient passing back through it), which is why
+    Post-LN needs a learning-rate warm-up, while Pre-LN's skip path carries the gradient back
+    undivided to every block. The residual stream after each block passes through an
+    `nn.Identity`, a `stream` probe, so the backward signal's ratio runs along it. There is
+    no `hidden_map()`, so `callbacks=jacobian` refuses the model: the stream's map spans all
+    49 tokens (3136 units at width 64, past the callback's `max_width`), not one chain of
+    weighted layers.
 
     The positional embedding is the model's own (`initialised_roles`): truncated normal, std
     0.02, as in ViT (Dosovitskiy et al. 2021), whatever the `init` group.
