@@ -88,6 +88,8 @@ def test_sweep_hparams_show_status_verdict_and_the_varied_keys_first(tiny_sweep)
     assert list(infos["model.activation"].domain_discrete) == ["relu", "sigmoid"]
     assert list(infos["optimizer.lr"].domain_discrete) == [0.05, 10000.0]
     assert [m.name.tag for m in config.metric_infos] == list(METRICS)
+    # The backward ratio as initialised, what `exploding` reads, shows without a click.
+    assert "Log10/backward/first_over_last_at_start" in list(METRICS)[:SHOWN]
 
 
 def test_columns_are_typed_and_only_what_differs() -> None:
