@@ -134,7 +134,7 @@ class GradientFlow(pl.Callback):
         self.histograms_every_n_epochs = histograms_every_n_epochs
         self.figure_log10_range = tuple(figure_log10_range)
         self.at_first_step: dict[str, Any] = {}
-        self.at_last_step: dict[str, float] = {}
+        self.at_last_step: dict[str, Any] = {}
         self.epoch_profiles: dict[int, list[float]] = {}  # mean grad norm per layer, per epoch
         self.epoch_backward_profiles: dict[int, list[float]] = {}  # mean ||dL/dh||, per epoch
         self._logging = False

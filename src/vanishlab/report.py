@@ -50,6 +50,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
@@ -560,6 +561,7 @@ def plot_backward_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figur
                 x = [results.axis_position(probe) for probe in job[key]]
                 ax.plot(x, list(job[key].values()), ".-", color=colours[job["label"]], alpha=0.8)
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, blocks, layers
             ax.set(xlabel=results.AXIS_LABELS[axis], title=when)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("||dL/dh||")
