@@ -95,6 +95,11 @@ def test_jobs_stack_when_they_differ_only_in_init_loss_optimizer_values_and_seed
     assert key("model.depth=3") != base
     assert key("optimizer=adam") != base  # another optimizer class
     assert key("data.batch_size=20") != base
+    # A network's INIT_KEYS decide only initial values: an RNN's recurrent scale stacks, its
+    # cell does not.
+    rnn = key("model=rnn")
+    assert key("model=rnn", "model.recurrent_scale=3.0", "model.forget_bias=0") == rnn != base
+    assert key("model=rnn", "model.cell=gru") != rnn
 
 
 def instruments() -> list[pl.Callback]:

@@ -637,6 +637,10 @@ class RNN(nn.Module):
     leaves the recurrent role to the init group (rho and the forget bias then unused).
     """
 
+    # Keys that decide only the initial values, not the shape or the computation: a stack's jobs
+    # may differ in them (`stack.stack_key`).
+    INIT_KEYS = ("recurrent_init", "recurrent_scale", "forget_bias")
+
     def __init__(
         self,
         input_shape: tuple[int, ...],

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
@@ -85,13 +86,27 @@ STACKABLE_KEYS = ("init", "loss", SEED)
 def stack_key(identity: dict[str, Any]) -> str:
     """Jobs with the same key train as one stack: their identities (`results.job_identity`)
     are equal but for `STACKABLE_KEYS`, the data's seed (a copy of `seed`) and the optimizer's
-    hyperparameters; the optimizer's class must match."""
+    hyperparameters; the optimizer's class must match. A network class may name model keys that
+    decide only its parameters' initial values (`INIT_KEYS`, e.g. an RNN's recurrent scale):
+    its jobs may differ in those too."""
     shape = copy.deepcopy(identity)
     for key in STACKABLE_KEYS:
         shape.pop(key, None)
+    model = shape.get("model", {})
+    for key in init_keys(model.get("_target_")):
+        model.pop(key, None)
     shape.get("data", {}).pop(SEED, None)
     shape["optimizer"] = {"_target_": identity["optimizer"]["_target_"]}
     return job_id(shape)
+
+
+def init_keys(target: str | None) -> tuple[str, ...]:
+    """The model keys `target`'s class says decide only initial values; none where it names no
+    class (that job fails alone, with its paragraph, when it is built)."""
+    try:
+        return tuple(getattr(get_class(target), "INIT_KEYS", ())) if target else ()
+    except (ImportError, AttributeError, ValueError):
+        return ()
 
 
 class StackedBatches:

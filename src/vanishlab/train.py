@@ -60,7 +60,6 @@ from vanishlab.results import (
     ERROR,
     FINISHED,
     FULL_EPOCHS,
-    GRAD_NORMS_AT_START,
     JOB_CONFIG,
     JOB_ID,
     RESUMED_FROM,
@@ -395,8 +394,8 @@ def finish(job: Job, train_and_test: Callable[[], dict[str, Any]]) -> float | No
         return job_failed(err, job.identity, job.record_path, job.in_sweep)
     record = {**record, TAGS: list(job.cfg.get("tags") or []), **job.identity}
     save_record(job.record_path, record)
-    hidden = (GRAD_NORMS_AT_START, JOB_CONFIG)
-    rich.print({k: v for k, v in record.items() if k not in hidden})
+    # The console gets the figures; profiles, spectra and the config stay in metrics.json.
+    rich.print({k: v for k, v in record.items() if not isinstance(v, (dict, list)) or k == TAGS})
     last_ckpt = job.record_path.parent / "checkpoints" / "last.ckpt"
     if last_ckpt.is_file():
         log.info("Evaluate it with: %s", eval_command(last_ckpt))
