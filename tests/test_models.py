@@ -18,11 +18,14 @@ from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise, kaiming_normal, variance_scaling, zeros
 from vanishlab.nets import CNN, MLP, Probe, Residual
 from vanishlab.results import (
+    BACKWARD_START,
     CLASSES_PREDICTED,
     GRAD_NORMS_AT_START,
     MAX_DEAD,
+    STATUS,
     VERDICT,
 )
+from vanishlab.stack import fit_and_test_stack
 from vanishlab.train import build, fit_and_test
 
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -221,3 +224,50 @@ def test_each_remedy_builds_what_it_names(remedy, tiny_data, tmp_path) -> None:
     expected_norm = {"batchnorm": {"BatchNorm1d"}, "layernorm": {"LayerNorm"}}
     assert norms == expected_norm.get(remedy, {"LayerNorm"} if "layernorm" in remedy else set())
     assert bool(skips) == remedy.startswith("residual")
+
+
+@pytest.mark.parametrize(
+    ("model", "override", "message"),
+    [
+        ("rnn", "model.cell=elman", "model.cell='elman' is not allowed"),
+        ("rnn", "model.sequence=columns", "model.sequence='columns' is not allowed"),
+        ("rnn", "model.recurrent_init=xavier", "model.recurrent_init='xavier' is not allowed"),
+        ("rnn", "model.recurrent_scale=-1", "model.recurrent_scale=-1 is not allowed"),
+        ("rnn", "remedy=layernorm", "could not be built from its config"),
+        ("vit", "model.heads=3", r"model.heads=3 does not divide model.width=64.* Fix: .*1, 2, 4"),
+        ("vit", "model.heads=0", "model.heads=0 is not allowed"),
+        ("vit", "model.norm_position=sandwich", "model.norm_position='sandwich' is not allowed"),
+        ("vit", "remedy=residual_layernorm", "could not be built from its config"),
+    ],
+)
+def test_bad_family_keys_and_remedies_end_in_one_paragraph(
+    model, override, message, tiny_data, tmp_path
+) -> None:
+    cfg = compose_config([*FAST, f"model={model}", override], tiny_data, tmp_path)
+    with pytest.raises(ConfigError, match=message) as error:
+        build(cfg)
+    assert "Fix:" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "small",
+    [
+        ["model=rnn", "model.width=16"],
+        ["model=vit", "model.width=16", "model.depth=2", "model.heads=2"],
+    ],
+    ids=["rnn", "vit"],
+)
+def test_stacked_family_jobs_complete_and_measure_as_alone(small, tiny_data, tmp_path) -> None:
+    jobs = [["seed=0", "optimizer.lr=0.05"], ["seed=1", "optimizer.lr=0.1"]]
+
+    def configs(where: str) -> list:
+        return [
+            compose_config([*FAST, *small, *job], tiny_data, tmp_path / where / str(i))
+            for i, job in enumerate(jobs)
+        ]
+
+    alone = [fit_and_test(cfg) for cfg in configs("alone")]
+    stacked = fit_and_test_stack(configs("stacked"))
+    for own, record in zip(alone, stacked, strict=True):
+        assert record[STATUS] == own[STATUS] == "completed"
+        assert record[BACKWARD_START] == own[BACKWARD_START]

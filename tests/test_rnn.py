@@ -15,9 +15,8 @@ from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.init import initialise, xavier_normal, zeros
 from vanishlab.nets import MAX_TIME_PROBES, RNN, SIGNAL_AXES, Probe, check_probes
-from vanishlab.results import BACKWARD_START, STATUS
-from vanishlab.stack import fit_and_test_stack
-from vanishlab.train import build, fit_and_test
+from vanishlab.results import BACKWARD_START
+from vanishlab.train import fit_and_test
 
 CELLS = ("tanh", "relu", "lstm", "gru")
 
@@ -117,38 +116,3 @@ def test_a_time_probe_measures_only_its_output() -> None:
     net.probes = lambda: [bad]
     with pytest.raises(ConfigError, match="measures only its output"):
         check_probes(net, "rnn")
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("model.cell=elman", "model.cell='elman' is not allowed"),
-        ("model.sequence=columns", "model.sequence='columns' is not allowed"),
-        ("model.recurrent_init=xavier", "model.recurrent_init='xavier' is not allowed"),
-        ("model.recurrent_scale=-1", "model.recurrent_scale=-1 is not allowed"),
-        ("remedy=layernorm", "could not be built from its config"),
-    ],
-)
-def test_bad_rnn_keys_and_remedies_end_in_one_paragraph(override, message, tiny_data, tmp_path):
-    cfg = compose_config([*FAST, "model=rnn", override], tiny_data, tmp_path)
-    with pytest.raises(ConfigError, match=message) as error:
-        build(cfg)
-    assert "Fix:" in str(error.value)
-
-
-def test_stacked_rnn_jobs_complete_and_measure_as_alone(tiny_data, tmp_path) -> None:
-    jobs = [["seed=0", "optimizer.lr=0.05"], ["seed=1", "optimizer.lr=0.1"]]
-
-    def configs(where: str) -> list:
-        return [
-            compose_config(
-                [*FAST, "model=rnn", "model.width=16", *job], tiny_data, tmp_path / where / str(i)
-            )
-            for i, job in enumerate(jobs)
-        ]
-
-    alone = [fit_and_test(cfg) for cfg in configs("alone")]
-    stacked = fit_and_test_stack(configs("stacked"))
-    for own, record in zip(alone, stacked, strict=True):
-        assert record[STATUS] == own[STATUS] == "completed"
-        assert record[BACKWARD_START] == own[BACKWARD_START]

@@ -13,12 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_rnn import log10_first_over_last
 
 from conftest import FAST, compose_config
-from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
 from vanishlab.init import initialise, kaiming_normal
 from vanishlab.nets import ViT
 from vanishlab.results import BACKWARD_START, STATUS
-from vanishlab.stack import fit_and_test_stack
 from vanishlab.train import build, fit_and_test
 
 INITS = sorted(p.stem for p in (CONFIG_DIR / "init").glob("*.yaml"))
@@ -78,35 +76,3 @@ def test_the_positional_embedding_keeps_its_own_init_under_any_init_group(
     assert "default init" not in caplog.text  # every parameter is some probe's
     assert torch.equal(module.net.position, own)
     assert own.std().item() == pytest.approx(0.02, rel=0.05)
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("model.heads=3", r"model.heads=3 does not divide model.width=64.* Fix: .*1, 2, 4, 8"),
-        ("model.heads=0", "model.heads=0 is not allowed"),
-        ("model.norm_position=sandwich", "model.norm_position='sandwich' is not allowed"),
-        ("remedy=residual_layernorm", "could not be built from its config"),
-    ],
-)
-def test_bad_vit_keys_and_remedies_end_in_one_paragraph(override, message, tiny_data, tmp_path):
-    cfg = compose_config([*FAST, "model=vit", override], tiny_data, tmp_path)
-    with pytest.raises(ConfigError, match=message) as error:
-        build(cfg)
-    assert "Fix:" in str(error.value)
-
-
-def test_stacked_vit_jobs_complete_and_measure_as_alone(tiny_data, tmp_path) -> None:
-    jobs = [["seed=0", "optimizer.lr=0.05"], ["seed=1", "optimizer.lr=0.1"]]
-
-    def configs(where: str) -> list:
-        return [
-            compose_config([*FAST, *SMALL, *job], tiny_data, tmp_path / where / str(i))
-            for i, job in enumerate(jobs)
-        ]
-
-    alone = [fit_and_test(cfg) for cfg in configs("alone")]
-    stacked = fit_and_test_stack(configs("stacked"))
-    for own, record in zip(alone, stacked, strict=True):
-        assert record[STATUS] == own[STATUS] == "completed"
-        assert record[BACKWARD_START] == own[BACKWARD_START]

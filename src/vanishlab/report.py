@@ -536,8 +536,7 @@ def plot_grad_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figure | 
         ax.set(xlabel=results.AXIS_LABELS["layer"], title=panel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("weight-gradient norm at start")
-    if len(colours) > 1:
-        legend_below(fig, colours)
+    legend_below(fig, colours)
     return fig
 
 
@@ -566,8 +565,7 @@ def plot_backward_profiles(table: pd.DataFrame, varied: dict[str, str]) -> Figur
             ax.grid(alpha=0.3)
         row[0].set_ylabel("||dL/dh||")
     fig.suptitle("backward signal along each job's signal axis")
-    if len(colours) > 1:
-        legend_below(fig, colours)
+    legend_below(fig, colours)
     return fig
 
 
@@ -593,8 +591,7 @@ def plot_jacobian_spectra(table: pd.DataFrame, varied: dict[str, str]) -> Figure
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("log10 singular value")
     fig.suptitle("singular values of the hidden stack's Jacobian dh_last / dh_first")
-    if len(colours) > 1:
-        legend_below(fig, colours)
+    legend_below(fig, colours)
     return fig
 
 
@@ -615,7 +612,9 @@ def legend(ax: Axes, colours: dict[str, Any]) -> None:
 
 def legend_below(fig: Figure, colours: dict[str, Any]) -> None:
     """One entry per colour under the panels, whose width a setting's long label needs (a
-    sweep over models varies each model's keys)."""
+    sweep over models varies each model's keys); none for a single colour, which needs no key."""
+    if len(colours) < 2:
+        return
     handles = [Line2D([], [], color=colour, label=name) for name, colour in colours.items()]
     fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=1 + len(handles) // 8)
 
