@@ -144,10 +144,9 @@ class FusedNetworks(nn.Module):
             replace(self.stacked, name, nn.Parameter(value))
         for name, value in buffers.items():
             replace(self.stacked, name, value)
-        self.probes: list[Probe] = self.stacked.probes()
         self._taps: dict[str, Tensor] | None = None  # job k's slices, inside vmap
         self._activations: dict[str, Tensor] = {}
-        for probe in self.probes:
+        for probe in self.stacked.probes():
             probe.output.register_forward_hook(partial(self._tap, probe))
 
     def state(self) -> dict[str, Tensor]:
@@ -184,19 +183,21 @@ class FusedNetworks(nn.Module):
         return None if tap is None else probe.tapped(output, tap)
 
     def taps(self, x: Tensor) -> dict[str, Tensor]:
-        """A zero tap per probe for a forward of x, (K, *h.shape), requiring a gradient: after
-        backward, `tap.grad[k]` is job k's dL/dh. The shapes come from one job's forward on the
-        meta device, which computes nothing."""
+        """A zero tap per probe for a forward of x, (K, *h.shape) in h's dtype, requiring a
+        gradient: after backward, `tap.grad[k]` is job k's dL/dh. The shapes come from one
+        job's forward on the meta device, which computes nothing."""
         meta = {name: value[0].to("meta") for name, value in self.state().items()}
         self._taps, self._activations = {}, {}
         try:
             functional_call(self.stacked, meta, (x[0].to("meta"),))
-            shapes = {name: h.shape for name, h in self._activations.items()}
+            measured = self._activations
         finally:
             self._taps, self._activations = None, {}
         return {
-            name: torch.zeros(self.num_jobs, *shape, device=x.device, requires_grad=True)
-            for name, shape in shapes.items()
+            name: torch.zeros(
+                self.num_jobs, *h.shape, dtype=h.dtype, device=x.device, requires_grad=True
+            )
+            for name, h in measured.items()
         }
 
     def unstack(self, k: int) -> dict[str, Tensor]:
