@@ -4,6 +4,7 @@ launches for K jobs as for one."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from functools import partial
 
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vanishlab import ConfigError
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.fused import FusedNetworks
-from vanishlab.nets import CNN, MLP, RNN, ViT
+from vanishlab.nets import CNN, MLP, RNN, Probe, ViT
 
 K, BATCH, SHAPE = 3, 4, (1, 28, 28)
 MODELS = {
@@ -135,6 +136,32 @@ def test_a_job_state_round_trips_in_its_network_layout() -> None:
         assert torch.equal(fused.unstack(1)[name], nets[1].state_dict()[name]), name
     with pytest.raises(ConfigError, match=r"is not its network's: it lacks \['hidden.0.1.bias'"):
         fused.load(0, {n: v for n, v in state.items() if n != "hidden.0.1.bias"})
+
+
+class Dropped(nn.Module):
+    """A layer whose output goes through dropout: the jobs' masks are random draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.dropout = nn.Linear(4, 256), nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.layer(x))
+
+    def probes(self) -> list[Probe]:
+        return [Probe("layer_00", self.layer, self.dropout)]
+
+
+def test_dropout_draws_each_job_its_own_mask() -> None:
+    torch.manual_seed(0)
+    same = Dropped()
+    fused = FusedNetworks([copy.deepcopy(same) for _ in range(K)])  # equal weights
+    dropped = fused(torch.ones(K, 2, 4)) == 0
+    assert not torch.equal(dropped[0], dropped[1])
+    assert 0.3 < dropped.float().mean() < 0.7
+    fused.eval()
+    kept = fused(torch.ones(K, 2, 4))
+    assert torch.equal(kept[0], kept[1])
 
 
 # Ops that only reinterpret a tensor's metadata (a view's shape, strides or aliasing): no kernel.
