@@ -26,7 +26,7 @@ train on. `job_state_dict` and `load_job_state_dict` give and take one job's sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,31 @@ class BatchedOptimizer(torch.optim.Optimizer):
     TORCH: type[torch.optim.Optimizer]
     PER_JOB: tuple[str, ...]
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any):
-        super().__init__(params, {**torch_defaults(self.TORCH), **hyperparameters})
+    def __init__(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any
+    ) -> None:
+        defaults = torch_defaults(self.TORCH)
+        unknown = sorted(hyperparameters.keys() - defaults.keys())
+        if unknown:
+            raise ConfigError(
+                f"optimizer.{unknown[0]} is not a setting of torch.optim.{self.TORCH.__name__}. "
+                f"Fix: remove it, or use one of {', '.join(defaults)}."
+            )
+        super().__init__(params, {**defaults, **hyperparameters})
+
+    @classmethod
+    def for_jobs(
+        cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], jobs: Sequence[dict[str, Any]]
+    ) -> BatchedOptimizer:
+        """The optimizer over `params` with job k's settings `jobs[k]`: the keywords `TORCH`
+        takes for it alone (a `make_optimizer`'s), torch's default where a job has none."""
+        defaults = torch_defaults(cls.TORCH)
+        values = {}
+        for key in set().union(*jobs):
+            values[key] = [job.get(key, defaults.get(key)) for job in jobs]
+            if isinstance(defaults.get(key), tuple):  # a pair per job: a pair of per-job values
+                values[key] = tuple(zip(*values[key], strict=True))
+        return cls(params, **values)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Torch's, after each per-job hyperparameter is made an array over the jobs and each
@@ -98,6 +121,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         return loss
 
     def update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """One step of `group`'s `params` (those with a gradient), for the active jobs."""
         raise NotImplementedError
 
     def job_state(self, group: dict[str, Any], state: dict[str, Any], job: int) -> dict:
@@ -148,15 +172,6 @@ class BatchedOptimizer(torch.optim.Optimizer):
             for param, view in zip(group["params"], own["params"], strict=True):
                 self.load_job_state(group, param, job, alone.state.get(view, {}))
 
-    def factors(self, rows: list[list[np.ndarray]], like: Tensor) -> Tensor:
-        """The per-job factors `rows` (parameters x factors x jobs, float64 as torch computes
-        them on the host) on `like`'s device in its dtype, in one copy."""
-        return torch.from_numpy(np.asarray(rows)).to(device=like.device, dtype=like.dtype)
-
-    def masks(self, *rows: np.ndarray, like: Tensor) -> Tensor:
-        """The per-job masks `rows` (`active` first) on `like`'s device, in one copy."""
-        return torch.from_numpy(np.stack(rows)).to(device=like.device)
-
 
 class BatchedSGD(BatchedOptimizer):
     """`torch.optim.SGD` for each job, with its own lr, momentum, dampening, weight_decay and
@@ -180,8 +195,8 @@ class BatchedSGD(BatchedOptimizer):
             keep = np.where(started, momentum, 0.0)
             take = np.where(started, 1 - group["dampening"], 1.0)
             rows.append([-group["lr"], group["weight_decay"], keep, take, momentum])
-        factors = self.factors(rows, params[0])
-        active, use_nesterov = self.masks(self.active, nesterov, like=params[0])
+        factors = on_device(rows, params[0], params[0].dtype)
+        active, use_nesterov = on_device([self.active, nesterov], params[0])
         for p, (neg_lr, weight_decay, keep, take, job_momentum) in zip(
             params, factors, strict=True
         ):
@@ -247,17 +262,17 @@ class BatchedAdam(BatchedOptimizer):
                 [group["weight_decay"], 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt]
                 + [group["eps"], neg_step_size]
             )
-        factors = self.factors(rows, params[0])
-        active, use_amsgrad = self.masks(self.active, amsgrad, like=params[0])
+        factors = on_device(rows, params[0], params[0].dtype)
+        active, use_amsgrad = on_device([self.active, amsgrad], params[0])
         for p, row in zip(params, factors, strict=True):
-            weight_decay, weight1, beta2_, weight2, correction2, eps, neg_step_size = (
+            weight_decay, weight1, decay2, weight2, correction2, eps, neg_step_size = (
                 along_jobs(factor, p) for factor in row
             )
             state, grad, keep = self.state[p], p.grad, along_jobs(active, p)
             if group["weight_decay"].any():
                 grad = torch.addcmul(grad, weight_decay, p)
             exp_avg = torch.lerp(state["exp_avg"], grad, weight1)
-            exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2_, grad * weight2, grad)
+            exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * decay2, grad * weight2, grad)
             second = exp_avg_sq
             if amsgrad.any():
                 max_sq = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
@@ -300,11 +315,12 @@ class BatchedAdam(BatchedOptimizer):
 
 @torch.no_grad()
 def clip_grad_norm_per_job_(
-    parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0
+    parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0
 ) -> Tensor:
     """Clip each job's gradient as `torch.nn.utils.clip_grad_norm_` clips it alone: by its norm
     over all its parameters' slices. Returns the K norms before clipping. (Clipping by value
     needs no such thing: `clip_grad_value_` on the stacked gradients is elementwise.)"""
+    parameters = [parameters] if isinstance(parameters, Tensor) else parameters
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
@@ -315,6 +331,12 @@ def clip_grad_norm_per_job_(
     for g in grads:
         g.mul_(along_jobs(clip_coef_clamped, g))
     return total_norm
+
+
+def on_device(rows: list, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-job values computed on the host (`rows`, nested lists of (K,) arrays; torch's
+    factors in double precision, or masks) on `like`'s device, in `dtype`, in one copy."""
+    return torch.from_numpy(np.asarray(rows)).to(device=like.device, dtype=dtype)
 
 
 def along_jobs(values: Tensor, like: Tensor) -> Tensor:
