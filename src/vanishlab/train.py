@@ -385,6 +385,13 @@ def prepare(cfg: DictConfig) -> Job | float | None:
     return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep)
 
 
+# This task trains in stacks: the launchers (`hydra_plugins.vanishlab_launchers`) look for the step
+# that prepares a job on the function Hydra hands them, `main` undecorated. It is named by its
+# import path: under `python -m vanishlab.train` this module is `__main__`, whose `Job` is not the
+# `vanishlab.train.Job` that `vanishlab.stack` trains.
+main.__wrapped__.prepare = "vanishlab.train.prepare"
+
+
 def finish(job: Job, train_and_test: Callable[[], dict[str, Any]]) -> float | None:
     """Run `train_and_test` (it returns the job's record) and keep the record; a job that
     raises is recorded as `failed`. Returns the job's value for the sweeper."""

@@ -1,15 +1,24 @@
 """vanishlab's Hydra launchers. Hydra finds launcher plugins only under `hydra_plugins`; this
 module imports vanishlab lazily, so Hydra's plugin discovery stays fast for any application.
 
+Both launchers run the task function Hydra hands them. A task that can train in stacks says so:
+its function carries `prepare`, the import path of the step that takes a job's config to the
+point where it would train and returns a `vanishlab.train.Job` (ready) or the job's value (done:
+skipped or failed), as `vanishlab.train.main` does. Any other task (`vanishlab.eval`, a user's
+script) runs one job at a time, as under Hydra's own launcher for that place.
+
 `StackedLauncher` (`hydra/launcher=stacked`) trains a sweep's compatible jobs as stacks, one
 Lightning loop each (`vanishlab.stack`); every job still gets its own directory, `.hydra/`
 files, TensorBoard events and record, as Hydra's basic launcher would make them.
 
-`SlurmLauncher` is Hydra's submitit SLURM launcher with one change: a job that SLURM ends before
-it returns (cancelled, timed out, preempted, out of memory, its node failed) is recorded as such
-in its `metrics.json`, and the sweep waits for its other jobs, summarises and exits 1, where the
-plugin's launcher raises at the first such job and leaves the others unwatched. A re-run trains
-the job on from its last checkpoint, as it does an interrupted job.
+`SlurmLauncher` (`hydra/launcher=slurm`) is Hydra's submitit SLURM launcher with two changes.
+It submits one array task per stack (the same stacks as `StackedLauncher`'s; a task that does not
+train in stacks: one per job), and a task that SLURM times out or preempts is requeued
+(`max_num_timeout`): its jobs train on from their last checkpoints. A task that SLURM ends for
+good (cancelled, out of memory, its node failed, out of requeues) has each of its jobs recorded
+as such in its `metrics.json`, and the sweep waits for its other tasks, summarises and exits 1,
+where the plugin's launcher raises at the first such job and leaves the others unwatched. A
+re-run trains such a job on from its last checkpoint, as it does an interrupted job.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import (
@@ -32,72 +42,132 @@ from hydra.core.utils import (
     run_job,
     setup_globals,
 )
-from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
+Numbered = tuple[list[str], int]  # a job of the sweep: its overrides and its number (hydra.job.num)
 
-class StackedLauncher(Launcher):
-    """Runs a sweep's jobs in this process, as Hydra's basic launcher does, in two passes: each
-    job through Hydra's `run_job` (its directory, `.hydra/` files, log and callbacks) up to the
-    point where it would train (`vanishlab.train.prepare`: skipped, failed or ready); then the
-    ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own.
+
+class StackedLauncher(BasicLauncher):
+    """Runs a sweep's jobs in this process. A task that trains in stacks (its function has
+    `prepare`) runs in two passes: each job through Hydra's `run_job` (its directory, `.hydra/`
+    files, log and callbacks) up to the point where it would train (skipped, failed or ready);
+    then the ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own.
+    Any other task runs as under Hydra's basic launcher, whose code runs it.
 
     Each job's log file (`train.log`) gets its own lines and its stack's: between jobs the
     launcher logs as Hydra's own logging is set, and a stack logs into its jobs' files."""
 
     def __init__(self, max_stack: int = 16) -> None:
+        super().__init__()
         self.max_stack = max_stack
 
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
-        self.hydra_context, self.config = hydra_context, config
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-        from vanishlab import stack, train
-
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        prepare = prepare_step(self.task_function)
+        if prepare is None:
+            return super().launch(job_overrides, initial_job_idx)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs locally, in stacks", len(job_overrides))
-        self.log_files: list[list[logging.Handler]] = []
-        returns = [self.prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        ready = [i for i, r in enumerate(returns) if isinstance(r.return_value, train.Job)]
-        jobs = [returns[i].return_value for i in ready]
-        groups = stack.stacks(jobs, self.max_stack)
-        sizes = ", ".join(str(len(group)) for group in groups)
-        stacks = f"{len(groups)} stack{'s' * (len(groups) != 1)}"
-        log.info("%d jobs to train -> %s (%s)", len(jobs), stacks, sizes or "none")
-        for group in groups:
-            with logging_into([h for i in group for h in self.log_files[ready[i]]]):
-                values = stack.run_stack([jobs[i] for i in group])
-            for i, value in zip(group, values, strict=True):
-                returns[ready[i]].return_value = value
+        jobs = [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        returns, log_files = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
+        train_stacks(returns, log_files, stacked(returns, self.max_stack))
         return returns
 
-    def prepare(self, overrides: list[str], idx: int) -> JobReturn:
-        """The job up to its training (`prepare_resolved`), in Hydra's `run_job`."""
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(config.hydra.job):
-            config.hydra.job.id, config.hydra.job.num = idx, idx
-        job_return = run_job(
-            hydra_context=self.hydra_context,
-            task_function=prepare_resolved,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-        # The job's log file, as Hydra set it up; then the launcher's own logging again.
-        root = logging.getLogger()
-        self.log_files.append([h for h in root.handlers if isinstance(h, logging.FileHandler)])
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return job_return
+
+def prepare_step(task_function: TaskFunction) -> Callable[[DictConfig], Any] | None:
+    """The step that prepares a job of the task, if the task trains in stacks (it names one)."""
+    path = getattr(task_function, "prepare", None)
+    return get_method(path) if path else None
+
+
+def run_numbered(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    task_function: TaskFunction,
+    job: Numbered,
+    job_id: str,
+) -> JobReturn:
+    """One job of the sweep through Hydra's `run_job`, numbered and logged as Hydra's basic
+    launcher does it; then the launcher's own logging again."""
+    overrides, num = job
+    log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config.hydra.job):
+        sweep_config.hydra.job.id, sweep_config.hydra.job.num = job_id, num
+    job_return = run_job(
+        hydra_context=hydra_context,
+        task_function=task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return job_return
+
+
+def prepare_jobs(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    prepare: Callable[[DictConfig], Any],
+    jobs: list[Numbered],
+    job_id: Callable[[int], str] = str,
+) -> tuple[list[JobReturn], dict[int, list[logging.Handler]]]:
+    """Each job up to its training (`prepare`, its config then resolved while Hydra's config is
+    the job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's);
+    and, by job number, the log files Hydra opened for it."""
+    from vanishlab import train
+
+    log_files: dict[int, list[logging.Handler]] = {}
+
+    def prepare_resolved(cfg: DictConfig) -> Any:
+        handlers = logging.getLogger().handlers
+        log_files[HydraConfig.get().job.num] = [
+            h for h in handlers if isinstance(h, logging.FileHandler)
+        ]
+        job = prepare(cfg)
+        if isinstance(job, train.Job):
+            OmegaConf.resolve(job.cfg)
+        return job
+
+    returns = [run_numbered(hydra_context, config, prepare_resolved, j, job_id(j[1])) for j in jobs]
+    return returns, log_files
+
+
+def stacked(returns: list[JobReturn], max_stack: int) -> list[list[int]]:
+    """The prepared jobs that are ready to train (indices into `returns`), in stacks of at most
+    `max_stack` (`vanishlab.stack.stacks`)."""
+    from vanishlab import stack, train
+
+    ready = [i for i, r in enumerate(returns) if isinstance(r._return_value, train.Job)]
+    groups = stack.stacks([returns[i]._return_value for i in ready], max_stack)
+    sizes = ", ".join(str(len(group)) for group in groups)
+    stacks = f"{len(groups)} stack{'s' * (len(groups) != 1)}"
+    log.info("%d jobs to train -> %s (%s)", len(ready), stacks, sizes or "none")
+    return [[ready[i] for i in group] for group in groups]
+
+
+def train_stacks(
+    returns: list[JobReturn], log_files: dict[int, list[logging.Handler]], groups: list[list[int]]
+) -> None:
+    """Train each group of prepared jobs as one stack (`vanishlab.stack.run_stack`), logging
+    into its jobs' log files; each job's return value becomes its own."""
+    from vanishlab import stack
+
+    for group in groups:
+        files = [h for i in group for h in log_files[returns[i].hydra_cfg.hydra.job.num]]
+        with logging_into(files):
+            values = stack.run_stack([returns[i]._return_value for i in group])
+        for i, value in zip(group, values, strict=True):
+            returns[i].return_value = value
 
 
 @contextlib.contextmanager
@@ -113,17 +183,6 @@ def logging_into(handlers: list[logging.Handler]) -> Iterator[None]:
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
-
-
-def prepare_resolved(cfg: DictConfig) -> Any:
-    """`vanishlab.train.prepare`, its job's config then resolved while Hydra's config is the
-    job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's."""
-    from vanishlab import train
-
-    job = train.prepare(cfg)
-    if isinstance(job, train.Job):
-        OmegaConf.resolve(job.cfg)
-    return job
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
