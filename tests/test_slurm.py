@@ -1,6 +1,7 @@
-"""Sweeps on a real SLURM cluster through `hydra/launcher=slurm`: jobs that complete, fail, and
-are cancelled. `.ci/run` starts a one-node cluster on localhost (`.ci/slurm.sh start`); on a
-machine without one, these tests are skipped with the reason."""
+"""Sweeps on a real SLURM cluster through `hydra/launcher=slurm`: jobs that complete, fail, are
+cancelled, stack into one task, and are requeued when their task times out. `.ci/run` starts a
+one-node cluster on localhost (`.ci/slurm.sh start`); on a machine without one, these tests are
+skipped with the reason."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from vanishlab.results import (
     RESUMED_FROM,
     STATUS,
 )
+from vanishlab.stack import STACKED_WITH
 
 
 def cluster_up() -> bool:
@@ -50,6 +52,13 @@ def command(sweep_dir: Path, *overrides: str) -> list[str]:
     return ["vanishlab.train", "-m", *SLURM, *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}"]
 
 
+def tasks(sweep_dir: Path) -> list[str]:
+    """The SLURM tasks the sweep submitted, by the names of submitit's folders: `<job>` for one
+    task, `<array>_<i>` for an array's (whose own folder, `<array>`, holds its submission)."""
+    names = {p.name for p in sweep_dir.glob(".submitit/*") if p.is_dir()}
+    return sorted(n for n in names if not any(m.startswith(f"{n}_") for m in names))
+
+
 def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path) -> None:
     result = run_cli(*command(tmp_path, "seed=0,1"), data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +77,7 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tiny_data, tmp_path) 
 
 
 def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path) -> None:
-    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=150")
+    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=150", "hydra.launcher.max_stack=1")
     sweep = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=REPO_ROOT,
@@ -106,7 +115,7 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
     """The command that submitted a sweep is killed while its tasks run on: running it again
     is refused with the paragraph naming those tasks, and submits nothing; once they have
     been cancelled, it submits only the jobs that did not finish."""
-    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=100")
+    args = command(tmp_path, "seed=0,1", "trainer.max_epochs=100", "hydra.launcher.max_stack=1")
     sweep = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=REPO_ROOT,
@@ -123,23 +132,60 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
     finally:
         os.killpg(sweep.pid, signal.SIGKILL)
         sweep.wait()
-    tasks = sorted(p.name for p in tmp_path.glob(".submitit/*_*") if p.is_dir())
-    assert len(tasks) == 2
+    submitted = tasks(tmp_path)
+    assert len(submitted) == 2
     try:
         result = run_cli(*args, data_dir=tiny_data)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "still has SLURM tasks pending or running" in result.stderr
-        assert all(task in result.stderr for task in tasks), (tasks, result.stderr[-2000:])
+        assert all(task in result.stderr for task in submitted), result.stderr[-2000:]
         assert "Fix:" in result.stderr
-        assert sorted(p.name for p in tmp_path.glob(".submitit/*_*") if p.is_dir()) == tasks
+        assert tasks(tmp_path) == submitted
     finally:
-        subprocess.run(["scancel", tasks[0].split("_")[0]], check=True)
+        subprocess.run(["scancel", submitted[0].split("_")[0]], check=True)
     deadline = time.time() + 120
     while subprocess.run(
-        ["squeue", "-h", "-j", tasks[0].split("_")[0]], capture_output=True, text=True
+        ["squeue", "-h", "-j", submitted[0].split("_")[0]], capture_output=True, text=True
     ).stdout.strip():
         assert time.time() < deadline, "the cancelled tasks stayed in the queue"
         time.sleep(0.5)
-    result = run_cli(*command(tmp_path, "seed=0,1", "trainer.max_epochs=100"), data_dir=tiny_data)
+    result = run_cli(*args, data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {r[STATUS] for r in records(tmp_path).values()} == {"completed"}
+
+
+def test_a_sweep_that_stacks_runs_as_one_task(tiny_data, tmp_path) -> None:
+    result = run_cli(*command(tmp_path, "seed=0,1,2,3"), data_dir=tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(tasks(tmp_path)) == 1
+    by_seed = {r[JOB_CONFIG]["seed"]: r for r in records(tmp_path).values()}
+    assert sorted(by_seed) == [0, 1, 2, 3]
+    assert all(r[STATUS] == "completed" and len(r[STACKED_WITH]) == 3 for r in by_seed.values())
+
+
+def test_a_timed_out_task_is_requeued_and_its_job_completes(tiny_data, tmp_path) -> None:
+    """A job that trains for 100 s (Lightning's `max_time`, which its checkpoints keep) and
+    checkpoints every 25 epochs (a few seconds), in a task of 2 minutes whose signal comes 45 s
+    before its end: its task is requeued, and the job trains on from its last checkpoint to its
+    end. (With a monitored metric, Lightning writes `last.ckpt` only at a new best.)"""
+    every_25_epochs = [
+        "callbacks.model_checkpoint.monitor=null",
+        "+callbacks.model_checkpoint.every_n_epochs=25",
+    ]
+    result = run_cli(
+        *command(tmp_path, "seed=0", "trainer.max_epochs=100000", *every_25_epochs),
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=45",
+        "+trainer.max_time=00:00:01:40",
+        data_dir=tiny_data,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (task,) = tasks(tmp_path)
+    attempts = subprocess.run(
+        ["sacct", "--duplicates", "--allocations", "--noheader", "--format=State", f"-j{task}"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert attempts[0] == "REQUEUED" and attempts[-1] == "COMPLETED", attempts
+    (record,) = records(tmp_path).values()
+    assert record[STATUS] == "completed" and record[RESUMED_FROM].endswith("last.ckpt")

@@ -5,33 +5,35 @@ Both launchers run the task function Hydra hands them. A task that can train in 
 its function carries `prepare`, the import path of the step that takes a job's config to the
 point where it would train and returns a `vanishlab.train.Job` (ready) or the job's value (done:
 skipped or failed), as `vanishlab.train.main` does. Any other task (`vanishlab.eval`, a user's
-script) runs one job at a time, as under Hydra's own launcher for that place.
+script) runs its jobs one by one, as Hydra's basic launcher and submitit plugin run them.
 
 `StackedLauncher` (`hydra/launcher=stacked`) trains a sweep's compatible jobs as stacks, one
 Lightning loop each (`vanishlab.stack`); every job still gets its own directory, `.hydra/`
 files, TensorBoard events and record, as Hydra's basic launcher would make them.
 
-`SlurmLauncher` (`hydra/launcher=slurm`) is Hydra's submitit SLURM launcher with two changes.
-It submits one array task per stack (the same stacks as `StackedLauncher`'s; a task that does not
-train in stacks: one per job), and a task that SLURM times out or preempts is requeued
-(`max_num_timeout`): its jobs train on from their last checkpoints. A task that SLURM ends for
-good (cancelled, out of memory, its node failed, out of requeues) has each of its jobs recorded
-as such in its `metrics.json`, and the sweep waits for its other tasks, summarises and exits 1,
-where the plugin's launcher raises at the first such job and leaves the others unwatched. A
-re-run trains such a job on from its last checkpoint, as it does an interrupted job.
+`SlurmLauncher` (`hydra/launcher=slurm`) is Hydra's submitit SLURM launcher, but:
+- it submits one array task per stack (`StackedLauncher`'s stacks, of `max_stack` jobs at most;
+  a task that does not train in stacks: one per job);
+- a task that SLURM times out or preempts is requeued (`max_num_timeout` times at most): its jobs
+  train on from their last checkpoints;
+- a task that SLURM ends for good (cancelled, out of memory, its node failed, out of requeues)
+  has each of its unfinished jobs recorded as such in its `metrics.json`, and the sweep waits
+  for its other tasks, summarises and exits 1, where the plugin's launcher raises at the first
+  such job and leaves the others unwatched. A re-run trains such a job on from its last
+  checkpoint, as it does an interrupted job.
 """
-
-from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import (
@@ -45,8 +47,8 @@ from hydra.core.utils import (
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +187,35 @@ def logging_into(handlers: list[logging.Handler]) -> Iterator[None]:
             handler.close()
 
 
+@dataclass
+class SlurmConf(SlurmQueueConf):
+    """The plugin's SLURM keys, checked as the plugin checks them, and `max_stack`
+    (`conf/hydra/launcher/slurm.yaml` sets the values)."""
+
+    _target_: str = "hydra_plugins.vanishlab_launchers.SlurmLauncher"
+    max_stack: int = MISSING
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="vanishlab_slurm", node=SlurmConf, provider="vanishlab"
+)
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    """One SLURM array task per stack (`max_stack` jobs at most), each running its jobs as
+    `StackedLauncher` does; a task that does not train in stacks: one array task per job.
+
+    A requeued task (`max_num_timeout`: the plugin's `checkpoint` resubmits it with the same
+    jobs) prepares them again: a finished one is skipped, the others train on from their own
+    last checkpoints."""
+
+    def __init__(self, max_stack: int = 16, **params: Any) -> None:
+        super().__init__(**params)
+        self.max_stack = max_stack
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-        """Submit the jobs as the plugin does, then collect each one's result on its own; but
+        """Prepare the jobs here (a bad config fails before anything is submitted, a finished
+        job is skipped), submit their stacks, then collect each task's results on its own; but
         never while an earlier command's tasks of this sweep are still in SLURM's queue."""
         from vanishlab import ConfigError, exit_with
 
@@ -203,19 +231,31 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                     f"the same command again: it submits only the jobs that did not finish."
                 )
             )
-        jobs = self.submit(job_overrides, initial_job_idx)
-        returns = []
-        for idx, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
+        setup_globals()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        jobs = [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        prepare = prepare_step(self.task_function)
+        if prepare is None:
+            returns: list[JobReturn | None] = [None] * len(jobs)
+            groups = [[i] for i in range(len(jobs))]
+        else:
+            returns, _ = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
+            groups = stacked(returns, self.max_stack)
+        tasks = self.submit([[jobs[i] for i in group] for group in groups]) if groups else []
+        for group, task in zip(groups, tasks, strict=True):
             try:
-                returns.append(job.results()[0])
-            except Exception:  # submitit's UncompletedJobError: the job wrote no result
-                self.record_ended(list(overrides), initial_job_idx + idx, job)
-                status, value = JobStatus.COMPLETED, None  # no value: sweepers go on
-                returns.append(JobReturn(list(overrides), status=status, _return_value=value))
+                done = task.results()[0]
+            except Exception:  # submitit's UncompletedJobError: the task wrote no result
+                done = [self.record_ended(jobs[i], task) for i in group]
+            for i, job_return in zip(group, done, strict=True):
+                returns[i] = job_return
         return returns
 
-    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-        """The plugin's `launch` up to its last line, which waits for every result in turn."""
+    def submit(self, tasks: list[list[Numbered]]) -> list:
+        """An array of `tasks`, each a list of jobs, submitted as the plugin submits its jobs."""
         import submitit
 
         init_keys = ("submitit_folder", "max_num_timeout")
@@ -236,24 +276,41 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 if key not in init_keys
             }
         )
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, sweep_dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        job_params = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            state = Singleton.get_state()
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
-        return executor.map_array(self, *zip(*job_params, strict=True))
+        log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, self.config.hydra.sweep.dir)
+        for task, jobs in enumerate(tasks):
+            numbers = ", ".join(f"#{num}" for _, num in jobs)
+            log.info("\tSLURM task %d : jobs %s", task, numbers)
+        state = Singleton.get_state()
+        return executor.map_array(self, tasks, [state] * len(tasks))
+
+    def __call__(  # type: ignore[override]
+        self, jobs: list[Numbered], singleton_state: dict[type, Singleton]
+    ) -> list[JobReturn]:
+        """On the node: the task's jobs, as `StackedLauncher` runs them (one stack, but for
+        the jobs that no longer stack: finished, or training on from a checkpoint)."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        task_id = submitit.JobEnvironment().job_id
+        prepare = prepare_step(self.task_function)
+        if prepare is None:
+            return [
+                run_numbered(self.hydra_context, self.config, self.task_function, job, task_id)
+                for job in jobs
+            ]
+        returns, log_files = prepare_jobs(
+            self.hydra_context, self.config, prepare, jobs, lambda _: task_id
+        )
+        train_stacks(returns, log_files, stacked(returns, len(jobs)))
+        return returns
 
     def still_queued(self) -> list[str]:
         """This sweep's SLURM tasks still pending or running: those an earlier command submitted
         (their ids are the names of the folders submitit made) that `squeue` still lists."""
         folder = Path(str(self.params["submitit_folder"])).parent
-        jobs = [d.name.split("_")[0] for d in folder.glob("*_*") if d.is_dir()]
-        ids = sorted(job for job in jobs if job.isdigit())
+        jobs = [d.name.split("_")[0] for d in folder.glob("*") if d.is_dir()]
+        ids = sorted({job for job in jobs if job.isdigit()})
         if not ids:
             return []
         listed = subprocess.run(
@@ -263,26 +320,33 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         )
         return listed.stdout.split()
 
-    def record_ended(self, overrides: list[str], idx: int, job: Any) -> None:
-        """Write the record of a job that SLURM ended, where the job itself would have."""
-        from vanishlab import results
+    def record_ended(self, job: Numbered, task: Any) -> JobReturn:
+        """Write the record of a job whose task SLURM ended, where the job itself would have;
+        its value: none, so that sweepers go on. A job that finished before its task ended (an
+        earlier one of its stack) keeps its record and its value."""
+        from vanishlab import results, train
 
+        overrides, num = job
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config.hydra.job):
-            config.hydra.job.num = idx
+            config.hydra.job.num = num
         HydraConfig.instance().set_config(config)
         job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        identity = results.job_identity(config)
         started = results.read_record(job_dir / "metrics.json")
-        state = job.state
+        if started.get(results.STATUS) in results.FINISHED:
+            value = train.optimized_value(config, started)
+            return JobReturn(overrides, status=JobStatus.COMPLETED, _return_value=value)
+        identity = results.job_identity(config)
+        state = task.state
         job_dir.mkdir(parents=True, exist_ok=True)
         record = {
             **started,
             # "CANCELLED by 0" -> cancelled, TIMEOUT -> timeout, ...
             results.STATUS: state.split()[0].lower(),
-            results.ERROR: f"SLURM ended the job ({state}); its log: {job.paths.stderr}",
+            results.ERROR: f"SLURM ended the job ({state}); its log: {task.paths.stderr}",
             results.JOB_ID: results.job_id(identity),
             results.JOB_CONFIG: identity,
         }
         results.write_json(job_dir / "metrics.json", record)
-        log.error("Job #%d ended by SLURM (%s); recorded in %s", idx, state, job_dir)
+        log.error("Job #%d ended by SLURM (%s); recorded in %s", num, state, job_dir)
+        return JobReturn(overrides, status=JobStatus.COMPLETED, _return_value=None)
