@@ -19,8 +19,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST, REPO_ROOT, kill_cli_when, run_cli, sweep
-from vanishlab.checkpoints import AtomicCheckpointIO
+from conftest import FAST, REPO_ROOT, compose_config, kill_cli_when, run_cli, sweep
+from vanishlab.checkpoints import AtomicCheckpointIO, read_checkpoint
 from vanishlab.report import LOSS_TAGS, scalar_curves
 from vanishlab.results import (
     JOB_ID,
@@ -30,8 +30,9 @@ from vanishlab.results import (
     VAL_ACC,
     read_record,
 )
-from vanishlab.stack import STACKED_WITH
+from vanishlab.stack import STACKED_WITH, fit_and_test_stack
 from vanishlab.storage import report_disk_full_in_threads
+from vanishlab.train import fit_and_test
 
 FAULTS = Path(__file__).parent / "faults"  # kill_at.py, the fault injector
 KILL_AT = "+callbacks.kill_at={_target_:kill_at.KillAt}"
@@ -157,6 +158,30 @@ def test_a_checkpoint_is_written_beside_its_target_and_never_in_part(tmp_path) -
     assert target.read_bytes() == before
     assert os.listdir(target.parent) == ["last.ckpt"]
     assert torch.load(target, weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
+def test_last_ckpt_is_the_newest_state_not_the_best(stacked, tiny_data, tmp_path) -> None:
+    """last.ckpt, what a killed job trains on from, is written after every validation, also
+    when val/acc did not improve: with a learning rate too small to change a prediction, the best
+    is epoch 0's and last.ckpt must still be the last epoch's (Lightning's save_last alone left
+    it at epoch 0)."""
+    overrides = [*FAST, "trainer.max_epochs=3", "optimizer.lr=1e-20"]
+    cfgs = [
+        compose_config([*overrides, f"seed={seed}"], tiny_data, tmp_path / str(seed))
+        for seed in (0, 1)
+    ]
+    if stacked:
+        fit_and_test_stack(cfgs)
+    else:
+        fit_and_test(cfgs[0])
+    for cfg in cfgs[: 1 + stacked]:
+        checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+        best, last = (read_checkpoint(checkpoints / f"{n}.ckpt") for n in ("best", "last"))
+        assert best["epoch"] == 0
+        assert last["epoch"] == 2
+        assert last["global_step"] == 3 * best["global_step"]
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 def sweep_cli(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
