@@ -36,7 +36,7 @@ training runs at full speed.
 The record keeps the backward profile (`results.BACKWARD_NORMS_START`, `BACKWARD_NORMS`): the
 norms `backward/first_over_last` divides, every probe along its axis (time steps, the residual
 stream's blocks, or the hidden layers), at the first and the last measured step, and the axis's
-name, from the probes' role alone (`results.SIGNAL_AXIS_OF_ROLE`).
+name, from the probes' role alone (`nets.SIGNAL_AXES`).
 
 The last optimizer step of training is always measured. Each `histograms_every_n_epochs` epochs,
 and at that last step, it also draws histograms and the gradient-flow figure (`dashboard.py`).
@@ -47,11 +47,11 @@ The backward signal is read from taps: on a measured step each probe's output h 
 backward `tap.grad` is exactly dL/dh, with no hook on the backward pass. A plain network gets its
 taps from a forward hook on each probe's `output` module (`GradientFlow._capture`); hooks that
 make tensors, or `Tensor.register_hook`, do not work inside `torch.func.vmap` (a tap made there
-gets no `.grad`). A vmapped model (a stack's jobs as one batched network) would make each probe's
-tap outside `vmap`, one for all K jobs (`zeros(K, *h.shape, requires_grad=True)`, the shape from
-an earlier forward), pass the taps in as an input mapped over the jobs, add each where it applies
-that probe's output module, and give job k's GradientFlow `tap.grad[k]` and `h[k]`: the figures
-below only read each probe's activation and its tap's gradient.
+gets no `.grad`). A vmapped model (a stack's jobs as one batched network,
+`fused.FusedNetworks`) makes each probe's tap outside `vmap`, one for all K jobs
+(`FusedNetworks.taps`), passes them in mapped over the jobs and returns the activations
+(`forward(x, taps)`): job k's figures would read `tap.grad[k]` and `h[k]`. GradientFlow does not
+take them from there yet (a stack does not run fused yet).
 """
 
 from __future__ import annotations
@@ -89,7 +89,6 @@ from vanishlab.results import (
     MAX_DEAD,
     MAX_SATURATED,
     SIGNAL_AXIS,
-    SIGNAL_AXIS_OF_ROLE,
     START,
     axis_position,
 )
@@ -192,7 +191,7 @@ class GradientFlow(pl.Callback):
         ]
         self.first_hidden, self.last_hidden = signal[0], signal[-1]
         self.signal = [self.probes[i] for i in signal]
-        self.axis = SIGNAL_AXIS_OF_ROLE.get(self.signal[0].role, "layer")
+        self.axis = SIGNAL_AXES.get(self.signal[0].role, "layer")
         hidden = [self.weighted[i] for i in hidden_layers]
         self.dead = [p for p in hidden if p.kind == "relu"]
         self.saturating = [p for p in hidden if p.kind in BOUNDS]

@@ -60,9 +60,10 @@ ROLES = {
 }
 # Roles measured by their output alone: no parameters, no weight figures.
 ACTIVATION_ROLES = ("time", "memory", "stream")
-# The axes the backward signal's first-over-last ratio can run along, by the probes' role: the
-# first a network has (time steps, else the residual stream's blocks), else its hidden layers.
-SIGNAL_AXES = ("time", "stream")
+# The axes the backward signal's first-over-last ratio can run along, by the probes' role, with
+# the axis's name: the first a network has (time steps, else the residual stream's blocks), else
+# its hidden layers ("layer").
+SIGNAL_AXES = {"time": "time step", "stream": "block"}
 
 
 def is_bias(name: str) -> bool:

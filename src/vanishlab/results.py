@@ -97,11 +97,10 @@ BACKWARD_FIRST_OVER_LAST = "backward/first_over_last"  # at the last measured st
 BACKWARD_START = "evidence/backward_first_over_last_at_start"  # at the first measured step
 # The backward profile: ||dL/dh|| at each probe along the axis that ratio runs along (its first
 # value over its last is the ratio), as {probe name: norm} in input-to-output order, at the first
-# and the last measured step; and that axis, named by the probes' role (`SIGNAL_AXIS_OF_ROLE`).
+# and the last measured step; and that axis, named by the probes' role (`nets.SIGNAL_AXES`).
 BACKWARD_NORMS_START = "evidence/backward_norms_at_start"
 BACKWARD_NORMS = "backward_norms"  # at the last measured step
 SIGNAL_AXIS = "evidence/signal_axis"  # "time step", "block" or "layer"
-SIGNAL_AXIS_OF_ROLE = {"time": "time step", "stream": "block"}  # any other role: "layer"
 # How a figure's x axis reads, for each axis.
 AXIS_LABELS = {"time step": "time step", "block": "block", "layer": "layer (0 = input side)"}
 FULL_EPOCHS = "evidence/full_epochs"  # epochs that ran every batch of the training split
