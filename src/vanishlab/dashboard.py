@@ -105,15 +105,19 @@ def write_layout(loggers: list[Logger]) -> None:
 
 
 def write_histograms(
-    loggers: list[Logger], probes: list[Probe], activations: dict[str, Tensor], step: int
+    loggers: list[Logger],
+    probes: list[Probe],
+    grads: list[Tensor | None],
+    activations: dict[str, Tensor],
+    step: int,
 ) -> None:
-    """Weights, gradients and output activations of every probe (`weights/layer_00`, ...)."""
+    """Weights, their gradients (`grads`, in `probes`' order: a fused stack's job's slices)
+    and output activations of every probe (`weights/layer_00`, ...)."""
     for writer in tensorboard_writers(loggers):
-        for probe in probes:
-            weight = probe.weight
+        for probe, grad in zip(probes, grads, strict=True):
             for family, values in (
-                ("weights", weight),
-                ("grads", weight.grad),
+                ("weights", probe.weight),
+                ("grads", grad),
                 ("activations", activations[probe.name]),
             ):
                 add_histogram(writer, f"{family}/{probe.name}", values, step)

@@ -105,13 +105,6 @@ def tag(family: str, probe: Probe) -> str:
     return f"{family}/{probe.name}"
 
 
-def grad_norm(tensor: Tensor) -> Tensor:
-    """The norm of `tensor`'s gradient (a weight's, or a tap's: dL/dh); nan where there is none
-    (a weight whose update StopOnDivergence dropped), so the figures do not depend on which
-    callback runs first."""
-    return vector_norm(tensor.grad) if tensor.grad is not None else tensor.new_full((), math.nan)
-
-
 class GradientFlow(pl.Callback):
     """Logs per-probe gradient flow; keeps the figures the run's verdict needs (`evidence`).
 
@@ -212,21 +205,29 @@ class GradientFlow(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         # With gradient accumulation several batches lead to one optimizer step: the hooks stay
         # on until that step, so the activations and taps are those of its last batch.
-        step = trainer.global_step
-        if self._logging or (step % self.every_n_steps and step != self._last_step):
+        if not self.due(trainer.global_step):
             return
-        self._logging = True
-        self._step = step
-        self._histograms = step == self._last_step or (
-            trainer.current_epoch % self.histograms_every_n_epochs == 0
-            and not self._profiles_this_epoch
-        )
+        self.begin(trainer)
         self._activations: dict[str, Tensor] = {}
         self._taps: dict[str, Tensor] = {}
         self._hooks = [
             probe.output.register_forward_hook(partial(self._capture, probe))
             for probe in self.probes
         ]
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` is measured (and is not being measured already)."""
+        return not self._logging and (step % self.every_n_steps == 0 or step == self._last_step)
+
+    def begin(self, trainer: pl.Trainer) -> None:
+        """Measure this step: its figures are written after its optimizer step."""
+        step = trainer.global_step
+        self._logging = True
+        self._step = step
+        self._histograms = step == self._last_step or (
+            trainer.current_epoch % self.histograms_every_n_epochs == 0
+            and not self._profiles_this_epoch
+        )
 
     def _capture(self, probe: Probe, module: nn.Module, inputs: Any, output: Any) -> Any:
         """Keep the probe's activation and put its tap on it: the measured tensor h becomes
@@ -243,16 +244,45 @@ class GradientFlow(pl.Callback):
         for hook in self._hooks:
             hook.remove()
         weights = [p.weight for p in self.weighted]
-        self._grad_norms = torch.stack([grad_norm(w) for w in weights])
-        self._backward_norms = torch.stack([grad_norm(self._taps[p.name]) for p in self.probes])
+        self.gradients(
+            [w[None] for w in weights],
+            [None if w.grad is None else w.grad[None] for w in weights],
+            [self._taps[p.name].grad[None] for p in self.probes],
+        )
         self._taps = {}  # their gradients are as large as the activations
+
+    def gradients(
+        self, weights: list[Tensor], grads: list[Tensor | None], tap_grads: list[Tensor | None]
+    ) -> None:
+        """Take a measured step's gradients before its update, every tensor with the jobs along
+        dim 0 (one job for a single run, a fused stack's K): the probes' weights and their
+        gradients (`weighted` order), and dL/dh at each probe (`probes` order)."""
+        self._grad_norms = torch.stack(
+            [job_norms(g, w) for g, w in zip(grads, weights, strict=True)], dim=1
+        )
+        self._backward_norms = torch.stack([job_norms(g, weights[0]) for g in tap_grads], dim=1)
         self._weights_before = [w.detach().clone() for w in weights]
+        self._grads = grads
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._logging or trainer.global_step == self._step:  # no optimizer step yet
             return
+        weights = [p.weight.detach()[None] for p in self.weighted]
+        activations = {name: a[None] for name, a in self._activations.items()}
+        (metrics,) = self.measure(weights, activations)
+        grads = [None if g is None else g[0] for g in self._grads]
+        self.keep(trainer, metrics, self._activations, grads)
+
+    def keep(
+        self,
+        trainer: pl.Trainer,
+        metrics: dict[str, float],
+        activations: dict[str, Tensor],
+        grads: list[Tensor | None],
+    ) -> None:
+        """Write one job's figures of the measured step (`measure`) to its loggers and keep
+        what its record needs; its activations and weight gradients go to the histograms."""
         self._logging = False
-        metrics = self._measure()
         write_scalars(trainer.loggers, metrics, self._step)
         profile = [metrics[t] for t in self.layer_tags]
         backward = {p.name: metrics[tag("backward", p)] for p in self.signal}
@@ -274,46 +304,62 @@ class GradientFlow(pl.Callback):
             "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
         }
         if self._histograms:
-            write_histograms(trainer.loggers, self.weighted, self._activations, self._step)
+            write_histograms(trainer.loggers, self.weighted, grads, activations, self._step)
 
-    def _measure(self) -> dict[str, float]:
-        """All figures of one measured step, computed on the device and synced once."""
-        weights = [p.weight.detach() for p in self.weighted]
-        activations = [self._activations[p.name] for p in self.probes]
-        weight_norms = torch.stack([vector_norm(w) for w in weights])
+    def measure(
+        self, weights: list[Tensor], activations: dict[str, Tensor]
+    ) -> list[dict[str, float]]:
+        """All figures of one measured step for each job along dim 0 of `weights` (after the
+        update) and `activations`, from the gradients `gradients` took: per-job reductions
+        over the job dimension, computed on the device and synced once."""
+        jobs = len(weights[0])
+        acts = [activations[p.name].reshape(jobs, -1) for p in self.probes]
+        weight_norms = torch.stack([job_norms(w, w) for w in weights], dim=1)
         update_norms = torch.stack(
-            [vector_norm(w - b) for w, b in zip(weights, self._weights_before, strict=True)]
+            [job_norms(w - b, w) for w, b in zip(weights, self._weights_before, strict=True)],
+            dim=1,
         )
         families: dict[str, tuple[list[Probe], Tensor]] = {
             "grad_norm": (self.weighted, self._grad_norms),
             "weight_norm": (self.weighted, weight_norms),
             "update_ratio": (self.weighted, update_norms / weight_norms),
-            "act_mean": (self.probes, torch.stack([a.mean() for a in activations])),
-            "act_std": (self.probes, torch.stack([a.std() for a in activations])),
+            "act_mean": (self.probes, torch.stack([a.mean(1) for a in acts], dim=1)),
+            "act_std": (self.probes, torch.stack([a.std(1) for a in acts], dim=1)),
             "backward": (self.probes, self._backward_norms),
         }
         if self.dead:
-            fractions = [silent(self._activations[p.name]).float().mean() for p in self.dead]
-            families["dead_frac"] = (self.dead, torch.stack(fractions))
+            fractions = [
+                silent(activations[p.name], 1).reshape(jobs, -1).float().mean(1) for p in self.dead
+            ]
+            families["dead_frac"] = (self.dead, torch.stack(fractions, dim=1))
         if self.saturating:
-            fractions = [saturated(self._activations[p.name], p.kind) for p in self.saturating]
-            families["saturated_frac"] = (self.saturating, torch.stack(fractions))
-        backward = self._backward_norms
+            fractions = [saturated(activations[p.name], p.kind) for p in self.saturating]
+            families["saturated_frac"] = (self.saturating, torch.stack(fractions, dim=1))
+        grads, backward = self._grad_norms, self._backward_norms
         single = {
-            FIRST_OVER_LAST: self._grad_norms[self.first] / self._grad_norms[self.last],
-            BACKWARD_FIRST_OVER_LAST: backward[self.first_hidden] / backward[self.last_hidden],
+            FIRST_OVER_LAST: grads[:, self.first] / grads[:, self.last],
+            BACKWARD_FIRST_OVER_LAST: backward[:, self.first_hidden]
+            / backward[:, self.last_hidden],
         }
         if self.output_relu:
-            output = self._activations[self.weighted[self.last].name]
-            single["dead_outputs"] = silent(output).sum().float()
-        values = torch.cat([*(v for _, v in families.values()), torch.stack([*single.values()])])
+            output = activations[self.weighted[self.last].name]
+            single["dead_outputs"] = silent(output, 1).reshape(jobs, -1).sum(1).float()
+        values = torch.cat(
+            [*(v for _, v in families.values()), torch.stack([*single.values()], dim=1)], dim=1
+        )
         names = [tag(family, p) for family, (probes, _) in families.items() for p in probes]
         names += [*single]
         shown = [i for i, name in enumerate(names) if name.split("/")[0] in LOG10_FAMILIES]
-        values = torch.cat([values, log10_display(values[shown])])
+        values = torch.cat([values, log10_display(values[:, shown])], dim=1)
         names += [LOG10 + names[i] for i in shown]
-        metrics = dict(zip(names, values.tolist(), strict=True))
-        return {k: v for k, v in metrics.items() if not (k.startswith(LOG10) and math.isnan(v))}
+        return [
+            {
+                k: v
+                for k, v in zip(names, row, strict=True)
+                if not (k.startswith(LOG10) and math.isnan(v))
+            }
+            for row in values.tolist()
+        ]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._profiles_this_epoch:
@@ -337,18 +383,28 @@ def mean_profile(profiles: list[list[float]]) -> list[float]:
     return [sum(values) / len(values) for values in zip(*profiles, strict=True)]
 
 
-def silent(activation: Tensor) -> Tensor:
-    """Per unit: 0 for every example of the batch (a dead ReLU, a dead output). The same as
-    `(activation == 0).all(0)` (a NaN is not 0 in both), but a float max over the batch took
-    0.07 ms here for two 200 x 200 activations where the boolean `all` took 0.22 ms."""
-    return activation.abs().amax(0) == 0
+def silent(activation: Tensor, batch_dim: int = 0) -> Tensor:
+    """Per unit: 0 for every example of the batch (`batch_dim`; 1 in jobs-first activations):
+    a dead ReLU, a dead output. The same as `(activation == 0).all(batch_dim)` (a NaN is not 0
+    in both), but a float max is cheaper than a boolean `all`."""
+    return activation.abs().amax(batch_dim) == 0
 
 
 def saturated(activation: Tensor, kind: str) -> Tensor:
-    """The fraction of outputs within `SATURATION_MARGIN` of the activation's bounds."""
+    """Per job (dim 0): the fraction of outputs within `SATURATION_MARGIN` of the bounds."""
     low, high = BOUNDS[kind]
     margin = SATURATION_MARGIN * (high - low)
-    return ((activation < low + margin) | (activation > high - margin)).float().mean()
+    near = (activation < low + margin) | (activation > high - margin)
+    return near.reshape(len(activation), -1).float().mean(1)
+
+
+def job_norms(tensor: Tensor | None, like: Tensor) -> Tensor:
+    """The L2 norm of each job's slice (dim 0) of `tensor`, which is shaped as `like`; nan
+    where there is none (a weight whose update StopOnDivergence dropped), so the figures do not
+    depend on which callback runs first."""
+    if tensor is None:
+        return like.new_full((len(like),), math.nan)
+    return vector_norm(tensor.reshape(len(like), -1), dim=1)
 
 
 def max_of_family(metrics: dict[str, float], family: str) -> float:

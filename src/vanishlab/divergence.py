@@ -70,5 +70,10 @@ class StopOnDivergence(pl.Callback):
         if math.isfinite(total.item()):
             return
         optimizer.zero_grad(set_to_none=True)
+        self.diverge(trainer)
+
+    def diverge(self, trainer: pl.Trainer) -> None:
+        """Stop at this step, whose update is dropped (a fused stack, which checks its jobs at
+        once, masks the job's update instead of clearing its gradients)."""
         trainer.should_stop = True
         self.diverged_at = {"step": trainer.global_step, "epoch": trainer.current_epoch}
