@@ -59,6 +59,12 @@ class TensorBatches:
         return full + (rest > 0 and self.world_size == 1)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.batch_indices():
+            yield self.x[batch], self.y[batch]
+
+    def batch_indices(self) -> Iterator[Tensor]:
+        """Each batch's indices into `x` and `y`, in this pass's order (a fused stack gathers
+        its jobs' batches at once from them)."""
         n = len(self.x)
         if self.generator is None:
             order = torch.arange(n, device=self.x.device)
@@ -68,7 +74,7 @@ class TensorBatches:
             batch = order[start : start + self.batch_size]
             if self.world_size > 1:
                 batch = batch[self.rank * self.share : (self.rank + 1) * self.share]
-            yield self.x[batch], self.y[batch]
+            yield batch
 
 
 @lru_cache(maxsize=4)

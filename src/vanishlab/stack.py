@@ -36,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
@@ -43,10 +44,21 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
+from torch.func import vmap
 
+from vanishlab import ConfigError
+from vanishlab.batched_optim import (
+    BatchedAdam,
+    BatchedOptimizer,
+    BatchedSGD,
+    clip_grad_norm_per_job_,
+    job_values,
+)
 from vanishlab.data import MNISTDataModule, TensorBatches
-from vanishlab.diagnostics import Predictions, evidence_on_test_split
-from vanishlab.module import Classifier, logs_this_step, stage_metrics
+from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
+from vanishlab.divergence import StopOnDivergence
+from vanishlab.fused import FusedNetworks, replace
+from vanishlab.module import Classifier, accuracy, logs_this_step, stage_metrics
 from vanishlab.results import (
     JOB_CONFIG,
     JOB_ID,
@@ -77,8 +89,35 @@ JobBatches = list[tuple[Tensor, Tensor]]  # one step's batches, one per job
 STACKED_WITH = "stacked_with"  # in a stacked job's record: the other jobs of its stack
 # A job's own callbacks; the others (the progress bar) are the stack's, from its first job's config.
 PER_JOB = (EvidenceSource, ModelCheckpoint, LearningRateMonitor)
-# Optimizers whose per-job parameter groups the equivalence test covers.
+# Optimizers whose per-job parameter groups the equivalence test covers, and the batched
+# optimizer that trains them in a fused stack.
 STACKABLE_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
+BATCHED_OPTIMIZERS: dict[type[torch.optim.Optimizer], type[BatchedOptimizer]] = {
+    torch.optim.SGD: BatchedSGD,
+    torch.optim.Adam: BatchedAdam,
+}
+# The callback hooks a stack calls for each job (`StackedClassifier.each`); a job's callback
+# that implements another is refused (`refuse_undriven_hooks`).
+DRIVEN_HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_validation_end",
+    "on_train_epoch_end",
+    "on_train_end",
+    "on_fit_end",
+    "on_exception",
+)
+# The step hooks of the callbacks a fused stack runs for all its jobs at once (`FusedStack`).
+MEASURED_BY_FUSED_STACK: dict[type[pl.Callback], tuple[str, ...]] = {
+    GradientFlow: ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"),
+    StopOnDivergence: ("on_before_backward", "on_before_optimizer_step"),
+}
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -122,13 +161,26 @@ class StackedBatches:
         return (list(batches) for batches in zip(*self.streams, strict=True))
 
 
+class FusedBatches(StackedBatches):
+    """The jobs' batches of a step as one `(x, y)`, x `(K, B, ...)`: each job's own indices,
+    from its own order, gathered at once from the training split they share."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self.streams[0].x, self.streams[0].y
+        orders = (stream.batch_indices() for stream in self.streams)
+        for indices in zip(*orders, strict=True):
+            batch = torch.stack(indices)
+            yield x[batch], y[batch]
+
+
 class StackedData(pl.LightningDataModule):
     """The jobs' data modules as one: training yields a batch per job; validation and testing
     use the first job's splits, which are every job's (the split has its own fixed seed)."""
 
-    def __init__(self, jobs: list[MNISTDataModule]) -> None:
+    def __init__(self, jobs: list[MNISTDataModule], fused: bool = False) -> None:
         super().__init__()
         self.jobs = jobs
+        self.fused = fused
 
     def prepare_data(self) -> None:
         for job in self.jobs:
@@ -147,7 +199,8 @@ class StackedData(pl.LightningDataModule):
             job.load_state_dict(state)
 
     def train_dataloader(self) -> StackedBatches:
-        return StackedBatches([job.train_dataloader() for job in self.jobs])
+        batches = FusedBatches if self.fused else StackedBatches
+        return batches([job.train_dataloader() for job in self.jobs])
 
     def val_dataloader(self) -> TensorBatches:
         return self.jobs[0].val_dataloader()
@@ -156,7 +209,7 @@ class StackedData(pl.LightningDataModule):
         return self.jobs[0].test_dataloader()
 
 
-def job_optimizer(optimizer: torch.optim.Optimizer, job: int) -> torch.optim.Optimizer:
+def group_share(optimizer: torch.optim.Optimizer, job: int) -> torch.optim.Optimizer:
     """Job `job`'s share of the stack's optimizer, as its callbacks would see its own optimizer
     alone: a shallow copy of the same class over the job's parameter group (the same dict, so
     a scheduler's changes show) and its parameters' state as it is now."""
@@ -190,9 +243,9 @@ class JobView:
     def callback_metrics(self) -> dict[str, Any]:
         return own_metrics(self._trainer.callback_metrics, self._job)
 
-    @functools.cached_property
+    @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [job_optimizer(self._trainer.optimizers[0], self._job)]
+        return [self._stack.job_optimizer(self._job)]
 
     @functools.cached_property
     def lr_scheduler_configs(self) -> list[Any]:
@@ -278,15 +331,32 @@ class StackedClassifier(pl.LightningModule):
         """Call `hook` of the callbacks of `jobs` (default: those still running) with the job's
         view, its module and its own `args(i)`."""
         for i, job in self.running if jobs is None else jobs:
-            for callback in self.job_callbacks[i]:
+            for callback in self.hooked[hook][i]:
                 getattr(callback, hook)(self.views[i], job, *args(i))
+
+    def drives(self, callback: pl.Callback, hook: str) -> bool:
+        """Whether `each` calls `callback`'s `hook` (a fused stack measures some itself)."""
+        return True
 
     def setup(self, stage: str) -> None:
         if not hasattr(self, "views"):  # once: testing after fitting keeps who stopped
+            refuse_undriven_hooks(self.job_callbacks)
+            self.hooked = {
+                hook: [
+                    [c for c in callbacks if implements(c, hook) and self.drives(c, hook)]
+                    for callbacks in self.job_callbacks
+                ]
+                for hook in DRIVEN_HOOKS
+            }
             self.views = [JobView(self, i) for i in range(len(self.jobs))]
+            self.shares: dict[int, torch.optim.Optimizer] = {}
             self.running = self.active()
             self.stopped: list[tuple[int, Classifier]] = []  # in this epoch
         self.each("setup", lambda i: (stage,))
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Each job's callbacks see the exception (a checkpoint saved on exception)."""
+        self.each("on_exception", lambda i: (exception,), jobs=list(enumerate(self.jobs)))
 
     def on_fit_start(self) -> None:
         self.each("on_fit_start")
@@ -298,7 +368,11 @@ class StackedClassifier(pl.LightningModule):
         self.each("on_train_epoch_start")
 
     def on_train_batch_start(self, batches: JobBatches, batch_idx: int) -> None:
-        self.each("on_train_batch_start", lambda i: (batches[i], batch_idx))
+        self.each("on_train_batch_start", lambda i: (self.job_batch(batches, i), batch_idx))
+
+    def job_batch(self, batches: JobBatches, i: int) -> tuple[Tensor, Tensor]:
+        """Job `i`'s batch of this step."""
+        return batches[i]
 
     def training_step(self, batches: JobBatches, batch_idx: int) -> Tensor:
         """The running jobs' losses, summed; each job logs as `Classifier.training_step` does,
@@ -335,6 +409,13 @@ class StackedClassifier(pl.LightningModule):
         summed in float32, divided by the image count), so each job logs what it logs alone.
         Testing also gathers each job's `Predictions`: the test-split evidence a single run
         takes from a forward pass of its own."""
+        values = self.job_evaluation(batch, stage)
+        self.sums = self.sums + values * len(batch[1])
+        self.images = self.images + len(batch[1])
+
+    def job_evaluation(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """Every job's metrics on `batch`, (K, metrics), named in `self.names`; in testing, each
+        job's predictions gathered."""
         metrics = []
         for i, job in enumerate(self.jobs):
             job_metrics, outputs = job.evaluation(batch, stage)
@@ -342,9 +423,7 @@ class StackedClassifier(pl.LightningModule):
             if stage == "test":
                 self.predictions[i].update(outputs)
         self.names = list(metrics[0])
-        values = torch.stack([torch.stack(list(m.values())) for m in metrics])
-        self.sums = self.sums + values * len(batch[1])
-        self.images = self.images + len(batch[1])
+        return torch.stack([torch.stack(list(m.values())) for m in metrics])
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation()
@@ -366,7 +445,7 @@ class StackedClassifier(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batches: JobBatches, batch_idx: int) -> None:
         """A job that stopped in this step leaves the stack; it ends its epoch after the next
         validation (`end_stopped`); the stack stops when every job has."""
-        self.each("on_train_batch_end", lambda i: (outputs, batches[i], batch_idx))
+        self.each("on_train_batch_end", lambda i: (outputs, self.job_batch(batches, i), batch_idx))
         for i, job in self.running:
             if self.views[i].should_stop:
                 self.views[i].global_step = self.trainer.global_step  # where it ended
@@ -398,12 +477,11 @@ class StackedClassifier(pl.LightningModule):
         optimizer's and schedulers' state, its callbacks' and data module's state, and the
         loops' state (a running job's steps are the stack's)."""
         trainer, job, view = self.trainer, self.jobs[i], self.views[i]
-        groups = len(trainer.optimizers[0].param_groups)
         return {
             "epoch": view.current_epoch,
             "global_step": view.global_step,
             "pytorch-lightning_version": pl.__version__,
-            "state_dict": job.state_dict(),
+            "state_dict": {k: v.clone() for k, v in job.state_dict().items()},
             "loops": {
                 name: getattr(trainer, name).state_dict()
                 for name in ("fit_loop", "validate_loop", "test_loop", "predict_loop")
@@ -413,12 +491,9 @@ class StackedClassifier(pl.LightningModule):
                 for callback in view.callbacks
                 if (state := callback.state_dict())
             },
-            "optimizer_states": [job_optimizer(trainer.optimizers[0], i).state_dict()],
+            "optimizer_states": [self.job_optimizer_state(i)],
             "lr_schedulers": [
-                {
-                    key: [value[i]] if isinstance(value, list) and len(value) == groups else value
-                    for key, value in config.scheduler.state_dict().items()
-                }
+                self.job_scheduler_state(config.scheduler.state_dict(), i)
                 for config in trainer.lr_scheduler_configs
             ],
             "hparams_name": job._hparams_name,
@@ -428,22 +503,48 @@ class StackedClassifier(pl.LightningModule):
             ),
         }
 
+    def job_optimizer(self, i: int) -> torch.optim.Optimizer:
+        """Job `i`'s share of the optimizer, one object for its view's life (`JobView`:
+        Lightning's monitor tells a scheduler's optimizer by identity)."""
+        if i not in self.shares:
+            self.shares[i] = group_share(self.trainer.optimizers[0], i)
+        return self.shares[i]
+
+    def job_optimizer_state(self, i: int) -> dict[str, Any]:
+        """Job `i`'s optimizer state in the layout of its optimizer alone."""
+        return group_share(self.trainer.optimizers[0], i).state_dict()
+
+    def job_scheduler_state(self, state: dict[str, Any], i: int) -> dict[str, Any]:
+        """Job `i`'s entries of a scheduler's state: of each per-group list, its group's."""
+        groups = len(self.trainer.optimizers[0].param_groups)
+        return {
+            key: [value[i]] if isinstance(value, list) and len(value) == groups else value
+            for key, value in state.items()
+        }
+
     def on_train_end(self) -> None:
         self.each("on_train_end")
 
+    def on_fit_end(self) -> None:
+        self.each("on_fit_end", jobs=list(enumerate(self.jobs)))
+
     def configure_optimizers(self) -> dict[str, Any]:
+        """The stack's optimizer (`stack_optimizer`), and the scheduler every job has."""
+        optimizer = self.stack_optimizer()
+        make_scheduler = self.jobs[0].make_scheduler
+        if make_scheduler is None:
+            return {"optimizer": optimizer}
+        schedule = lr_scheduler(make_scheduler, optimizer, self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def stack_optimizer(self) -> torch.optim.Optimizer:
         """One optimizer, a parameter group per job with that job's hyperparameters."""
         factories = [job.make_optimizer for job in self.jobs]
         groups = [
             {"params": list(job.parameters()), **make.keywords}
             for job, make in zip(self.jobs, factories, strict=True)
         ]
-        optimizer = factories[0].func(groups)
-        make_scheduler = self.jobs[0].make_scheduler
-        if make_scheduler is None:
-            return {"optimizer": optimizer}
-        schedule = lr_scheduler(make_scheduler, optimizer, self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return factories[0].func(groups)
 
     def configure_gradient_clipping(
         self,
@@ -460,6 +561,247 @@ class StackedClassifier(pl.LightningModule):
                 nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+
+class FusedStack(StackedClassifier):
+    """A stack whose jobs run as one batched model (`fused.FusedNetworks`): one forward,
+    backward and update for the K jobs, whatever K is, by the batched optimizers
+    (`batched_optim`: each job's own hyperparameters and state), each job's gradient clipped by
+    its own norm, its GradientFlow and StopOnDivergence measured for every job at once
+    (`MEASURED_BY_FUSED_STACK`: reductions over the job dimension, one host sync), one loss call
+    per distinct loss. A job that stops leaves the optimizer's `active` jobs: its weights and
+    state stay as they are, and its NaNs stay in its slice.
+
+    Each job's network holds views of its slice of the stacked parameters and buffers
+    (`share`): whatever reads a job's own module (its checkpoint, its other callbacks, its
+    test-split evidence) reads its current weights, with no copy. The rules of `StackedClassifier`
+    hold otherwise, but for one: the batched kernels round differently from a job's own (a
+    batched matmul for its matmul), so a fused job matches its run alone to a tolerance, not
+    bit for bit. Dropout draws each job's own masks (`FusedNetworks`).
+    """
+
+    def __init__(
+        self,
+        jobs: list[Classifier],
+        callbacks: list[list[pl.Callback]] | None = None,
+        loggers: list[list[Logger]] | None = None,
+    ) -> None:
+        super().__init__(jobs, callbacks, loggers)
+        self.fused = FusedNetworks([job.net for job in jobs])
+        self.share()
+        self.losses_by_function = losses_by_function([job.loss_fn for job in jobs])
+        self.measuring: list[tuple[int, GradientFlow]] = []
+
+    def share(self) -> None:
+        """Point each job's parameters and buffers at its slice of the stacked ones; again
+        after Lightning moves the model to its device, which moves each tensor on its own."""
+        stacked = self.fused.state()
+        for k, job in enumerate(self.jobs):
+            for name, param in job.net.named_parameters():
+                param.data = stacked[name].detach()[k]
+            for name, _ in job.net.named_buffers():
+                replace(job.net, name, stacked[name][k])
+
+    def drives(self, callback: pl.Callback, hook: str) -> bool:
+        measured = (h for kind, h in MEASURED_BY_FUSED_STACK.items() if isinstance(callback, kind))
+        return hook not in {h for hooks in measured for h in hooks}
+
+    def job_batch(self, batches: tuple[Tensor, Tensor], i: int) -> tuple[Tensor, Tensor]:
+        x, y = batches
+        return x[i], y[i]
+
+    def on_fit_start(self) -> None:
+        self.share()
+        callbacks = [(i, c) for i, cs in enumerate(self.job_callbacks) for c in cs]
+        self.flows = [(i, c) for i, c in callbacks if isinstance(c, GradientFlow)]
+        self.stops = {i: c for i, c in callbacks if isinstance(c, StopOnDivergence)}
+        super().on_fit_start()
+        self.running_mask = torch.ones(len(self.jobs), dtype=torch.bool, device=self.device)
+        if self.flows:
+            stacked = {probe.name: probe for probe in self.fused.stacked.probes()}
+            self.flow_weights = [stacked[p.name].weight for p in self.flows[0][1].weighted]
+
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        step = self.trainer.global_step
+        running = {i for i, _ in self.running}
+        flows = [(i, flow) for i, flow in self.flows if i in running]
+        if flows and flows[0][1].due(step):  # the jobs' flows share their settings
+            self.measuring, self.measured_step = flows, step
+            for i, flow in flows:
+                flow.begin(self.views[i])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Every job's loss on its own batch (x is (K, B, ...)); the running jobs' summed. On a
+        measured step the probes' taps ride along (`FusedNetworks.taps`)."""
+        x, y = batch
+        if self.measuring:
+            self.taps = self.fused.taps(x)
+            logits, self.activations = self.fused(x, self.taps)
+        else:
+            logits = self.fused(x)
+        self.losses = self.job_losses(logits, y)
+        if logs_this_step(self):
+            accuracies = vmap(accuracy)(logits, y)
+            for i, _ in self.running:
+                metrics = {"train/loss": self.losses[i], "train/acc": accuracies[i]}
+                self.log_dict(under_job(i, metrics), batch_size=y.shape[1])
+        return torch.where(self.running_mask, self.losses, 0).sum()
+
+    def job_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Each job's loss, (K,): one vmapped call per distinct loss function."""
+        if len(self.losses_by_function) == 1:
+            ((fn, _),) = self.losses_by_function
+            return vmap(fn)(logits, targets)
+        losses = [vmap(fn)(logits[jobs], targets[jobs]) for fn, jobs in self.losses_by_function]
+        order = torch.cat([jobs for _, jobs in self.losses_by_function]).argsort()
+        return torch.cat(losses)[order.to(logits.device)]
+
+    def job_evaluation(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """Every job on the same batch, at once."""
+        x, y = batch
+        jobs = len(self.jobs)
+        logits = self.fused(x.expand(jobs, *x.shape))
+        targets = y.expand(jobs, *y.shape)
+        if stage == "test":
+            for i, predictions in enumerate(self.predictions):
+                predictions.update(logits[i])
+        self.names = [f"{stage}/loss", f"{stage}/acc"]
+        losses = self.job_losses(logits, targets)
+        return torch.stack([losses, vmap(accuracy)(logits, targets)], dim=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The jobs' other callbacks; the measured step's gradients (before clipping, as alone);
+        then each job whose loss or gradient is not finite stops, its update masked."""
+        super().on_before_optimizer_step(optimizer)
+        if self.measuring:
+            lead = self.measuring[0][1]
+            taps = [self.taps[p.name].grad for p in lead.probes]
+            self.flow_grads = [w.grad for w in self.flow_weights]
+            lead.gradients(self.flow_weights, self.flow_grads, taps)
+            self.taps = {}
+        if self.stops:
+            self.stop_diverged(optimizer)
+
+    def stop_diverged(self, optimizer: BatchedOptimizer) -> None:
+        """`StopOnDivergence`'s test for every job at once: loss plus gradient norms finite."""
+        jobs = len(self.jobs)
+        grads = [p.grad.reshape(jobs, -1) for p in self.fused.parameters() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]).sum(0)
+        finite = torch.isfinite(self.losses.detach() + norms).tolist()
+        for i, ok in enumerate(finite):
+            if not ok and optimizer.active[i] and i in self.stops:
+                self.stops[i].diverge(self.views[i])
+                self.leave(i)
+
+    def leave(self, i: int) -> None:
+        """Job `i` stopped: the optimizer leaves its weights and state as they are."""
+        self.trainer.optimizers[0].active[i] = False
+        self.running_mask[i] = False
+
+    def on_train_batch_end(
+        self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int
+    ) -> None:
+        if self.measuring and self.trainer.global_step != self.measured_step:  # step taken
+            weights = [w.detach() for w in self.flow_weights]
+            metrics = self.measuring[0][1].measure(weights, self.activations)
+            for i, flow in self.measuring:
+                activations = {name: a[i] for name, a in self.activations.items()}
+                grads = [None if g is None else g[i] for g in self.flow_grads]
+                flow.keep(self.views[i], metrics[i], activations, grads)
+            self.measuring, self.activations = [], {}
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        for i, _ in self.stopped:
+            self.leave(i)
+
+    def stack_optimizer(self) -> BatchedOptimizer:
+        """The batched optimizer of the jobs' class, each job with its own hyperparameters."""
+        factories = [job.make_optimizer for job in self.jobs]
+        batched = BATCHED_OPTIMIZERS[factories[0].func]
+        return batched.for_jobs(self.fused.parameters(), [make.keywords for make in factories])
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Each job's gradient clipped by its own norm (by value: elementwise, the same)."""
+        if gradient_clip_val is None:
+            return
+        params = list(self.fused.parameters())
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            clip_grad_norm_per_job_(params, gradient_clip_val)
+
+    def job_optimizer(self, i: int) -> torch.optim.Optimizer:
+        """Job `i`'s optimizer alone over views of its slices, its hyperparameters as they are
+        now (a scheduler's changes show)."""
+        optimizer = self.trainer.optimizers[0]
+        if i not in self.shares:
+            self.shares[i] = optimizer.job_optimizer(i)
+        for own, group in zip(self.shares[i].param_groups, optimizer.param_groups, strict=True):
+            own.update(job_values(group, i))
+        return self.shares[i]
+
+    def job_optimizer_state(self, i: int) -> dict[str, Any]:
+        return self.trainer.optimizers[0].job_state_dict(i)
+
+    def job_scheduler_state(self, state: dict[str, Any], i: int) -> dict[str, Any]:
+        """Job `i`'s value of every per-job array in a scheduler's state (`base_lrs`...)."""
+        return job_entry(state, i)
+
+
+def losses_by_function(loss_fns: list[Callable]) -> list[tuple[Callable, Tensor]]:
+    """The jobs' loss functions, each with the indices of the jobs that use it (equal partials
+    are one function)."""
+    groups: dict[Any, tuple[Callable, list[int]]] = {}
+    for i, fn in enumerate(loss_fns):
+        key = (fn.func, repr(fn.args), repr(sorted(fn.keywords.items())))
+        groups.setdefault(key, (fn, []))[1].append(i)
+    return [(fn, torch.tensor(jobs)) for fn, jobs in groups.values()]
+
+
+def job_entry(value: Any, i: int) -> Any:
+    """`value` with each per-job array (numpy, one value per job) replaced by job `i`'s."""
+    if isinstance(value, np.ndarray):
+        return value[i].item()
+    if isinstance(value, dict):
+        return {key: job_entry(v, i) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(job_entry(v, i) for v in value)
+    return value
+
+
+def stacked_module(
+    jobs: list[Classifier],
+    callbacks: list[list[pl.Callback]],
+    loggers: list[list[Logger]],
+    sample_shape: tuple[int, ...],
+) -> tuple[StackedClassifier, str | None]:
+    """The stack of `jobs` as a `FusedStack`; or, with the reason, as a per-job
+    `StackedClassifier` when their optimizer has no batched version or refuses a job's
+    settings, their networks do not fuse, or a network's forward or backward does not run
+    under `vmap` (tried, in eval mode, on two blank inputs of `sample_shape`)."""
+    optimizer = jobs[0].make_optimizer.func
+    if optimizer not in BATCHED_OPTIMIZERS:
+        reason = f"optimizer {optimizer.__qualname__} has no batched version"
+        return StackedClassifier(jobs, callbacks, loggers), reason
+    try:
+        stack = FusedStack(jobs, callbacks, loggers)
+        BATCHED_OPTIMIZERS[optimizer].for_jobs(
+            [torch.empty(len(jobs), 1)], [job.make_optimizer.keywords for job in jobs]
+        )
+        blank = torch.zeros(len(jobs), 2, *sample_shape)
+        stack.fused.eval()
+        logits, _ = stack.fused(blank, stack.fused.taps(blank))
+        logits.sum().backward()
+        stack.fused.train()
+        stack.fused.zero_grad(set_to_none=True)
+    except Exception as err:  # noqa: BLE001 - any model that does not fuse trains job by job
+        return StackedClassifier(jobs, callbacks, loggers), f"{type(err).__name__}: {err}"
+    return stack, None
 
 
 def fit_and_test_stack(
@@ -485,11 +827,14 @@ def fit_and_test_stack(
         job_callbacks.append(sorted(own, key=lambda c: isinstance(c, ModelCheckpoint)))
         job_loggers.append(loggers)
         shared = shared or [c for c in callbacks if not isinstance(c, PER_JOB)]
-    stack = StackedClassifier([module for _, module in jobs], job_callbacks, job_loggers)
-    data = StackedData([datamodule for datamodule, _ in jobs])
+    modules, datamodules = [m for _, m in jobs], [dm for dm, _ in jobs]
+    stack, why = stacked_module(modules, job_callbacks, job_loggers, datamodules[0].sample_shape)
+    if why:
+        log.info("A stack of %d trains job by job, not fused: %s", len(jobs), why)
+    data = StackedData(datamodules, fused=isinstance(stack, FusedStack))
     trainer = make_trainer(
         cfgs[0].trainer,
-        callbacks=[*shared, *stack_callbacks],
+        callbacks=[*shared, *stack_callbacks, ExceptionsToJobs()],
         logger=JobLoggers(job_loggers),
         enable_checkpointing=False,  # the jobs have their own
     )
@@ -514,6 +859,36 @@ def fit_and_test_stack(
         record.update(testing_evidence(own_metrics(tested, i), test_seconds, evidence))
         record[VERDICT] = verdict(record)
     return records
+
+
+def implements(callback: pl.Callback, hook: str) -> bool:
+    """Whether `callback`'s class overrides `pl.Callback`'s `hook` (which does nothing)."""
+    return getattr(type(callback), hook) is not getattr(pl.Callback, hook)
+
+
+def refuse_undriven_hooks(job_callbacks: list[list[pl.Callback]]) -> None:
+    """A job's callback with a hook the stack does not call for it would be silently skipped:
+    refuse it, before anything trains."""
+    hooks = [name for name in vars(pl.Callback) if name.startswith("on_") or name == "teardown"]
+    for callbacks in job_callbacks:
+        for callback in callbacks:
+            undriven = [h for h in hooks if h not in DRIVEN_HOOKS and implements(callback, h)]
+            if undriven:
+                raise ConfigError(
+                    f"callback {type(callback).__qualname__} implements {', '.join(undriven)}, "
+                    f"which a stack does not call for each job (it calls "
+                    f"{', '.join(DRIVEN_HOOKS)}). Fix: move that work into one of those hooks, "
+                    f"or train these jobs one by one (hydra/launcher=basic)."
+                )
+
+
+class ExceptionsToJobs(pl.Callback):
+    """Hands an exception in a stack's loop to its jobs' callbacks (a module has no such hook)."""
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        pl_module.on_exception(exception)
 
 
 def under_job(job: int, metrics: dict[str, Any]) -> dict[str, Any]:
