@@ -21,6 +21,10 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
 7. peak memory of a stack of 16 (1 epoch) / 16 x a single run's peak: peak RSS of a process
    that does only that on the CPU, `torch.cuda.max_memory_allocated` on a GPU        (<= 1)
 8. the sharpness callback's cost at the `edge_of_stability` preset's settings (for reference)
+10. seconds per job beyond training in a 128-job stacked sweep of 2-step jobs        (<= 0.15 s)
+   the wall time beyond the records' fit+test seconds of a 128-job and a 16-job lr x seed sweep,
+   their difference over the 112 extra jobs: start-up cancels out, what each job costs to
+   compose, prepare, build and record stays
 
 Two more lines are the floors of ratios 1 and 5 on this machine, printed for reference:
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
@@ -335,6 +339,25 @@ def main() -> None:
     print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
     report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
     sharpness_cost()
+    sweep_overhead()
+
+
+def sweep_overhead() -> None:
+    """10. What a sweep costs per job beyond its training and testing: at 2 steps a job, the
+    128-job sweep is that cost and little else. Both sweeps stack, 16 jobs a stack (1 and 8
+    stacks), so a stack's own cost counts too, shared by its jobs."""
+    lrs = "optimizer.lr=" + ",".join(map(str, LRS))
+    fast = ("+trainer.max_steps=2", "trainer.limit_val_batches=2", "hydra/launcher=stacked")
+    with tempfile.TemporaryDirectory() as tmp:
+        small_wall, small_work = sweep(Path(tmp, "small"), lrs, "seed=0,1", *fast)
+        large_wall, large_work = sweep(Path(tmp, "large"), lrs, "seed=range(16)", *fast)
+    per_job = ((large_wall - large_work) - (small_wall - small_work)) / (128 - 16)
+    print(
+        f"2-step sweep seconds: 16 jobs {small_wall:.1f} (fit+test {small_work:.1f}), "
+        f"128 jobs {large_wall:.1f} (fit+test {large_work:.1f})",
+        flush=True,
+    )
+    report("10. seconds per job beyond training, 128-job 2-step sweep", per_job, 0.15, unit=" s")
 
 
 def sharpness_cost() -> None:

@@ -69,6 +69,12 @@ class StackedLauncher(BasicLauncher):
         super().__init__()
         self.max_stack = max_stack
 
+    @property
+    def composes_batch_first(self) -> bool:
+        """Whether `launch` composes every job of a batch before it runs any (`prepare_jobs`),
+        so that the sweeper need not compose them to check them (`vanishlab_sweepers`)."""
+        return prepare_step(self.task_function) is not None
+
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
@@ -91,20 +97,29 @@ def prepare_step(task_function: TaskFunction) -> Callable[[DictConfig], Any] | N
     return get_method(path) if path else None
 
 
+def composed(
+    hydra_context: HydraContext, config: DictConfig, job: Numbered, job_id: str
+) -> DictConfig:
+    """A job's config, composed by Hydra's config loader and numbered as Hydra's basic launcher
+    numbers it."""
+    overrides, num = job
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config.hydra.job):
+        sweep_config.hydra.job.id, sweep_config.hydra.job.num = job_id, num
+    return sweep_config
+
+
 def run_numbered(
     hydra_context: HydraContext,
     config: DictConfig,
     task_function: TaskFunction,
     job: Numbered,
-    job_id: str,
+    sweep_config: DictConfig,
 ) -> JobReturn:
-    """One job of the sweep through Hydra's `run_job`, numbered and logged as Hydra's basic
-    launcher does it; then the launcher's own logging again."""
+    """One job of the sweep, its config composed (`composed`), through Hydra's `run_job`,
+    logged as Hydra's basic launcher does it; then the launcher's own logging again."""
     overrides, num = job
     log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
-    with open_dict(sweep_config.hydra.job):
-        sweep_config.hydra.job.id, sweep_config.hydra.job.num = job_id, num
     job_return = run_job(
         hydra_context=hydra_context,
         task_function=task_function,
@@ -125,7 +140,9 @@ def prepare_jobs(
 ) -> tuple[list[JobReturn], dict[int, list[logging.Handler]]]:
     """Each job up to its training (`prepare`, its config then resolved while Hydra's config is
     the job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's);
-    and, by job number, the log files Hydra opened for it."""
+    and, by job number, the log files Hydra opened for it. Every job's config is composed
+    before any job is prepared: one that does not compose stops the sweep before anything is
+    written, as Hydra's sweepers check a batch (`composes_batch_first`)."""
     from vanishlab import train
 
     log_files: dict[int, list[logging.Handler]] = {}
@@ -140,7 +157,11 @@ def prepare_jobs(
             OmegaConf.resolve(job.cfg)
         return job
 
-    returns = [run_numbered(hydra_context, config, prepare_resolved, j, job_id(j[1])) for j in jobs]
+    configs = [composed(hydra_context, config, job, job_id(job[1])) for job in jobs]
+    returns = [
+        run_numbered(hydra_context, config, prepare_resolved, job, sweep_config)
+        for job, sweep_config in zip(jobs, configs, strict=True)
+    ]
     return returns, log_files
 
 
@@ -212,6 +233,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, max_stack: int = 16, **params: Any) -> None:
         super().__init__(**params)
         self.max_stack = max_stack
+
+    @property
+    def composes_batch_first(self) -> bool:
+        """As `StackedLauncher.composes_batch_first`: jobs are prepared here before any is
+        submitted."""
+        return prepare_step(self.task_function) is not None
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
         """Prepare the jobs here (a bad config fails before anything is submitted, a finished
@@ -296,7 +323,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         prepare = prepare_step(self.task_function)
         if prepare is None:
             return [
-                run_numbered(self.hydra_context, self.config, self.task_function, job, task_id)
+                run_numbered(
+                    self.hydra_context,
+                    self.config,
+                    self.task_function,
+                    job,
+                    composed(self.hydra_context, self.config, job, task_id),
+                )
                 for job in jobs
             ]
         returns, log_files = prepare_jobs(

@@ -1,6 +1,11 @@
 """vanishlab's Hydra sweepers. Hydra finds sweeper plugins only under `hydra_plugins` and imports
 every module there as it starts, so this one imports Optuna lazily, in `sweep`.
 
+`BasicSweeper` (`hydra/sweeper=basic_once`, vanishlab's default: `conf/hydra/default.yaml`) is
+Hydra's basic sweeper, whose every job is composed once: Hydra's composes each job's config to
+check it, then its launcher composes it again to run it; a launcher that composes a whole batch
+before it runs any of its jobs (`composes_batch_first`) checks the batch itself.
+
 `OptunaSweeper` (`hydra/sweeper=optuna`, `conf/hydra/sweeper/optuna.yaml`) takes the config keys
 and search-space syntax of Hydra's Optuna sweeper plugin (`hydra.sweeper.params`, sweep overrides
 such as `'optimizer.lr=tag(log, interval(1e-4, 1.0))'` or `'model.depth=choice(1,2)'`,
@@ -23,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
@@ -39,6 +45,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SQLITE = "sqlite:///"
+
+
+class BasicSweeper(basic_sweeper.BasicSweeper):
+    """Hydra's basic sweeper, less its check of a batch that the launcher checks itself: a
+    launcher with `composes_batch_first` composes every job of a batch before it runs one, so a
+    job whose config does not compose still stops the sweep before anything runs."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        if not getattr(self.launcher, "composes_batch_first", False):
+            super().validate_batch_is_legal(batch)
 
 
 class OptunaSweeper(Sweeper):
