@@ -86,17 +86,19 @@ def job_name(overrides: list[str], varied: list[str] | None) -> str:
 def job_dir_name(sweep_dir: str, *, _root_: DictConfig) -> str:
     """A sweep job's directory (resolver `vanishlab.job_dir`): its `job_name`, unless that
     directory holds a job of another config, kept as it is; then `<name>~<job_id>`. A record
-    that cannot be read is taken for the job's own (`train.prepare` sets it aside)."""
+    that cannot be read is taken for the job's own (`train.prepare` sets it aside). The job's
+    config is resolved for its id only where a record is there to compare it with."""
     declared = Path(sweep_dir) / VARIED_FILE
     varied = json.loads(declared.read_text()) if declared.is_file() else None
     name = job_name(list(_root_.hydra.overrides.task), varied)
+    stored = read_record(Path(sweep_dir) / name / "metrics.json")
+    if not stored or stored.get(STATUS) == UNREADABLE:
+        return name
     try:
         own_id = job_id(job_identity(_root_))
     except Exception:  # the job itself reports the config that does not resolve
         return name
-    stored = read_record(Path(sweep_dir) / name / "metrics.json")
-    own = not stored or stored.get(STATUS) == UNREADABLE or stored.get(JOB_ID) == own_id
-    return name if own else f"{name}~{own_id[:8]}"
+    return name if stored.get(JOB_ID) == own_id else f"{name}~{own_id[:8]}"
 
 
 def config_subdir(*, _root_: DictConfig) -> str | None:

@@ -371,7 +371,8 @@ def prepare(cfg: DictConfig) -> Job | float | None:
     except ConfigError as err:
         return job_failed(err, identity, record_path, in_sweep)
 
-    print_config(cfg)
+    if not in_sweep:  # a sweep job's config is in its .hydra/config.yaml; the log names its keys
+        print_config(cfg)
     torch.set_num_threads(torch_threads(cfg))
     log.info("torch threads: %d", torch.get_num_threads())
     if cfg.seed is None:  # draw one (an interrupted job: the one it drew) and keep it
