@@ -745,6 +745,13 @@ class FusedStack(StackedClassifier):
             own.update(job_values(group, i))
         return self.shares[i]
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """The step, then each job's optimizer alone shows its new values (what a learning-rate
+        monitor reads through the job's scheduler)."""
+        super().lr_scheduler_step(scheduler, metric)
+        for i in self.shares:
+            self.job_optimizer(i)
+
     def job_optimizer_state(self, i: int) -> dict[str, Any]:
         return self.trainer.optimizers[0].job_state_dict(i)
 
