@@ -5,16 +5,22 @@ was once wrong: one job, one record; no verdict without evidence."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import FAST, compose_config, run_cli
 from vanishlab import ConfigError
-from vanishlab.config import CONFIG_DIR
+from vanishlab.config import CONFIG_DIR, check_config, check_sweepable
 from vanishlab.results import (
     EPOCHS,
     FIRST_OVER_LAST,
@@ -31,9 +37,10 @@ from vanishlab.results import (
     TESTED,
     VAL_ACC,
     VERDICT,
+    job_id,
     job_identity,
 )
-from vanishlab.train import build, fit_and_test
+from vanishlab.train import build, fit_and_test, instantiate_function, instantiate_model
 
 SWEEP_PRESETS = sorted(
     p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "sweeper" in p.read_text()
@@ -193,13 +200,91 @@ def assert_one_record_per_job(sweep_dir: Path, jobs: int) -> dict[Path, dict]:
     return records
 
 
+def preset_sweep(experiment: str) -> list[list[str]]:
+    """The jobs of a preset's sweep, each as its overrides, in the order the command line
+    launches them: the preset's `hydra.sweeper.params` expanded by Hydra's own sweeper code
+    (`BasicSweeper.split_arguments`, which also expands `glob(*)` over a config group)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
+    return jobs
+
+
+@pytest.mark.parametrize("experiment", SWEEP_PRESETS)
+def test_every_job_of_every_preset_is_valid_and_builds(experiment, preset_data, tmp_path) -> None:
+    """Every job of the preset's sweep, as its own config: it resolves, passes the checks that
+    `train.prepare` makes of a sweep's job (`check_config`, `check_sweepable`), has its own
+    job_id (one job, one record); and what `train.build` makes of it (data module, network,
+    init, loss, optimizer, scheduler) is made, the network on the meta device, where a
+    training step's forward and backward run on shapes alone: a value that composes but
+    cannot build or train fails here, job by job, for the cost of composing it. Real weights,
+    Lightning's loop, the launcher and the records are the next test's: it trains the corners
+    of each sweep through the command line."""
+    jobs = preset_sweep(experiment)
+    assert len(jobs) > 1, jobs
+    constants = [
+        f"paths.data_dir={preset_data}",
+        f"paths.output_dir={tmp_path}",
+        f"experiment={experiment}",
+        "data.download=false",
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):  # one loader for all
+        configs = [compose("train", overrides=[*constants, *job]) for job in jobs]
+    ids = set()
+    for overrides, cfg in zip(jobs, configs, strict=True):
+        identity = job_identity(cfg)
+        ids.add(job_id(identity))
+        check_config(cfg)
+        check_sweepable(cfg)
+        # What `train.build` makes, on PyTorch's meta device (shapes, no values: a depth-64
+        # orthogonal init costs nothing), and a training step's forward and backward through it.
+        datamodule = instantiate(cfg.data)
+        shape, classes = datamodule.sample_shape, datamodule.num_classes
+        instantiate(cfg.init), instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        loss_fn = instantiate_function(cfg.loss)
+        with torch.device("meta"):
+            net = instantiate_model(cfg.model, input_shape=shape, num_classes=classes)
+            outputs = net(torch.empty(4, *shape))
+            loss = loss_fn(outputs, torch.zeros(4, dtype=torch.long))
+        instantiate(cfg.optimizer)(net.parameters())
+        assert outputs.shape == (4, classes) and loss.shape == (), overrides
+        loss.backward()
+    assert len(ids) == len(jobs), f"{len(jobs) - len(ids)} jobs of {experiment} share a job_id"
+
+
+def corners(jobs: list[list[str]]) -> list[str]:
+    """Each key the sweep varies, as `key=<first value>,<last value>` (one value where it has
+    one): on the command line these override the preset's own lists."""
+    values: dict[str, list[str]] = {}
+    for overrides in jobs:
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    return [f"{key}={','.join(dict.fromkeys([v[0], v[-1]]))}" for key, v in values.items()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", [*SWEEP_PRESETS, "glob(*)"])
 def test_every_preset_as_a_fast_dev_run_sweep(experiment, preset_data, tmp_path) -> None:
+    """The preset's sweep through the command line, as a fast_dev_run, on its corners: each key
+    it varies at its first and its last value, and every combination of those (its first and
+    last jobs among them). That is every end of every range (depth 1 and 16, lr 0.001 and 10,
+    a pre- and a post-norm transformer at both depths) and stacks of several jobs wherever the
+    full sweep stacks them (inits, losses, learning rates, seeds), through the launcher, into
+    one record per job. The values between (a middle depth, tanh, lstm, a third loss) are
+    checked, built and stepped job by job above, and trained by their modules' own tests; so
+    a preset costs a few stacks here instead of up to 15.
+
+    `experiment=glob(*)` runs every preset (those without a sweep too) as one job each."""
+    sweep = [] if experiment == "glob(*)" else corners(preset_sweep(experiment))
     result = run_cli(
         "vanishlab.train",
         "-m",
         f"experiment={experiment}",
+        *sweep,
         "debug=fdr",
         "data.download=false",
         "++callbacks.progress_bar=null",
@@ -213,6 +298,8 @@ def test_every_preset_as_a_fast_dev_run_sweep(experiment, preset_data, tmp_path)
     assert all(r[STEPS] <= 1 and r[VERDICT] != "trained" for r in records.values())
     if experiment == "glob(*)":
         assert int(launched) == len(list((CONFIG_DIR / "experiment").glob("*.yaml")))
+    else:  # the corners, and only they, were launched
+        assert int(launched) == math.prod(len(s.split("=", 1)[1].split(",")) for s in sweep)
 
 
 @pytest.mark.slow
