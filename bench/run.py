@@ -13,18 +13,27 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
 5. joblib (2 jobs x 1 thread) / basic launcher wall time, 8-job 1-epoch sweep (for reference)
    its floor depends on the machine too: each joblib worker first imports torch and Lightning
 6. stacked / basic launcher wall time, 8-job 1-epoch `optimizer.lr` sweep, start-up included
-                                                                                    (<= 0.8)
+                                                                                    (<= 0.7)
 6a. a job's training epoch inside a stack of 8 (the stack's fastest epoch's batches, default
-   callbacks and diagnostics on, over 8) / the plain loop's fastest epoch   (aim 1.1, printed)
+   callbacks and diagnostics on, over 8) / the plain loop's fastest epoch            (<= 1.0)
 6b. the same without the diagnostics the plain loop does not do (GradientFlow, StopOnDivergence):
    what stacking itself costs over the plain loop                           (for reference)
 7. peak memory of a stack of 16 (1 epoch) / 16 x a single run's peak: peak RSS of a process
    that does only that on the CPU, `torch.cuda.max_memory_allocated` on a GPU        (<= 1)
 8. the sharpness callback's cost at the `edge_of_stability` preset's settings (for reference)
+9. backend ops (kernel launches on a GPU) per job and training step of the seed MLP, default
+   callbacks on, for a single run (K = 1) and fused stacks of K = 8 and 32: K = 8 / K = 1 (<= 1/4)
+   and K = 32 / K = 1 (<= 1/12). Counted by `fused.LaunchCount` over a 60-step run less a 20-step
+   one, so setup and testing cancel out
 10. seconds per job beyond training in a 128-job stacked sweep of 2-step jobs        (<= 0.15 s)
    the wall time beyond the records' fit+test seconds of a 128-job and a 16-job lr x seed sweep,
    their difference over the 112 extra jobs: start-up cancels out, what each job costs to
    compose, prepare, build and record stays
+
+`bench/run.py --gpu [jobs] [steps] [overrides]` (64, 200) prints instead the job-steps per
+second of a fused stack of `jobs` seed MLPs against a single run's (aim 20x on a GPU) and the
+stack's peak GPU memory; without a CUDA device it runs on the CPU and says the GPU figure is
+unmeasured.
 
 Two more lines are the floors of ratios 1 and 5 on this machine, printed for reference:
 1a. Lightning's own loop with nothing added (no callbacks, logger, checkpoint or progress bar)
@@ -63,6 +72,7 @@ from torchvision import datasets, transforms
 
 from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import GradientFlow
+from vanishlab.fused import LaunchCount
 from vanishlab.stack import fit_and_test_stack
 from vanishlab.train import build, build_trainer, fit_and_test
 
@@ -329,8 +339,8 @@ def main() -> None:
             stacked_walls.append(sweep(Path(tmp, "stacked"), lrs, "hydra/launcher=stacked")[0])
     basic_wall, stacked_wall = min(basic_walls), min(stacked_walls)
     print(f"lr sweep seconds: basic {basic_wall:.1f}, stacked {stacked_wall:.1f}", flush=True)
-    report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.8)
-    reference("6a. a job's epoch in a stack of 8 / plain loop epoch", min(stacked_job) / plain_s)
+    report("6. stacked / basic launcher wall time, 8-job lr sweep", stacked_wall / basic_wall, 0.7)
+    report("6a. a job's epoch in a stack of 8 / plain loop epoch", min(stacked_job) / plain_s, 1.0)
     reference(
         "6b. the same without GradientFlow, StopOnDivergence", min(stacked_undiagnosed) / plain_s
     )
@@ -339,7 +349,101 @@ def main() -> None:
     print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
     report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
     sharpness_cost()
+    kernel_launches()
     sweep_overhead()
+
+
+def seed_configs(out: str, jobs: int, *overrides: str) -> list[DictConfig]:
+    """The seed experiment's jobs, seeds 0 .. jobs - 1, each in its own directory."""
+    return [
+        config(f"{out}/{seed}", "experiment=seed", f"seed={seed}", *overrides)
+        for seed in range(jobs)
+    ]
+
+
+def fit(cfgs: list[DictConfig], callbacks: list[pl.Callback] = ()) -> None:
+    """Train and test `cfgs`: one job as a single run, more as a stack (fused where it can)."""
+    if len(cfgs) > 1:
+        fit_and_test_stack(cfgs, stack_callbacks=callbacks)
+        return
+    pl.seed_everything(cfgs[0].seed, verbose=False)
+    datamodule, module = build(cfgs[0])
+    trainer = build_trainer(cfgs[0])
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+
+def launches_per_job_step(jobs: int) -> float:
+    """Line 9's count for `jobs` seed MLPs (1: a single run)."""
+    counts = []
+    for steps in (20, 60):
+        with tempfile.TemporaryDirectory() as out:
+            overrides = (f"+trainer.max_steps={steps}", "~callbacks.progress_bar")
+            cfgs = seed_configs(out, jobs, *overrides, "trainer.limit_val_batches=1")
+            with LaunchCount() as count:
+                fit(cfgs)
+        counts.append(count.ops.total())
+    return (counts[1] - counts[0]) / (40 * jobs)
+
+
+def kernel_launches() -> None:
+    """9. What fusing saves on a launch-bound GPU, counted on any device."""
+    alone, eight, many = (launches_per_job_step(jobs) for jobs in (1, 8, 32))
+    print(
+        f"ops per job-step: a single run {alone:.1f}, fused 8 {eight:.2f}, fused 32 {many:.2f}",
+        flush=True,
+    )
+    report("9. ops per job-step: fused stack of 8 / a single run", eight / alone, 1 / 4)
+    report("9. ops per job-step: fused stack of 32 / a single run", many / alone, 1 / 12)
+
+
+class StepTimer(pl.Callback):
+    """Seconds from the start of training step `warm` to the end of training, and the steps."""
+
+    def __init__(self, warm: int = 5) -> None:
+        self.warm = warm
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warm:
+            synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.steps = trainer.global_step - self.warm
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu(jobs: int = 64, steps: int = 200, *overrides: str) -> None:
+    """`--gpu`: jobs x steps per second of a fused stack of `jobs` seed MLPs against single runs
+    one after another (a single run's rate), and the stack's peak GPU memory. Without a CUDA
+    device it runs as is on the CPU and says so: the figures are then the CPU's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA device: GPU figure unmeasured)"
+    print(f"--gpu on {device}", flush=True)
+    rates = {}
+    fast = (f"+trainer.max_steps={steps}", "~callbacks.progress_bar")
+    for k in (1, jobs):
+        with tempfile.TemporaryDirectory() as out:
+            cfgs = seed_configs(out, k, *fast, "trainer.limit_val_batches=1", *overrides)
+            timer = StepTimer()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            fit(cfgs, [timer])
+            rates[k] = k * timer.steps / timer.seconds
+    print(
+        f"job-steps per second: single runs {rates[1]:.0f}, a fused stack of {jobs} "
+        f"{rates[jobs]:.0f}: {rates[jobs] / rates[1]:.1f}x (aim 20x on a GPU)",
+        flush=True,
+    )
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory of the stack of {jobs}: {peak:.2f} GiB", flush=True)
 
 
 def sweep_overhead() -> None:
@@ -377,5 +481,7 @@ def sharpness_cost() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--peak-memory"]:
         train_for_peak_memory(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--gpu"]:  # --gpu [jobs] [steps] [overrides...]
+        gpu(*(int(arg) for arg in sys.argv[2:4]), *sys.argv[4:])
     else:
         main()

@@ -5,18 +5,16 @@ launches for K jobs as for one."""
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vanishlab import ConfigError
 from vanishlab.diagnostics import GradientFlow
-from vanishlab.fused import FusedNetworks
+from vanishlab.fused import FusedNetworks, LaunchCount
 from vanishlab.nets import CNN, MLP, RNN, Probe, ViT
 
 K, BATCH, SHAPE = 3, 4, (1, 28, 28)
@@ -166,20 +164,6 @@ def test_dropout_draws_each_job_its_own_mask() -> None:
 
 # Ops that only reinterpret a tensor's metadata (a view's shape, strides or aliasing): no kernel.
 aten = torch.ops.aten
-METADATA_OPS = (aten._unsafe_view, aten._reshape_alias)
-
-
-class LaunchCount(TorchDispatchMode):
-    """Counts the backend ops run under it, leaving out metadata-only ones (views)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or func.overloadpacket in METADATA_OPS):
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def launches(jobs: int) -> int:

@@ -29,6 +29,7 @@ a PyTorch that brings its own rule keeps it.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._decomp import decomposition_table
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vanishlab import ConfigError
 from vanishlab.nets import Probe
@@ -223,3 +225,19 @@ def replace(module: nn.Module, name: str, value: Tensor) -> None:
     """Set `module`'s parameter or buffer `name` (dotted into submodules) to `value`."""
     path, _, attribute = name.rpartition(".")
     setattr(module.get_submodule(path), attribute, value)
+
+
+class LaunchCount(TorchDispatchMode):
+    """Counts the backend ops run under it (`ops`, by name), views and other metadata-only ops
+    left out: on a GPU each is a kernel launch, what a fused stack saves (`make bench`, line 9)."""
+
+    METADATA_OPS = (aten._unsafe_view, aten._reshape_alias)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if not (func.is_view or func.overloadpacket in self.METADATA_OPS):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -148,10 +148,11 @@ class Sharpness(pl.Callback):
 
 
 def learning_rate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-    """The current lr of the optimizer's parameter group that holds `pl_module`'s parameters:
+    """The current lr of the optimizer's parameter group that holds `pl_module`'s parameters
+    (the same tensor, or a view of the same memory: a fused stack's job's optimizer alone):
     the module's own group in a stack, the only one alone."""
-    first = next(pl_module.parameters())
+    first = next(pl_module.parameters()).data_ptr()
     for group in trainer.optimizers[0].param_groups:
-        if any(p is first for p in group["params"]):
+        if any(p.data_ptr() == first for p in group["params"]):
             return group["lr"]
     raise LookupError("no optimizer parameter group holds the module's parameters")
