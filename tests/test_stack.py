@@ -425,7 +425,7 @@ def test_a_stack_that_cannot_fuse_trains_job_by_job_and_says_why(tiny_data, tmp_
     for module in modules:
         module.net.__class__ = Unbatchable
     stack, why = stacked_module(modules, empty, empty, jobs[0][0].sample_shape)
-    assert type(stack) is StackedClassifier and "data-dependent control flow" in why
+    assert type(stack) is StackedClassifier and why.startswith("RuntimeError")
     # It trains, job by job, as each would alone.
     trainer().fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
 
@@ -454,9 +454,9 @@ def ops_per_job_step(module: pl.LightningModule, data: pl.LightningDataModule, j
     callbacks = [[GradientFlow(), StopOnDivergence()] for _ in range(jobs)]
     if isinstance(module, StackedClassifier):
         module.job_callbacks = callbacks
-        run = trainer(max_steps=steps)
+        run = bare_trainer(max_steps=steps)
     else:
-        run = trainer(max_steps=steps, callbacks=callbacks[0])
+        run = bare_trainer(max_steps=steps, callbacks=callbacks[0])
     with LaunchCount() as count:
         run.fit(module, datamodule=data)
     return count.ops.total() / (steps * jobs)
