@@ -57,10 +57,11 @@ Numbered = tuple[list[str], int]  # a job of the sweep: its overrides and its nu
 
 class StackedLauncher(BasicLauncher):
     """Runs a sweep's jobs in this process. A task that trains in stacks (its function has
-    `prepare`) runs in two passes: each job through Hydra's `run_job` (its directory, `.hydra/`
-    files, log and callbacks) up to the point where it would train (skipped, failed or ready);
-    then the ready ones in stacks (`vanishlab.stack.stacks`). Each job's return value is its own.
-    Any other task runs as under Hydra's basic launcher, whose code runs it.
+    `prepare`) runs in passes: every job's config composed (once: `composes_batch_first`); each
+    job through Hydra's `run_job` (its directory, `.hydra/` files, log and callbacks) up to the
+    point where it would train (skipped, failed or ready); then the ready ones in stacks
+    (`vanishlab.stack.stacks`). Each job's return value is its own. Any other task runs as
+    under Hydra's basic launcher, whose code runs it.
 
     Each job's log file (`train.log`) gets its own lines and its stack's: between jobs the
     launcher logs as Hydra's own logging is set, and a stack logs into its jobs' files."""
