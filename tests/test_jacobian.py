@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import FAST, bare_trainer, compose_config
+from conftest import FAST, FUSED_REL, bare_trainer, compose_config, same
 from vanishlab import ConfigError, theory
 from vanishlab.dashboard import LOG10_FLOOR
 from vanishlab.data import TensorBatches
@@ -214,8 +214,13 @@ def test_a_stacked_jobs_figures_are_the_ones_it_measures_alone(tiny_data, tmp_pa
     stacked = fit_and_test_stack(configs("stacked"))
     tags = (*KEYS, *QUANTILE_KEYS, JACOBIAN_THEORY)
     for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
-        assert {tag: record[tag] for tag in tags} == {tag: own[tag] for tag in tags}
-        assert logged(tmp_path / "alone" / str(i)) == logged(tmp_path / "stacked" / str(i))
+        figures = [{tag: r[tag] for tag in tags} for r in (record, own)]
+        assert same(*figures, rel=FUSED_REL)
+        assert same(
+            logged(tmp_path / "stacked" / str(i)),
+            logged(tmp_path / "alone" / str(i)),
+            rel=FUSED_REL,
+        )
     assert alone[0][JACOBIAN_SPREAD_START] != alone[1][JACOBIAN_SPREAD_START]
 
 

