@@ -68,7 +68,7 @@ from torch.linalg import vector_norm
 from vanishlab.dashboard import (
     LOG10,
     LOG10_FAMILIES,
-    GradientFlowFigure,
+    gradient_flow_figure,
     log10_display,
     write_histograms,
     write_layout,
@@ -192,8 +192,8 @@ class GradientFlow(pl.Callback):
         self._profiles_this_epoch: list[list[float]] = []
         self._backward_this_epoch: list[list[float]] = []
         positions = [axis_position(p.name) for p in self.signal]
-        self._figure = GradientFlowFigure(
-            len(layers), positions, self.axis, self.figure_log10_range
+        self._figure = gradient_flow_figure(
+            len(layers), tuple(positions), self.axis, self.figure_log10_range
         )
         write_layout(trainer.loggers)
 
