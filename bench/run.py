@@ -108,11 +108,12 @@ class EpochTimer(pl.Callback):
             for name in GRADIENT_FLOW_HOOKS:
                 setattr(flow, name, self._timed(getattr(flow, name)))
 
-    def _timed(self, hook: Callable[..., None]) -> Callable[..., None]:
-        def timed(*args: Any, **kwargs: Any) -> None:
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            hook(*args, **kwargs)
+            result = hook(*args, **kwargs)  # `_capture` returns the tapped output
             self._in_flow += time.perf_counter() - start
+            return result
 
         return timed
 

@@ -244,10 +244,11 @@ class GradientFlow(pl.Callback):
         for hook in self._hooks:
             hook.remove()
         weights = [p.weight for p in self.weighted]
+        taps = [self._taps[p.name] for p in self.probes]
         self.gradients(
             [w[None] for w in weights],
             [None if w.grad is None else w.grad[None] for w in weights],
-            [self._taps[p.name].grad[None] for p in self.probes],
+            [None if tap.grad is None else tap.grad[None] for tap in taps],
         )
         self._taps = {}  # their gradients are as large as the activations
 
