@@ -196,7 +196,9 @@ class BatchedSGD(BatchedOptimizer):
             take = np.where(started, 1 - group["dampening"], 1.0)
             rows.append([-group["lr"], group["weight_decay"], keep, take, momentum])
         factors = on_device(rows, params[0], params[0].dtype)
-        active, use_nesterov = on_device([self.active, nesterov], params[0])
+        every_job = bool(self.active.all())  # no job stopped: nothing to mask
+        if not every_job or nesterov.any():
+            active, use_nesterov = on_device([self.active, nesterov], params[0])
         for p, (neg_lr, weight_decay, keep, take, job_momentum) in zip(
             params, factors, strict=True
         ):
@@ -205,16 +207,23 @@ class BatchedSGD(BatchedOptimizer):
                 grad = torch.addcmul(grad, along_jobs(weight_decay, p), p)
             if with_momentum:
                 buf = self.state[p]["momentum_buffer"]
-                new_buf = torch.addcmul(buf * along_jobs(keep, p), grad, along_jobs(take, p))
+                if every_job:  # in place: the same float operations, no copies
+                    new_buf = buf.mul_(along_jobs(keep, p)).addcmul_(grad, along_jobs(take, p))
+                else:
+                    new_buf = torch.addcmul(buf * along_jobs(keep, p), grad, along_jobs(take, p))
                 if nesterov.any():
                     ahead = torch.addcmul(grad, along_jobs(job_momentum, p), new_buf)
                     grad = torch.where(along_jobs(use_nesterov, p), ahead, new_buf)
                 else:
                     grad = new_buf
-                torch.where(along_jobs(active, p), new_buf, buf, out=buf)
+                if not every_job:
+                    torch.where(along_jobs(active, p), new_buf, buf, out=buf)
                 self.state[p]["has_momentum_buffer"] |= self.active
-            new_p = torch.addcmul(p, along_jobs(neg_lr, p), grad)
-            torch.where(along_jobs(active, p), new_p, p, out=p)
+            if every_job:
+                p.addcmul_(along_jobs(neg_lr, p), grad)
+            else:
+                new_p = torch.addcmul(p, along_jobs(neg_lr, p), grad)
+                torch.where(along_jobs(active, p), new_p, p, out=p)
 
     def job_state(self, group: dict[str, Any], state: dict[str, Any], job: int) -> dict:
         if group["momentum"][job] == 0 or not state["has_momentum_buffer"][job]:
@@ -263,12 +272,15 @@ class BatchedAdam(BatchedOptimizer):
                 + [group["eps"], neg_step_size]
             )
         factors = on_device(rows, params[0], params[0].dtype)
-        active, use_amsgrad = on_device([self.active, amsgrad], params[0])
+        every_job = bool(self.active.all())
+        if not every_job or amsgrad.any():
+            active, use_amsgrad = on_device([self.active, amsgrad], params[0])
         for p, row in zip(params, factors, strict=True):
             weight_decay, weight1, decay2, weight2, correction2, eps, neg_step_size = (
                 along_jobs(factor, p) for factor in row
             )
-            state, grad, keep = self.state[p], p.grad, along_jobs(active, p)
+            state, grad = self.state[p], p.grad
+            keep = None if every_job and not amsgrad.any() else along_jobs(active, p)
             if group["weight_decay"].any():
                 grad = torch.addcmul(grad, weight_decay, p)
             exp_avg = torch.lerp(state["exp_avg"], grad, weight1)
@@ -279,10 +291,14 @@ class BatchedAdam(BatchedOptimizer):
                 second = torch.where(along_jobs(use_amsgrad, p), max_sq, exp_avg_sq)
                 torch.where(keep, max_sq, state["max_exp_avg_sq"], out=state["max_exp_avg_sq"])
             denom = second.sqrt().div_(correction2).add_(eps)
-            new_p = torch.addcdiv(p, exp_avg * neg_step_size, denom)
-            torch.where(keep, exp_avg, state["exp_avg"], out=state["exp_avg"])
-            torch.where(keep, exp_avg_sq, state["exp_avg_sq"], out=state["exp_avg_sq"])
-            torch.where(keep, new_p, p, out=p)
+            if every_job:  # nothing to mask: the new values in place
+                state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+                p.addcdiv_(exp_avg * neg_step_size, denom)
+            else:
+                new_p = torch.addcdiv(p, exp_avg * neg_step_size, denom)
+                torch.where(keep, exp_avg, state["exp_avg"], out=state["exp_avg"])
+                torch.where(keep, exp_avg_sq, state["exp_avg_sq"], out=state["exp_avg_sq"])
+                torch.where(keep, new_p, p, out=p)
             state["step"] += self.active
 
     def job_state(self, group: dict[str, Any], state: dict[str, Any], job: int) -> dict:

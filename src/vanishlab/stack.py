@@ -646,6 +646,8 @@ class FusedStack(StackedClassifier):
             for i, _ in self.running:
                 metrics = {"train/loss": self.losses[i], "train/acc": accuracies[i]}
                 self.log_dict(under_job(i, metrics), batch_size=y.shape[1])
+        if len(self.running) == len(self.jobs):
+            return self.losses.sum()
         return torch.where(self.running_mask, self.losses, 0).sum()
 
     def job_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -687,8 +689,8 @@ class FusedStack(StackedClassifier):
         """`StopOnDivergence`'s test for every job at once: loss plus gradient norms finite."""
         jobs = len(self.jobs)
         grads = [p.grad.reshape(jobs, -1) for p in self.fused.parameters() if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]).sum(0)
-        finite = torch.isfinite(self.losses.detach() + norms).tolist()
+        norms = [torch.linalg.vector_norm(g, dim=1) for g in grads]
+        finite = torch.isfinite(torch.stack([self.losses.detach(), *norms]).sum(0)).tolist()
         for i, ok in enumerate(finite):
             if not ok and optimizer.active[i] and i in self.stops:
                 self.stops[i].diverge(self.views[i])
