@@ -552,15 +552,18 @@ class StackedClassifier(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Each job's gradient clipped as it would be alone, over its own parameters."""
-        if gradient_clip_val is None:
-            return
-        for group in optimizer.param_groups:
+        """Each job's gradient clipped as it would be alone (`clip`), not over the stack."""
+        if gradient_clip_val is not None:
+            self.clip(gradient_clip_val, gradient_clip_algorithm)
+
+    def clip(self, value: float, algorithm: str | None) -> None:
+        """Clip each job's parameter group by its own norm (or elementwise, by value)."""
+        for group in self.trainer.optimizers[0].param_groups:
             params = group["params"]
-            if gradient_clip_algorithm == "value":
-                nn.utils.clip_grad_value_(params, gradient_clip_val)
+            if algorithm == "value":
+                nn.utils.clip_grad_value_(params, value)
             else:
-                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                nn.utils.clip_grad_norm_(params, value)
 
 
 class FusedStack(StackedClassifier):
@@ -722,20 +725,13 @@ class FusedStack(StackedClassifier):
         batched = BATCHED_OPTIMIZERS[factories[0].func]
         return batched.for_jobs(self.fused.parameters(), [make.keywords for make in factories])
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
+    def clip(self, value: float, algorithm: str | None) -> None:
         """Each job's gradient clipped by its own norm (by value: elementwise, the same)."""
-        if gradient_clip_val is None:
-            return
         params = list(self.fused.parameters())
-        if gradient_clip_algorithm == "value":
-            nn.utils.clip_grad_value_(params, gradient_clip_val)
+        if algorithm == "value":
+            nn.utils.clip_grad_value_(params, value)
         else:
-            clip_grad_norm_per_job_(params, gradient_clip_val)
+            clip_grad_norm_per_job_(params, value)
 
     def job_optimizer(self, i: int) -> torch.optim.Optimizer:
         """Job `i`'s optimizer alone over views of its slices, its hyperparameters as they are
