@@ -63,12 +63,8 @@ from vanishlab.results import (
     JOB_CONFIG,
     JOB_ID,
     SEED,
-    STATUS,
-    TRAIN_SECONDS,
-    VERDICT,
     EvidenceSource,
     job_id,
-    verdict,
 )
 from vanishlab.schedulers import lr_scheduler
 from vanishlab.train import (
@@ -77,6 +73,7 @@ from vanishlab.train import (
     finish,
     instruments,
     job_failed,
+    job_record,
     make_trainer,
     testing_evidence,
     training_evidence,
@@ -846,23 +843,20 @@ def fit_and_test_stack(
     start = time.perf_counter()
     trainer.fit(stack, datamodule=data)
     train_seconds = time.perf_counter() - start
-    records = []
-    for cfg, view in zip(cfgs, stack.views, strict=True):
-        record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
-        record[TRAIN_SECONDS] = round(train_seconds / len(cfgs), 3)
-        records.append({**record, **training_evidence(view)})
+    trained = [training_evidence(view, train_seconds / len(cfgs)) for view in stack.views]
     start = time.perf_counter()
     (tested,) = trainer.test(stack, datamodule=data, verbose=False)
     test_seconds = (time.perf_counter() - start) / len(cfgs)
     # A single run's evidence is the whole test split's, however few batches its test loop ran.
     whole_split = trainer.num_test_batches[0] == len(data.test_dataloader())
-    for i, (record, (datamodule, module)) in enumerate(zip(records, jobs, strict=True)):
+    records = []
+    for i, (datamodule, module) in enumerate(jobs):
         if whole_split:
             evidence = stack.predictions[i].evidence()
         else:
             evidence = evidence_on_test_split(module, datamodule)
-        record.update(testing_evidence(own_metrics(tested, i), test_seconds, evidence))
-        record[VERDICT] = verdict(record)
+        testing = testing_evidence(own_metrics(tested, i), test_seconds, evidence)
+        records.append(job_record(cfgs[i], trained[i], testing))
     return records
 
 

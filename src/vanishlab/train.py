@@ -211,14 +211,12 @@ def fit_and_test(
         )
     datamodule, module = build_seeded(cfg)
     trainer = build_trainer(cfg, resume_step)
-    record: dict[str, Any] = {STATUS: "completed", SEED: cfg.seed}
-    if ckpt_path is not None:
-        record[RESUMED_FROM if train else TESTED] = str(ckpt_path)
+    origin = {} if ckpt_path is None else {RESUMED_FROM if train else TESTED: str(ckpt_path)}
+    training = testing = None
     if train:
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        record[TRAIN_SECONDS] = round(time.perf_counter() - start, 3)
-        record.update(training_evidence(trainer))
+        training = training_evidence(trainer, time.perf_counter() - start)
     if test:
         start = time.perf_counter()
         tested = None if train else ckpt_path
@@ -227,8 +225,23 @@ def fit_and_test(
         )
         seconds = time.perf_counter() - start
         evidence = evidence_on_test_split(module, datamodule)
-        record.update(testing_evidence(metrics[0], seconds, evidence))
-    if train:
+        testing = testing_evidence(metrics[0], seconds, evidence)
+    return job_record(cfg, training, testing, origin)
+
+
+def job_record(
+    cfg: DictConfig,
+    training: dict[str, Any] | None,
+    testing: dict[str, Any] | None,
+    origin: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The record of a job that ran, alone or in a stack: what training found
+    (`training_evidence`; a diverged job's status overrides `completed`), what testing found
+    (`testing_evidence`), the checkpoint it came from (`origin`), and, for a job that trained,
+    its verdict."""
+    record = {STATUS: "completed", SEED: cfg.seed, **(origin or {})}
+    record.update({**(training or {}), **(testing or {})})
+    if training is not None:
         record[VERDICT] = verdict(record)
     return record
 
@@ -249,10 +262,11 @@ def testing_evidence(
     return {**scalars(metrics, "test/"), TEST_SECONDS: round(seconds, 3), **evidence}
 
 
-def training_evidence(trainer: pl.Trainer) -> dict[str, Any]:
-    """What the training loop saw (steps, epochs) and what its callbacks found
+def training_evidence(trainer: pl.Trainer, seconds: float) -> dict[str, Any]:
+    """What the training loop saw (steps, epochs, its `seconds`) and what its callbacks found
     (`EvidenceSource`: the last validation's metrics, gradient flow, divergence)."""
     evidence: dict[str, Any] = {
+        TRAIN_SECONDS: round(seconds, 3),
         STEPS: trainer.global_step,
         EPOCHS: trainer.current_epoch,
         WORLD_SIZE: trainer.world_size,
