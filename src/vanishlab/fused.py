@@ -237,7 +237,7 @@ class LaunchCount(TorchDispatchMode):
         super().__init__()
         self.ops: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not (func.is_view or func.overloadpacket in self.METADATA_OPS):
             self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))

@@ -801,7 +801,7 @@ def stacked_module(
         logits.sum().backward()
         stack.fused.train()
         stack.fused.zero_grad(set_to_none=True)
-    except Exception as err:  # noqa: BLE001 - any model that does not fuse trains job by job
+    except Exception as err:  # any model that does not fuse trains job by job
         return StackedClassifier(jobs, callbacks, loggers), f"{type(err).__name__}: {err}"
     return stack, None
 
