@@ -50,8 +50,11 @@ make tensors, or `Tensor.register_hook`, do not work inside `torch.func.vmap` (a
 gets no `.grad`). A vmapped model (a stack's jobs as one batched network,
 `fused.FusedNetworks`) makes each probe's tap outside `vmap`, one for all K jobs
 (`FusedNetworks.taps`), passes them in mapped over the jobs and returns the activations
-(`forward(x, taps)`): job k's figures would read `tap.grad[k]` and `h[k]`. GradientFlow does not
-take them from there yet (a stack does not run fused yet).
+(`forward(x, taps)`). So GradientFlow measures over a leading job dimension: `gradients` takes
+a measured step's weights, their gradients and dL/dh with the jobs along dim 0, `measure` turns
+them into every job's figures with one host sync, and `keep` writes one job's to its loggers and
+record. A single run is one job (its hooks' tensors with a new dim 0); a fused stack
+(`stack.FusedStack`) hands in its K jobs' at once.
 """
 
 from __future__ import annotations
