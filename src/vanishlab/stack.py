@@ -2,7 +2,10 @@
 
 A stack is K jobs whose configs differ only in what does not change the network's shape or the
 data it sees: the init and its keys, the loss, the optimizer's hyperparameters (one optimizer
-class) and the seed (`stack_key`). One Lightning step trains every job of the stack:
+class) and the seed (`stack_key`). Where the jobs' networks and optimizer batch, a stack runs
+them as one batched model (`FusedStack`: one forward, backward and update for the K jobs, to a
+tolerance of each job alone); otherwise (`stacked_module` says why) job by job in one loop
+(`StackedClassifier`), where one Lightning step trains every job of the stack:
 
 - each job keeps its own network, built and initialised under its own seed, its own loss, and
   its own batches (its data module's own shuffle generator);
