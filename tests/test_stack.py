@@ -44,6 +44,7 @@ from vanishlab.results import (
 )
 from vanishlab.stack import (
     STACKED_WITH,
+    ExceptionsToJobs,
     FusedStack,
     JobLoggers,
     StackedClassifier,
@@ -457,3 +458,41 @@ def test_a_fused_job_tests_as_alone_after_an_epoch_on_real_mnist(tmp_path) -> No
     for own, record in zip(alone, fused, strict=True):
         assert abs(record[TEST_ACC] - own[TEST_ACC]) <= 0.003, (record[TEST_ACC], own[TEST_ACC])
         assert record[VERDICT] == own[VERDICT] == "trained"
+
+
+class Watcher(pl.Callback):
+    """A job's callback that keeps what the stack hands it at the end of fitting."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.seen.append(f"exception: {exception}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.seen.append("fit end")
+
+
+class Failing(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == 2:
+            raise RuntimeError("batch 2 went wrong")
+
+
+@pytest.mark.parametrize("kind", [StackedClassifier, FusedStack])
+def test_each_jobs_callbacks_see_the_fits_end_or_its_exception(tiny_data, tmp_path, kind) -> None:
+    """on_fit_end and on_exception, which a module has no hook to pass on, reach every job's
+    callbacks (a checkpoint saved on an exception is one)."""
+    configs = [compose_config([*FAST, *job], tiny_data, tmp_path) for job in JOBS[:2]]
+    watchers = [Watcher(), Watcher()]
+    stack, data = stacked(kind, [built(cfg) for cfg in configs], [[w] for w in watchers])
+    trainer().fit(stack, datamodule=data)
+    assert [w.seen for w in watchers] == [["fit end"], ["fit end"]]
+
+    watchers = [Watcher(), Watcher()]
+    callbacks = [[watchers[0], Failing()], [watchers[1]]]
+    stack, data = stacked(kind, [built(cfg) for cfg in configs], callbacks)
+    run = trainer(callbacks=[ExceptionsToJobs()])
+    with pytest.raises(RuntimeError, match="batch 2 went wrong"):
+        run.fit(stack, datamodule=data)
+    assert [w.seen for w in watchers] == [["exception: batch 2 went wrong"]] * 2

@@ -408,15 +408,19 @@ def per_job(key: str, value: Any, default: Any, jobs: int) -> Any:
 
 def job_values(group: dict[str, Any], job: int) -> dict[str, Any]:
     """Group `group`'s hyperparameters for job `job` alone, as Python scalars."""
+    return {key: job_value(v, job) for key, v in group.items() if key != "params"}
 
-    def value(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return v[job].item()
-        if isinstance(v, tuple) and all(isinstance(x, np.ndarray) for x in v):
-            return tuple(x[job].item() for x in v)
-        return v
 
-    return {key: value(v) for key, v in group.items() if key != "params"}
+def job_value(value: Any, job: int) -> Any:
+    """`value` with each per-job array (numpy, one value per job) in it, however nested (a pair
+    of them, a scheduler's state), replaced by job `job`'s as a Python scalar."""
+    if isinstance(value, np.ndarray):
+        return value[job].item()
+    if isinstance(value, dict):
+        return {key: job_value(v, job) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(job_value(v, job) for v in value)
+    return value
 
 
 def with_job(values: Any, job: int, value: Any) -> Any:

@@ -266,7 +266,6 @@ class GradientFlow(pl.Callback):
         )
         self._backward_norms = torch.stack([job_norms(g, weights[0]) for g in tap_grads], dim=1)
         self._weights_before = [w.detach().clone() for w in weights]
-        self._grads = grads
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._logging or trainer.global_step == self._step:  # no optimizer step yet
@@ -274,8 +273,7 @@ class GradientFlow(pl.Callback):
         weights = [p.weight.detach()[None] for p in self.weighted]
         activations = {name: a[None] for name, a in self._activations.items()}
         (metrics,) = self.measure(weights, activations)
-        grads = [None if g is None else g[0] for g in self._grads]
-        self.keep(trainer, metrics, self._activations, grads)
+        self.keep(trainer, metrics, self._activations, [p.weight.grad for p in self.weighted])
 
     def keep(
         self,

@@ -39,7 +39,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
@@ -55,6 +54,7 @@ from vanishlab.batched_optim import (
     BatchedOptimizer,
     BatchedSGD,
     clip_grad_norm_per_job_,
+    job_value,
     job_values,
 )
 from vanishlab.data import MNISTDataModule, TensorBatches
@@ -450,6 +450,7 @@ class StackedClassifier(pl.LightningModule):
             if self.views[i].should_stop:
                 self.views[i].global_step = self.trainer.global_step  # where it ended
                 self.stopped.append((i, job))
+                self.leave(i)
         self.running = self.active()
         self.trainer.should_stop = self.trainer.should_stop or not self.running
 
@@ -503,12 +504,21 @@ class StackedClassifier(pl.LightningModule):
             ),
         }
 
+    def leave(self, i: int) -> None:
+        """Job `i` stopped: its parameter group gets no gradient from the next step on (its
+        loss leaves the sum), so the optimizer leaves it as it is."""
+
     def job_optimizer(self, i: int) -> torch.optim.Optimizer:
-        """Job `i`'s share of the optimizer, one object for its view's life (`JobView`:
-        Lightning's monitor tells a scheduler's optimizer by identity)."""
+        """Job `i`'s optimizer alone (`optimizer_alone`), one object for its view's life
+        (`JobView`: Lightning's monitor tells a scheduler's optimizer by identity)."""
         if i not in self.shares:
-            self.shares[i] = group_share(self.trainer.optimizers[0], i)
+            self.shares[i] = self.optimizer_alone(i)
         return self.shares[i]
+
+    def optimizer_alone(self, i: int) -> torch.optim.Optimizer:
+        """Job `i`'s share of the optimizer: its parameter group, the same dict (a scheduler's
+        changes show)."""
+        return group_share(self.trainer.optimizers[0], i)
 
     def job_optimizer_state(self, i: int) -> dict[str, Any]:
         """Job `i`'s optimizer state in the layout of its optimizer alone."""
@@ -592,7 +602,7 @@ class FusedStack(StackedClassifier):
         super().__init__(jobs, callbacks, loggers)
         self.fused = FusedNetworks([job.net for job in jobs])
         self.share()
-        self.losses_by_function = losses_by_function([job.loss_fn for job in jobs])
+        self.loss_groups = losses_by_function([job.loss_fn for job in jobs])
         self.measuring: list[tuple[int, GradientFlow]] = []
 
     def share(self) -> None:
@@ -620,6 +630,8 @@ class FusedStack(StackedClassifier):
         self.stops = {i: c for i, c in callbacks if isinstance(c, StopOnDivergence)}
         super().on_fit_start()
         self.running_mask = torch.ones(len(self.jobs), dtype=torch.bool, device=self.device)
+        self.loss_groups = [(fn, jobs.to(self.device)) for fn, jobs in self.loss_groups]
+        self.loss_order = torch.cat([jobs for _, jobs in self.loss_groups]).argsort()
         if self.flows:
             stacked = {probe.name: probe for probe in self.fused.stacked.probes()}
             self.flow_weights = [stacked[p.name].weight for p in self.flows[0][1].weighted]
@@ -627,11 +639,10 @@ class FusedStack(StackedClassifier):
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         step = self.trainer.global_step
-        running = {i for i, _ in self.running}
-        flows = [(i, flow) for i, flow in self.flows if i in running]
-        if flows and flows[0][1].due(step):  # the jobs' flows share their settings
-            self.measuring, self.measured_step = flows, step
-            for i, flow in flows:
+        if self.flows and self.flows[0][1].due(step):  # the jobs' flows share their settings
+            self.measured_step = step
+            self.measuring = [(i, f) for i, f in self.flows if not self.views[i].should_stop]
+            for i, flow in self.measuring:
                 flow.begin(self.views[i])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -654,13 +665,13 @@ class FusedStack(StackedClassifier):
         return torch.where(self.running_mask, self.losses, 0).sum()
 
     def job_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Each job's loss, (K,): one vmapped call per distinct loss function."""
-        if len(self.losses_by_function) == 1:
-            ((fn, _),) = self.losses_by_function
+        """Each job's loss, (K,): one vmapped call per distinct loss function, over its jobs
+        (`loss_groups`), put back in the jobs' order (`loss_order`)."""
+        if len(self.loss_groups) == 1:
+            ((fn, _),) = self.loss_groups
             return vmap(fn)(logits, targets)
-        losses = [vmap(fn)(logits[jobs], targets[jobs]) for fn, jobs in self.losses_by_function]
-        order = torch.cat([jobs for _, jobs in self.losses_by_function]).argsort()
-        return torch.cat(losses)[order.to(logits.device)]
+        losses = [vmap(fn)(logits[jobs], targets[jobs]) for fn, jobs in self.loss_groups]
+        return torch.cat(losses)[self.loss_order]
 
     def job_evaluation(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Every job on the same batch, at once."""
@@ -682,8 +693,7 @@ class FusedStack(StackedClassifier):
         if self.measuring:
             lead = self.measuring[0][1]
             taps = [self.taps[p.name].grad for p in lead.probes]
-            self.flow_grads = [w.grad for w in self.flow_weights]
-            lead.gradients(self.flow_weights, self.flow_grads, taps)
+            lead.gradients(self.flow_weights, [w.grad for w in self.flow_weights], taps)
             self.taps = {}
         if self.stops:
             self.stop_diverged(optimizer)
@@ -700,7 +710,8 @@ class FusedStack(StackedClassifier):
                 self.leave(i)
 
     def leave(self, i: int) -> None:
-        """Job `i` stopped: the optimizer leaves its weights and state as they are."""
+        """Job `i` stopped: the optimizer leaves its weights and state as they are (at once
+        when it diverged, before this step's update)."""
         self.trainer.optimizers[0].active[i] = False
         self.running_mask[i] = False
 
@@ -712,12 +723,10 @@ class FusedStack(StackedClassifier):
             metrics = self.measuring[0][1].measure(weights, self.activations)
             for i, flow in self.measuring:
                 activations = {name: a[i] for name, a in self.activations.items()}
-                grads = [None if g is None else g[i] for g in self.flow_grads]
+                grads = [None if w.grad is None else w.grad[i] for w in self.flow_weights]
                 flow.keep(self.views[i], metrics[i], activations, grads)
             self.measuring, self.activations = [], {}
         super().on_train_batch_end(outputs, batch, batch_idx)
-        for i, _ in self.stopped:
-            self.leave(i)
 
     def stack_optimizer(self) -> BatchedOptimizer:
         """The batched optimizer of the jobs' class, each job with its own hyperparameters."""
@@ -733,29 +742,26 @@ class FusedStack(StackedClassifier):
         else:
             clip_grad_norm_per_job_(params, value)
 
-    def job_optimizer(self, i: int) -> torch.optim.Optimizer:
-        """Job `i`'s optimizer alone over views of its slices, its hyperparameters as they are
-        now (a scheduler's changes show)."""
-        optimizer = self.trainer.optimizers[0]
-        if i not in self.shares:
-            self.shares[i] = optimizer.job_optimizer(i)
-        for own, group in zip(self.shares[i].param_groups, optimizer.param_groups, strict=True):
-            own.update(job_values(group, i))
-        return self.shares[i]
+    def optimizer_alone(self, i: int) -> torch.optim.Optimizer:
+        """Job `i`'s optimizer alone over views of its slices, with its hyperparameters as they
+        are now (copies: `lr_scheduler_step` brings them up to date)."""
+        return self.trainer.optimizers[0].job_optimizer(i)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        """The step, then each job's optimizer alone shows its new values (what a learning-rate
+        """The step, then each job's optimizer alone takes its new values (what a learning-rate
         monitor reads through the job's scheduler)."""
         super().lr_scheduler_step(scheduler, metric)
-        for i in self.shares:
-            self.job_optimizer(i)
+        groups = scheduler.optimizer.param_groups
+        for i, alone in self.shares.items():
+            for own, group in zip(alone.param_groups, groups, strict=True):
+                own.update(job_values(group, i))
 
     def job_optimizer_state(self, i: int) -> dict[str, Any]:
         return self.trainer.optimizers[0].job_state_dict(i)
 
     def job_scheduler_state(self, state: dict[str, Any], i: int) -> dict[str, Any]:
         """Job `i`'s value of every per-job array in a scheduler's state (`base_lrs`...)."""
-        return job_entry(state, i)
+        return job_value(state, i)
 
 
 def losses_by_function(loss_fns: list[Callable]) -> list[tuple[Callable, Tensor]]:
@@ -766,17 +772,6 @@ def losses_by_function(loss_fns: list[Callable]) -> list[tuple[Callable, Tensor]
         key = (fn.func, repr(fn.args), repr(sorted(fn.keywords.items())))
         groups.setdefault(key, (fn, []))[1].append(i)
     return [(fn, torch.tensor(jobs)) for fn, jobs in groups.values()]
-
-
-def job_entry(value: Any, i: int) -> Any:
-    """`value` with each per-job array (numpy, one value per job) replaced by job `i`'s."""
-    if isinstance(value, np.ndarray):
-        return value[i].item()
-    if isinstance(value, dict):
-        return {key: job_entry(v, i) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(job_entry(v, i) for v in value)
-    return value
 
 
 def stacked_module(
