@@ -74,7 +74,7 @@ from vanishlab.config import CONFIG_DIR
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.fused import LaunchCount
 from vanishlab.stack import fit_and_test_stack
-from vanishlab.train import build, build_trainer, fit_and_test
+from vanishlab.train import build, build_seeded, build_trainer
 
 DATA_DIR = os.environ.get("DATA_DIR", str(Path.cwd() / "data"))  # conf/paths' default
 EPOCHS = 4  # per run; the first is a warm-up and is not counted
@@ -190,7 +190,7 @@ def train_for_peak_memory(jobs: int) -> None:
             )
             for seed in range(jobs)
         ]
-        fit_and_test(cfgs[0]) if jobs == 1 else fit_and_test_stack(cfgs)
+        fit(cfgs)
     if torch.cuda.is_available():
         print(torch.cuda.max_memory_allocated() / 2**30)
     else:  # ru_maxrss is in KiB on Linux
@@ -367,8 +367,7 @@ def fit(cfgs: list[DictConfig], callbacks: list[pl.Callback] = ()) -> None:
     if len(cfgs) > 1:
         fit_and_test_stack(cfgs, stack_callbacks=callbacks)
         return
-    pl.seed_everything(cfgs[0].seed, verbose=False)
-    datamodule, module = build(cfgs[0])
+    datamodule, module = build_seeded(cfgs[0])
     trainer = build_trainer(cfgs[0])
     trainer.callbacks.extend(callbacks)
     trainer.fit(module, datamodule=datamodule)
