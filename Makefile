@@ -8,7 +8,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,docs,wandb,mlflow]'
 	touch $@
 
 train: $(VENV)/.installed  ## the reference experiment (add ARGS="model.depth=8 ...")
