@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: train test bench tensorboard lint report clean
+.PHONY: train test bench tensorboard lint report docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+docs: $(VENV)/.installed  ## the documentation site (mkdocs.yml, docs/) into site/; fails on any warning
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:  ## remove the environment and caches (runs under outputs/ are kept)
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
