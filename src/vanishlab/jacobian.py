@@ -33,13 +33,12 @@ dashboards).
 It needs the network's optional `hidden_map()` (`nets.BlockNet.hidden_map`): the module that
 maps the first probe's output to the last hidden layer's output. The Jacobian is exact:
 `torch.func.jacrev`, vmapped over the inputs, then `torch.linalg.svdvals`. It is computed in
-float64, since a deep stack's median singular value falls below float32's resolution (tanh,
-Gaussian weights, depth 64: 1e-10.6 of the largest in float64, 1e-7.3 in float32, the floor of
-float32's rounding). An exact Jacobian holds inputs x width^2 numbers, so a hidden state wider
-than `max_width` units per example is refused when the callback first measures, before the
-first update (a CNN's first hidden state is 16 x 14 x 14 = 3,136 units). Power iteration on
-Jacobian-vector products would estimate a wider one's largest singular value, not the median:
-the spread needs the whole spectrum.
+float64, since a deep stack's median singular value falls below float32's resolution: float32
+would read the floor of its own rounding, not the spectrum. An exact Jacobian holds inputs x
+width^2 numbers, so a hidden state wider than `max_width` units per example is refused when
+the callback first measures, before the first update (a CNN's first hidden state is 16 x 14 x
+14 = 3,136 units). Power iteration on Jacobian-vector products would estimate a wider one's
+largest singular value, not the median: the spread needs the whole spectrum.
 """
 
 from __future__ import annotations
@@ -109,8 +108,8 @@ def log10_max_over_median(singular_values: Tensor, exact_zeros: bool) -> float:
     median of 0 says nothing, and the median is that of the nonzero ones, those float64
     resolves (above the largest times their count times its epsilon, numpy's `matrix_rank`
     tolerance). A smooth activation's are all nonzero: a deep tanh stack's smallest fall below
-    that tolerance, though not its median (depth 64: 1e-10.6 of the largest), which is the
-    median of all, as Pennington et al. take it."""
+    that tolerance, though not its median, which is the median of all, as Pennington et al.
+    take it."""
     eps = torch.finfo(singular_values.dtype).eps
     spreads = []
     for row in singular_values:

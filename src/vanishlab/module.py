@@ -40,8 +40,8 @@ class Classifier(pl.LightningModule):
     logged, since the run's HParams row is written from its record when it ends (`hparams.py`).
 
     The training step stays lean: it logs only on the trainer's logging steps
-    (`log_every_n_steps`), because a `self.log` on every step costs about 1 ms, half a step of
-    the small MLPs we study.
+    (`log_every_n_steps`), because a `self.log` costs a sizeable share of a step of the small
+    MLPs we study.
     """
 
     def __init__(
