@@ -1,19 +1,20 @@
-"""What vanishlab shows on TensorBoard beyond the raw scalars, made to be read on TensorBoard's
+"""What vanishlab shows on its loggers beyond the raw scalars, made to be read on TensorBoard's
 defaults (linear axes, outliers ignored, every card its own y-range):
 
-- `Log10/<tag>`: log10 of the families that span decades (`LOG10_FAMILIES`), clamped to
+- `Log10/<tag>`: log10 of the families that span decades (`Family.log10`), clamped to
   [`LOG10_FLOOR`, `LOG10_CEILING`]: a zero gradient shows as -30, not 0 or -inf. Capitals sort
   first, so the `Log10` group opens the Time Series tab. Display only: `metrics.json` and the raw
   tags keep the true values.
-- a custom-scalars layout (`LAYOUT`): every layer of a family on one chart, and the backward
-  signal's time steps (an RNN's h_t, an LSTM's c_t) and residual-stream blocks on charts of
-  their own.
+- a custom-scalars layout (`LAYOUT`, from `FAMILIES`): every layer of a family on one chart,
+  and the backward signal's time steps (an RNN's h_t, an LSTM's c_t) and residual-stream blocks
+  on charts of their own.
 - per-probe histograms, and the gradient-flow figure on a fixed y-range that a key sets.
 
-Loggers other than TensorBoard's are skipped for everything but the scalars. A TensorBoard gets
-a measured step's scalars as one event (`write_scalars`), as TensorFlow's merged summaries were:
-Lightning's `log_metrics` writes an event per value, about 40 us each here: a seed run's 25 values
-a measured step took about 1 ms that way, more than measuring them, and 0.13 ms as one event.
+Every logger gets the scalars. The gradient-flow figure goes to TensorBoard, Weights & Biases
+and MLflow (`IMAGE_LOGGERS`), the job's record to the last two (`write_record`); the layout and
+the histograms are TensorBoard's own. A TensorBoard gets a measured step's scalars as one event
+(`write_scalars`), as TensorFlow's merged summaries were: Lightning's `log_metrics` writes an
+event per value, which costs more than measuring them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
@@ -40,42 +42,82 @@ from vanishlab.nets import Probe
 from vanishlab.results import AXIS_LABELS
 
 LOG10 = "Log10/"
-LOG10_FAMILIES = ("grad_norm", "update_ratio", "backward")
 LOG10_FLOOR, LOG10_CEILING = -30.0, 30.0  # below 1e-30 (zero included) / above 1e30 (inf)
 PROBE = r"(layer|norm|recurrent|step|memory|stream)_\d+"
 LAYER = r"(layer|norm|recurrent)_\d+"  # the probes with weights; the others are activations
-# Custom Scalars tab: one multi-line chart per family, a line per probe (select one run to read
-# a run's profile; every selected run adds its lines).
+RATIO = "first_over_last"  # a family's first probe over its last (`results.FIRST_OVER_LAST`)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of `GradientFlow`'s figures, logged as `<name>/<probe>` (`tag`). One that spans
+    decades (`log10`) is also logged as `Log10/<name>/<probe>`, for a linear axis. `charts` are
+    its Custom Scalars charts (`LAYOUT`): each a title and a regex of what follows `<name>/`,
+    one line per matching tag (select one run to read its profile; every run adds its lines)."""
+
+    name: str
+    log10: bool = False
+    charts: tuple[tuple[str, str], ...] = ()
+
+    def tag(self, probe: str) -> str:
+        return f"{self.name}/{probe}"
+
+    def layout(self) -> dict[str, list]:
+        """The family's charts, on its log10 tags if it has them."""
+        prefix, title = (LOG10, "log10 ") if self.log10 else ("", "")
+        return {
+            title + chart: ["Multiline", [rf"^{prefix}{self.tag(regex)}$"]]
+            for chart, regex in self.charts
+        }
+
+
+# GradientFlow's families (`diagnostics.GradientFlow.measure` measures each), in chart order.
+GRAD_NORM = Family(
+    "grad_norm",
+    log10=True,
+    charts=(
+        ("weight-gradient norm", PROBE),
+        ("first / last layer gradient norm", RATIO),
+    ),
+)
+WEIGHT_NORM = Family("weight_norm")
+UPDATE_RATIO = Family("update_ratio", log10=True, charts=(("update / weight norm", PROBE),))
+BACKWARD = Family(
+    "backward",
+    log10=True,
+    charts=(
+        ("backward signal ||dL/dh||", LAYER),
+        ("backward signal through time, one line per time step", r"step_\d+"),
+        (
+            "backward signal through the LSTM cell state, one line per time step",
+            r"memory_\d+",
+        ),
+        ("backward signal along the residual stream, one line per block", r"stream_\d+"),
+        ("first / last hidden layer backward signal", RATIO),
+    ),
+)
+DEAD_FRAC = Family("dead_frac", charts=(("dead fraction (ReLU)", PROBE),))
+SATURATED_FRAC = Family("saturated_frac", charts=(("saturated fraction (sigmoid, tanh)", PROBE),))
+ACT_MEAN = Family("act_mean")
+ACT_STD = Family("act_std", charts=(("activation std", PROBE),))
+FAMILIES = (
+    GRAD_NORM,
+    WEIGHT_NORM,
+    UPDATE_RATIO,
+    BACKWARD,
+    DEAD_FRAC,
+    SATURATED_FRAC,
+    ACT_MEAN,
+    ACT_STD,
+)
+LOG10_FAMILIES = tuple(family.name for family in FAMILIES if family.log10)
 LAYOUT = {
     "gradient flow, one line per layer": {
-        "log10 weight-gradient norm": ["Multiline", [rf"^{LOG10}grad_norm/{PROBE}$"]],
-        "log10 update / weight norm": ["Multiline", [rf"^{LOG10}update_ratio/{PROBE}$"]],
-        "log10 first / last layer gradient norm": [
-            "Multiline",
-            [rf"^{LOG10}grad_norm/first_over_last$"],
-        ],
-        "log10 backward signal ||dL/dh||": ["Multiline", [rf"^{LOG10}backward/{LAYER}$"]],
-        "log10 backward signal through time, one line per time step": [
-            "Multiline",
-            [rf"^{LOG10}backward/step_\d+$"],
-        ],
-        "log10 backward signal through the LSTM cell state, one line per time step": [
-            "Multiline",
-            [rf"^{LOG10}backward/memory_\d+$"],
-        ],
-        "log10 backward signal along the residual stream, one line per block": [
-            "Multiline",
-            [rf"^{LOG10}backward/stream_\d+$"],
-        ],
-        "log10 first / last hidden layer backward signal": [
-            "Multiline",
-            [rf"^{LOG10}backward/first_over_last$"],
-        ],
-        "dead fraction (ReLU)": ["Multiline", [rf"^dead_frac/{PROBE}$"]],
-        "saturated fraction (sigmoid, tanh)": ["Multiline", [rf"^saturated_frac/{PROBE}$"]],
-        "activation std": ["Multiline", [rf"^act_std/{PROBE}$"]],
+        title: chart for family in FAMILIES for title, chart in family.layout().items()
     }
 }
+# What keeps images of a run: the gradient-flow figure goes to each (`write_image`).
+IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger, MLFlowLogger)
 
 
 def log10_display(values: Tensor) -> Tensor:
@@ -98,6 +140,33 @@ def write_scalars(loggers: list[Logger], metrics: dict[str, float], step: int) -
             logger.experiment._get_file_writer().add_summary(summary, step)
         else:
             logger.log_metrics(metrics, step)
+
+
+@rank_zero_only
+def write_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> None:
+    """`image` (height, width, RGB) at `step` to every logger that keeps images
+    (`IMAGE_LOGGERS`): MLflow keeps it as a step of the run's image series `tag`."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, step, dataformats="HWC")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(tag, [image], step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, image, key=tag, step=step)
+
+
+@rank_zero_only
+def write_record(loggers: list[Logger], record: dict[str, Any], step: int) -> None:
+    """The numbers of a job's record, as `record/<key>` at its last `step`, to its W&B and
+    MLflow runs, which live apart from the job's directory (TensorBoard reads the record as its
+    HParams row); then the W&B run ends: a stacked job's run is one of several in the process,
+    and would otherwise stay open until the process ends."""
+    numbers = {f"record/{k}": v for k, v in record.items() if isinstance(v, int | float)}
+    for logger in loggers:
+        if isinstance(logger, WandbLogger | MLFlowLogger):
+            logger.log_metrics(numbers, step)
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def write_layout(loggers: list[Logger]) -> None:
@@ -185,8 +254,7 @@ class GradientFlowFigure:
     compare side by side; a value beyond it is drawn on its edge as a triangle pointing out.
     It is drawn every epoch, so it is kept cheap: the axes, ticks and labels (most of a draw's
     time: text layout) are rendered once, and each draw puts that image back and renders only
-    the lines and the title on it (matplotlib's blitting): 38 ms a draw here before, 12 ms so,
-    most of it now the PNG encoding.
+    the lines and the title on it (matplotlib's blitting).
     Colours stand in for a legend (a legend would be redrawn whole every time)."""
 
     def __init__(
@@ -224,10 +292,10 @@ class GradientFlowFigure:
         epoch_backward_profiles: dict[int, list[float]],
         step: int,
     ) -> None:
-        """Redraw with every epoch's profiles and write the image to each TensorBoard (a run
-        resumed from a checkpoint older than the backward profile lacks its first epochs')."""
-        writers = tensorboard_writers(loggers)
-        if not writers:
+        """Redraw with every epoch's profiles and write the image to each logger that keeps
+        images (a run resumed from a checkpoint older than the backward profile lacks its first
+        epochs')."""
+        if not any(isinstance(logger, IMAGE_LOGGERS) for logger in loggers):
             return
         last = max(epoch_profiles)
         for (axes, xs), profiles in zip(
@@ -245,8 +313,7 @@ class GradientFlowFigure:
                 axes.draw_artist(artist)
         self.figure.draw_artist(self.title)
         image = np.asarray(self.canvas.buffer_rgba())[..., :3]  # what `add_figure` renders
-        for writer in writers:
-            writer.add_image("gradient_flow", image, step, dataformats="HWC")
+        write_image(loggers, "gradient_flow", image, step)
 
     def plot(self, axes: Axes, xs: list[int], norms: list[float], colour: Any) -> None:
         """One epoch's line, log10, clamped to the y-range; a triangle where it leaves it."""

@@ -31,7 +31,9 @@ training runs at full speed.
 - `dead_outputs`           with an output ReLU: classes whose output is 0 for every example
 - `Log10/grad_norm/...`, `Log10/update_ratio/...`, `Log10/backward/...`  the same figures as
                            log10, for the eye
-                           (`dashboard.py`)
+
+Each family is defined once, in `dashboard.FAMILIES`: its tag, whether it is also shown as
+log10, and its dashboard charts. A new family is an entry there and its line in `measure`.
 
 The record keeps the backward profile (`results.BACKWARD_NORMS_START`, `BACKWARD_NORMS`): the
 norms `backward/first_over_last` divides, every probe along its axis (time steps, the residual
@@ -69,8 +71,17 @@ from torch import Tensor, nn
 from torch.linalg import vector_norm
 
 from vanishlab.dashboard import (
+    ACT_MEAN,
+    ACT_STD,
+    BACKWARD,
+    DEAD_FRAC,
+    GRAD_NORM,
     LOG10,
     LOG10_FAMILIES,
+    SATURATED_FRAC,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    Family,
     gradient_flow_figure,
     log10_display,
     write_histograms,
@@ -101,11 +112,7 @@ SATURATION_MARGIN = 0.02  # of the output range
 
 
 # Keys in GradientFlow's state: the backward ratio, and the profile along its axis.
-BACKWARD, PROFILE, AXIS = "backward_first_over_last", "backward_norms", "signal_axis"
-
-
-def tag(family: str, probe: Probe) -> str:
-    return f"{family}/{probe.name}"
+BACKWARD_RATIO, PROFILE, AXIS = "backward_first_over_last", "backward_norms", "signal_axis"
 
 
 class GradientFlow(pl.Callback):
@@ -164,8 +171,8 @@ class GradientFlow(pl.Callback):
             GRAD_NORMS_AT_START: first["grad_norms"],
             # A checkpoint from before the backward signal (or its profile) was measured has
             # none to resume.
-            **({BACKWARD_START: first[BACKWARD]} if BACKWARD in first else {}),
-            **({BACKWARD_FIRST_OVER_LAST: last[BACKWARD]} if BACKWARD in last else {}),
+            **({BACKWARD_START: first[BACKWARD_RATIO]} if BACKWARD_RATIO in first else {}),
+            **({BACKWARD_FIRST_OVER_LAST: last[BACKWARD_RATIO]} if BACKWARD_RATIO in last else {}),
             **({BACKWARD_NORMS_START: first[PROFILE]} if PROFILE in first else {}),
             **({BACKWARD_NORMS: last[PROFILE], SIGNAL_AXIS: last[AXIS]} if PROFILE in last else {}),
         }
@@ -176,7 +183,7 @@ class GradientFlow(pl.Callback):
         self.weighted = [probe for probe in self.probes if not probe.is_time]
         layers = [index for index, probe in enumerate(self.weighted) if not probe.is_norm]
         self.first, self.last = layers[0], layers[-1]  # the last layer probe is the output
-        self.layer_tags = [tag("grad_norm", self.weighted[i]) for i in layers]
+        self.layer_tags = [GRAD_NORM.tag(self.weighted[i].name) for i in layers]
         *hidden_layers, _ = layers
         # The backward signal's ratio spans the first axis the network has (`SIGNAL_AXES`: its
         # time steps, its residual stream), else its hidden layers (a network whose only layer
@@ -287,23 +294,23 @@ class GradientFlow(pl.Callback):
         self._logging = False
         write_scalars(trainer.loggers, metrics, self._step)
         profile = [metrics[t] for t in self.layer_tags]
-        backward = {p.name: metrics[tag("backward", p)] for p in self.signal}
+        backward = {p.name: metrics[BACKWARD.tag(p.name)] for p in self.signal}
         self._profiles_this_epoch.append(profile)
         self._backward_this_epoch.append(list(backward.values()))
         if not self.at_first_step:
             self.at_first_step = {
                 "grad_norms": profile,
                 "first_over_last": metrics[FIRST_OVER_LAST],
-                BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
+                BACKWARD_RATIO: metrics[BACKWARD_FIRST_OVER_LAST],
                 PROFILE: backward,
             }
         self.at_last_step = {
             "first_over_last": metrics[FIRST_OVER_LAST],
-            BACKWARD: metrics[BACKWARD_FIRST_OVER_LAST],
+            BACKWARD_RATIO: metrics[BACKWARD_FIRST_OVER_LAST],
             PROFILE: backward,
             AXIS: self.axis,
-            "max_dead_frac": max_of_family(metrics, "dead_frac"),
-            "max_saturated_frac": max_of_family(metrics, "saturated_frac"),
+            "max_dead_frac": max_of_family(metrics, DEAD_FRAC),
+            "max_saturated_frac": max_of_family(metrics, SATURATED_FRAC),
         }
         if self._histograms:
             write_histograms(trainer.loggers, self.weighted, grads, activations, self._step)
@@ -321,22 +328,22 @@ class GradientFlow(pl.Callback):
             [job_norms(w - b, w) for w, b in zip(weights, self._weights_before, strict=True)],
             dim=1,
         )
-        families: dict[str, tuple[list[Probe], Tensor]] = {
-            "grad_norm": (self.weighted, self._grad_norms),
-            "weight_norm": (self.weighted, weight_norms),
-            "update_ratio": (self.weighted, update_norms / weight_norms),
-            "act_mean": (self.probes, torch.stack([a.mean(1) for a in acts], dim=1)),
-            "act_std": (self.probes, torch.stack([a.std(1) for a in acts], dim=1)),
-            "backward": (self.probes, self._backward_norms),
+        families: dict[Family, tuple[list[Probe], Tensor]] = {
+            GRAD_NORM: (self.weighted, self._grad_norms),
+            WEIGHT_NORM: (self.weighted, weight_norms),
+            UPDATE_RATIO: (self.weighted, update_norms / weight_norms),
+            ACT_MEAN: (self.probes, torch.stack([a.mean(1) for a in acts], dim=1)),
+            ACT_STD: (self.probes, torch.stack([a.std(1) for a in acts], dim=1)),
+            BACKWARD: (self.probes, self._backward_norms),
         }
         if self.dead:
             fractions = [
                 silent(activations[p.name], 1).reshape(jobs, -1).float().mean(1) for p in self.dead
             ]
-            families["dead_frac"] = (self.dead, torch.stack(fractions, dim=1))
+            families[DEAD_FRAC] = (self.dead, torch.stack(fractions, dim=1))
         if self.saturating:
             fractions = [saturated(activations[p.name], p.kind) for p in self.saturating]
-            families["saturated_frac"] = (self.saturating, torch.stack(fractions, dim=1))
+            families[SATURATED_FRAC] = (self.saturating, torch.stack(fractions, dim=1))
         grads, backward = self._grad_norms, self._backward_norms
         single = {
             FIRST_OVER_LAST: grads[:, self.first] / grads[:, self.last],
@@ -349,7 +356,7 @@ class GradientFlow(pl.Callback):
         values = torch.cat(
             [*(v for _, v in families.values()), torch.stack([*single.values()], dim=1)], dim=1
         )
-        names = [tag(family, p) for family, (probes, _) in families.items() for p in probes]
+        names = [family.tag(p.name) for family, (probes, _) in families.items() for p in probes]
         names += [*single]
         shown = [i for i, name in enumerate(names) if name.split("/")[0] in LOG10_FAMILIES]
         values = torch.cat([values, log10_display(values[:, shown])], dim=1)
@@ -409,8 +416,8 @@ def job_norms(tensor: Tensor | None, like: Tensor) -> Tensor:
     return vector_norm(tensor.reshape(len(like), -1), dim=1)
 
 
-def max_of_family(metrics: dict[str, float], family: str) -> float:
-    return max((v for k, v in metrics.items() if k.startswith(f"{family}/")), default=0.0)
+def max_of_family(metrics: dict[str, float], family: Family) -> float:
+    return max((v for k, v in metrics.items() if k.startswith(f"{family.name}/")), default=0.0)
 
 
 class Predictions:
