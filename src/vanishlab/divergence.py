@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm
 
-from vanishlab.results import DIVERGED_AT_EPOCH, DIVERGED_AT_STEP, EPOCHS, STATUS, STEPS
+from vanishlab.results import DIVERGED_AT_EPOCH, DIVERGED_AT_STEP, EPOCHS, STATUS, STEPS, Status
 
 
 class StopOnDivergence(pl.Callback):
@@ -48,7 +48,7 @@ class StopOnDivergence(pl.Callback):
             return {}
         step, epoch = self.diverged_at["step"], self.diverged_at["epoch"]
         return {
-            STATUS: "diverged",
+            STATUS: Status.DIVERGED,
             DIVERGED_AT_STEP: step,
             DIVERGED_AT_EPOCH: epoch,
             STEPS: step + 1,

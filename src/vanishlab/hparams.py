@@ -12,7 +12,7 @@ the metrics, the first five in the configuration's order. So:
 - the table's columns are `Status` and `Verdict`, capitalised, then the keys whose values differ
   between its runs; a constant key (`data.batch_size`) would take a free place among the five,
   so it is not a column (every job's `.hydra/config.yaml` and the report have it);
-- marked are `Status`, `Verdict` and the keys that say what the runs vary in (`varying`): not
+- marked are `Status`, `Verdict` and the keys the sweep varies (`vanishlab.varied`): not
   `init.std`, which differs only because `init` does, nor `data.seed`, a copy of `seed`;
 - text and booleans get discrete domains; integers are text, so `16` does not read `16.000`;
 - `METRICS` leads with accuracy and the log10 backward-signal ratios at the first and the last
@@ -25,6 +25,7 @@ the metrics, the first five in the configuration's order. So:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,10 @@ from vanishlab.results import (
     TEST_LOSS,
     VAL_ACC,
     VERDICT,
+    Status,
     option_columns,
 )
+from vanishlab.varied import read_named_keys, varied_keys
 
 STATUS_COLUMN, VERDICT_COLUMN = "Status", "Verdict"
 SHOWN_FIRST = (STATUS_COLUMN, VERDICT_COLUMN)
@@ -79,7 +82,7 @@ METRICS = {
     FULL_EPOCHS: FULL_EPOCHS,
     STEPS: STEPS,
 }
-SESSION_STATUS = {"completed": api_pb2.STATUS_SUCCESS, "started": api_pb2.STATUS_UNKNOWN}
+SESSION_STATUS = {Status.COMPLETED: api_pb2.STATUS_SUCCESS, Status.STARTED: api_pb2.STATUS_UNKNOWN}
 DATA_TYPES = {
     bool: api_pb2.DATA_TYPE_BOOL,
     float: api_pb2.DATA_TYPE_FLOAT64,
@@ -123,11 +126,14 @@ def order(value: Any) -> tuple[int, float, str]:
         return (1, 0.0, str(value))
 
 
-def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
+def column_infos(
+    rows: list[dict[str, Any]], named: Collection[str] | None = None
+) -> list[api_pb2.HParamInfo]:
     """The table's columns: `Status`, `Verdict` and the keys whose values differ between `rows`
     (a key only some runs have differs), each with its type and domain. A column whose values
     are of mixed types becomes text in every row. Marked (`differs`, shown first) are `Status`,
-    `Verdict` and the `varying` columns."""
+    `Verdict` and the columns the sweep varies (`varied.varied_keys`; `named`: the keys it named
+    itself)."""
     infos = []
     for name in dict.fromkeys(key for r in rows for key in r):
         present = [r for r in rows if name in r]
@@ -143,21 +149,10 @@ def column_infos(rows: list[dict[str, Any]]) -> list[api_pb2.HParamInfo]:
         else:
             info.domain_discrete.extend(values)
         infos.append(info)
+    marked = {*SHOWN_FIRST, *varied_keys(rows, named)}
     for info in infos:
-        info.differs = info.name in {*SHOWN_FIRST, *varying([i.name for i in infos], rows)}
+        info.differs = info.name in marked
     return infos
-
-
-def varying(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
-    """The columns that say what the runs vary in, of those whose values differ: less a group's
-    keys where the group's option differs (`init.std` exists only where `init` is `normal`),
-    and less copies (`data.seed` = `${seed}`: of columns with the same values in every row, the
-    shortest name stays)."""
-    own = [c for c in columns if not any(c.startswith(f"{other}.") for other in columns)]
-    kept: dict[tuple, str] = {}
-    for column in sorted(own, key=lambda c: (len(c), c)):
-        kept.setdefault(tuple(repr(r.get(column)) for r in rows), column)
-    return list(kept.values())
 
 
 def write_hparams(root: Path, records: dict[Path, dict[str, Any]]) -> None:
@@ -166,7 +161,7 @@ def write_hparams(root: Path, records: dict[Path, dict[str, Any]]) -> None:
     `root` (a sweep's directory, or the single run's own)."""
     records = {job: record for job, record in records.items() if JOB_CONFIG in record}
     rows = {job: row(record) for job, record in records.items()}
-    columns = column_infos(list(rows.values()))
+    columns = column_infos(list(rows.values()), read_named_keys(root))
     experiment = api_pb2.Experiment(
         hparam_infos=columns,
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=name)) for name in METRICS],

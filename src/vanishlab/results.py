@@ -57,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -70,7 +71,7 @@ SATURATED_FROM = 0.5
 
 # The record's keys, named once: train, eval, the callbacks' evidence, the report, the HParams
 # row and the tests use these names.
-STATUS = "status"  # started, completed, diverged, failed (or cancelled, timeout, ... by SLURM)
+STATUS = "status"  # a `Status`, or the state a scheduler ended the job in (cancelled, timeout)
 VERDICT = "verdict"
 SEED = "seed"
 ERROR = "error"
@@ -123,8 +124,42 @@ JACOBIAN_THEORY = "jacobian/theory_log10_mean_sq_singular_value"  # chi_1^(L-1),
 JACOBIAN_QUANTILES = "jacobian/log10_singular_value_quantiles"
 JACOBIAN_QUANTILES_START = "evidence/jacobian_log10_singular_value_quantiles_at_start"
 
-FINISHED = ("completed", "diverged")  # statuses a re-run sweep does not train again
-UNREADABLE = "unreadable"  # how `read_record` reads a metrics.json that holds no record
+
+class Word(str, Enum):
+    """A value records and tables hold as plain text: a member is the string itself (it compares,
+    hashes and writes to JSON as its value), so records on disk read the same with or without
+    it, and it prints as its value, not as `Status.COMPLETED`."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+
+class Status(Word):
+    """Where a job is: the record's `status`. A scheduler that ends a job for good writes its own
+    state instead (`cancelled`, `timeout`, ...: the SLURM launcher), so a record's status is not
+    always one of these."""
+
+    STARTED = "started"  # from the job's first moment until it ends (or while killed)
+    COMPLETED = "completed"
+    DIVERGED = "diverged"  # training stopped at a non-finite loss or gradient
+    FAILED = "failed"  # it raised: `error` says what
+    UNREADABLE = "unreadable"  # how `read_record` reads a metrics.json that holds no record
+    UNFINISHED = "unfinished"  # how the report reads a job with a config and no metrics.json
+
+
+class Verdict(Word):
+    """What happened to a run: the record's `verdict` (rules: module docstring)."""
+
+    DIVERGED = "diverged"
+    DEAD = "dead"
+    EXPLODING = "exploding"
+    VANISHING = "vanishing"
+    UNDERTRAINED = "undertrained"
+    TRAINED = "trained"
+    TOO_SHORT = "too_short"
+
+
+FINISHED = (Status.COMPLETED, Status.DIVERGED)  # statuses a re-run sweep does not train again
 # Config keys that cannot change a job's result: where files go, torch's thread count, labels.
 IGNORED_KEYS = ("paths", "threads", TAGS)
 
@@ -137,27 +172,27 @@ class EvidenceSource(Protocol):
     def evidence(self) -> dict[str, Any]: ...
 
 
-def verdict(record: dict[str, Any]) -> str:
+def verdict(record: dict[str, Any]) -> Verdict:
     """Name what happened to a run from the evidence in its record (rules: module docstring)."""
     measured = START in record
     trained = record.get(FULL_EPOCHS, 0) >= 1
     stuck = trained and CLASSES_PREDICTED in record and record[CLASSES_PREDICTED] < record[CLASSES]
     at_start = record.get(BACKWARD_START, math.nan)
     at_end = record.get(BACKWARD_FIRST_OVER_LAST, math.nan)
-    if record[STATUS] == "diverged" or not math.isfinite(record.get(TEST_LOSS, 0.0)):
-        return "diverged"
+    if record[STATUS] == Status.DIVERGED or not math.isfinite(record.get(TEST_LOSS, 0.0)):
+        return Verdict.DIVERGED
     if measured and record.get(MAX_DEAD, 0) >= 1:
-        return "dead"
+        return Verdict.DEAD
     if trained and record.get(DEAD_CLASSES, 0) >= 1:
-        return "dead"
+        return Verdict.DEAD
     if at_start > EXPLODING_ABOVE:
-        return "exploding"
+        return Verdict.EXPLODING
     vanished = at_start < VANISHING_BELOW and (at_end < VANISHING_BELOW or stuck)
     if vanished or (measured and record.get(MAX_SATURATED, 0) >= SATURATED_FROM):
-        return "vanishing"
+        return Verdict.VANISHING
     if trained:
-        return "undertrained" if stuck else "trained"
-    return "too_short"
+        return Verdict.UNDERTRAINED if stuck else Verdict.TRAINED
+    return Verdict.TOO_SHORT
 
 
 def axis_position(probe: str) -> int:
@@ -201,9 +236,10 @@ def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        return {STATUS: UNREADABLE, ERROR: f"{type(err).__name__}: {err}"}
+        return {STATUS: Status.UNREADABLE, ERROR: f"{type(err).__name__}: {err}"}
     if not isinstance(record, dict):
-        return {STATUS: UNREADABLE, ERROR: f"it holds a {type(record).__name__}, not a record"}
+        error = f"it holds a {type(record).__name__}, not a record"
+        return {STATUS: Status.UNREADABLE, ERROR: error}
     return record
 
 

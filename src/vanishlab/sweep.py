@@ -1,18 +1,17 @@
 """A sweep's jobs, named by what varies and tabulated when it ends: the `Records` Hydra callback
 and the `vanishlab.job_dir` resolver that names a job's directory.
 
-A job's directory is named from the keys the sweep varies, under short aliases, sorted:
-`act=sigmoid,depth=16,init=xavier_normal`, so TensorBoard's run list, cut at about 30
-characters, still shows what tells the runs apart. The sweep declares which keys vary as it
-starts (`varied.json`: its command line's sweep overrides and its sweeper's params); constant
-overrides stay in each job's `.hydra/overrides.yaml`. A name is only a label: a job's identity is
-its config (`results.job_id`), and a directory that holds a record of another config is kept and
-this job's gets its id appended.
+A job's directory is named from the keys the sweep names itself (`vanishlab.varied`: its command
+line's sweep overrides and its sweeper's params, saved as it starts), under short aliases,
+sorted: `act=sigmoid,depth=16,init=xavier_normal`, so TensorBoard's run list, cut at about 30
+characters, still shows what tells the runs apart; constant overrides stay in each job's
+`.hydra/overrides.yaml`. A name is only a label: a job's identity is its config
+(`results.job_id`), and a directory that holds a record of another config is kept and this job's
+gets its id appended.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -30,16 +29,16 @@ from vanishlab.results import (
     FINISHED,
     JOB_ID,
     STATUS,
-    UNREADABLE,
+    Status,
     job_id,
     job_identity,
     read_record,
 )
 from vanishlab.storage import SweepLock, check_free_space
+from vanishlab.varied import read_named_keys, save_named_keys
 
 log = logging.getLogger(__name__)
 
-VARIED_FILE = "varied.json"
 # Short names for keys in job names; any other key is named by its last dotted part
 # (`optimizer.lr` -> `lr`), or whole where two varied keys share that part.
 ALIASES = {
@@ -49,15 +48,6 @@ ALIASES = {
     "trainer.max_epochs": "epochs",
     "data.batch_size": "batch",
 }
-
-
-def declared_varied_keys(config: DictConfig) -> list[str]:
-    """The keys a sweep varies: its command line's sweep overrides (`model.depth=1,2`,
-    `seed=range(4)`, `optimizer.lr=interval(1e-3,1)`) and its sweeper's params."""
-    params = config.hydra.sweeper.get("params") or {}
-    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -70,7 +60,7 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 
 def job_name(overrides: list[str], varied: list[str] | None) -> str:
-    """The job's `varied` overrides (all of them where the sweep declared none) as
+    """The job's `varied` overrides (all of them where the sweep named none) as
     `alias=value`, sorted by alias; `/` in a value (a path) would nest directories: `_`."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     values = {
@@ -88,11 +78,9 @@ def job_dir_name(sweep_dir: str, *, _root_: DictConfig) -> str:
     directory holds a job of another config, kept as it is; then `<name>~<job_id>`. A record
     that cannot be read is taken for the job's own (`train.prepare` sets it aside). The job's
     config is resolved for its id only where a record is there to compare it with."""
-    declared = Path(sweep_dir) / VARIED_FILE
-    varied = json.loads(declared.read_text()) if declared.is_file() else None
-    name = job_name(list(_root_.hydra.overrides.task), varied)
+    name = job_name(list(_root_.hydra.overrides.task), read_named_keys(Path(sweep_dir)))
     stored = read_record(Path(sweep_dir) / name / "metrics.json")
-    if not stored or stored.get(STATUS) == UNREADABLE:
+    if not stored or stored.get(STATUS) == Status.UNREADABLE:
         return name
     try:
         own_id = job_id(job_identity(_root_))
@@ -121,7 +109,7 @@ def register_job_dir_resolver() -> None:
 class Records(Callback):
     """Hydra callback that keeps records true and shows them: a single run never writes into a
     directory that holds a run's record already; one command at a time sweeps into a directory
-    (`storage.SweepLock`); no command starts on a full disk; a sweep declares what it varies as
+    (`storage.SweepLock`); no command starts on a full disk; a sweep saves the keys it names as
     it starts, and ends with its jobs counted by status (exit 1 if any did not finish: failed,
     or cancelled or timed out by a scheduler). A run's or a sweep's end writes the HParams table
     from the records (`hparams.write_hparams`).
@@ -161,9 +149,7 @@ class Records(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.lock = SweepLock(sweep_dir)
         check_or_exit(self.lock.acquire)
-        declared = sweep_dir / VARIED_FILE
-        if not declared.is_file():  # a re-run sweep keeps its jobs' names
-            declared.write_text(json.dumps(declared_varied_keys(config)) + "\n")
+        save_named_keys(sweep_dir, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

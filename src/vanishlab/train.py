@@ -49,6 +49,7 @@ from vanishlab.checkpoints import (
     newest_readable_checkpoint,
 )
 from vanishlab.config import CONFIG_DIR, check_config, check_memory, check_sweepable
+from vanishlab.dashboard import write_record
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
@@ -70,10 +71,10 @@ from vanishlab.results import (
     TEST_SECONDS,
     TESTED,
     TRAIN_SECONDS,
-    UNREADABLE,
     VERDICT,
     WORLD_SIZE,
     EvidenceSource,
+    Status,
     composed_config,
     job_id,
     job_identity,
@@ -226,7 +227,9 @@ def fit_and_test(
         seconds = time.perf_counter() - start
         evidence = evidence_on_test_split(module, datamodule)
         testing = testing_evidence(metrics[0], seconds, evidence)
-    return job_record(cfg, training, testing, origin)
+    record = job_record(cfg, training, testing, origin)
+    write_record(trainer.loggers, record, trainer.global_step)
+    return record
 
 
 def job_record(
@@ -239,7 +242,7 @@ def job_record(
     (`training_evidence`; a diverged job's status overrides `completed`), what testing found
     (`testing_evidence`), the checkpoint it came from (`origin`), and, for a job that trained,
     its verdict."""
-    record = {STATUS: "completed", SEED: cfg.seed, **(origin or {})}
+    record = {STATUS: Status.COMPLETED, SEED: cfg.seed, **(origin or {})}
     record.update({**(training or {}), **(testing or {})})
     if training is not None:
         record[VERDICT] = verdict(record)
@@ -365,9 +368,9 @@ def prepare(cfg: DictConfig) -> Job | float | None:
         err = ConfigError(f"the config does not resolve: {err}. Fix: set the key it names")
         return job_failed(err, {}, None if previous else record_path, in_sweep)
     identity = {JOB_ID: job_id(job_config), JOB_CONFIG: job_config}
-    if previous.get(STATUS) == UNREADABLE:  # half a file (from before atomic writes): ours
+    if previous.get(STATUS) == Status.UNREADABLE:  # half a file (from before atomic writes): ours
         set_aside(record_path, previous[ERROR])
-        previous = {STATUS: UNREADABLE, JOB_ID: identity[JOB_ID]}
+        previous = {STATUS: Status.UNREADABLE, JOB_ID: identity[JOB_ID]}
     if previous and previous.get(JOB_ID) != identity[JOB_ID]:
         err = ConfigError(
             f"{output_dir} holds the record of another config (job_id "
@@ -396,7 +399,7 @@ def prepare(cfg: DictConfig) -> Job | float | None:
         log.info("seed=null: drew seed %d", cfg.seed)
     resume = newest_readable_checkpoint(output_dir / "checkpoints") if previous else None
     resume_from, resume_step = (resume[0], logging_step(resume[1])) if resume else (None, None)
-    save_record(record_path, {STATUS: "started", SEED: cfg.seed, **identity})
+    save_record(record_path, {STATUS: Status.STARTED, SEED: cfg.seed, **identity})
     return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep)
 
 
@@ -445,7 +448,7 @@ def job_failed(
         exit_with(DiskFull(record_path.parent if record_path else Path.cwd()))
     error = f"{type(err).__name__}: {err}"
     if record_path is not None:
-        save_record(record_path, {STATUS: "failed", ERROR: error, **identity})
+        save_record(record_path, {STATUS: Status.FAILED, ERROR: error, **identity})
     if in_sweep:
         trace = None if isinstance(err, ConfigError) else err
         log.error("Job failed; the sweep goes on. %s", error, exc_info=trace)
