@@ -30,7 +30,7 @@ from conftest import (
     sweep,
 )
 from vanishlab.checkpoints import AtomicCheckpointIO, read_checkpoint
-from vanishlab.report import LOSS_TAGS, scalar_curves
+from vanishlab.report.events import LOSS_TAGS, scalar_curves
 from vanishlab.results import (
     JOB_ID,
     RESUMED_FROM,

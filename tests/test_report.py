@@ -18,22 +18,17 @@ from torch.utils.tensorboard import SummaryWriter
 
 import vanishlab.results as rec
 from conftest import FAST, compose_config
-from vanishlab.report import (
-    LOSS_TAGS,
-    column_names,
-    load_sweep,
-    main,
-    plot_accuracy,
-    plot_backward_profiles,
-    plot_grad_ratio_heatmap,
-    plot_jacobian_spectra,
-    plot_phase_diagram,
-    plot_sharpness,
-    scalar_curves,
-    varied_keys,
-    without_seed,
-    write_report,
+from vanishlab.report import main, write_report
+from vanishlab.report.events import LOSS_TAGS, scalar_curves
+from vanishlab.report.figures import (
+    accuracy,
+    backward_profiles,
+    grad_ratio_heatmap,
+    jacobian_spectra,
+    phase_diagram,
+    sharpness,
 )
+from vanishlab.report.load import CONFIG, column_names, load_sweep
 from vanishlab.train import fit_and_test
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,18 +123,18 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_varied_keys_are_the_ones_that_differ(sweep) -> None:
     results = pd.read_csv(sweep / "report" / "results.csv")
     varied = list(results.columns[1 : results.columns.get_loc(rec.STATUS)])
-    # init=normal brings a key (std) that kaiming_normal does not have, and the reverse.
-    assert sorted(varied) == ["activation", "depth", "init", "init.std", "nonlinearity"]
+    # init=normal brings a key (std) that kaiming_normal does not have, and the reverse: they
+    # follow from `init`, so they are no columns.
+    assert sorted(varied) == ["activation", "depth", "init"]
     assert set(results["init"]) == {"kaiming_normal", "normal"}
 
 
-def test_varied_keys_skip_job_directories_and_count_missing_keys() -> None:
-    a = {"paths.output_dir": "/s/a", "callbacks.ckpt.dirpath": "/s/a/c", "seed": 0, "lr": 0.1}
-    b = {"paths.output_dir": "/s/b", "callbacks.ckpt.dirpath": "/s/b/c", "seed": 0, "lr": 0.1}
-    c = {**b, "init.std": 1.0}
-    assert varied_keys([a, b]) == []
-    assert varied_keys([a, c]) == ["init.std"]
-    assert varied_keys([a, {**b, "lr": 1.0}]) == ["lr"]
+def test_a_key_the_sweep_names_is_varied_though_it_follows_from_another(tmp_path) -> None:
+    for init, std in (("normal", 0.5), ("normal", 1.0), ("kaiming_normal", None)):
+        add_job(tmp_path, [f"init={init}", *([f"init.std={std}"] if std else [])], None)
+    assert list(load_sweep(tmp_path).varied) == ["init._target_"]
+    (tmp_path / "varied.json").write_text('["init", "init.std"]')
+    assert list(load_sweep(tmp_path).varied) == ["init._target_", "init.std"]
 
 
 def test_column_names_are_short_unless_ambiguous() -> None:
@@ -193,7 +188,7 @@ def test_report_table_is_sorted_with_failed_and_unfinished_last(sweep) -> None:
 def test_figures_are_valid_pngs_embedded_in_the_report(sweep) -> None:
     report_md = (sweep / "report" / "report.md").read_text()
     # depth is the only numeric key with two values: init.std is 1.0 or absent.
-    expected = ["accuracy_vs_depth", "grad_ratio_heatmap", "grad_profiles", "loss_curves"]
+    expected = ["accuracy", "grad_ratio_heatmap", "grad_profiles", "loss_curves"]
     assert sorted(p.stem for p in (sweep / "report").glob("*.png")) == sorted(expected)
     assert not (sweep / "report" / "seed_summary.csv").exists()  # no seed varied
     for name in expected:
@@ -203,13 +198,11 @@ def test_figures_are_valid_pngs_embedded_in_the_report(sweep) -> None:
         assert f"]({name}.png)" in report_md
 
 
-def test_heatmap_has_a_panel_per_activation_and_names_init_with_its_keys(sweep) -> None:
-    table, varied = load_sweep(sweep)
-    fig = plot_grad_ratio_heatmap(table, varied)
+def test_heatmap_has_a_panel_per_activation_and_a_column_per_init(sweep) -> None:
+    fig = grad_ratio_heatmap.draw(load_sweep(sweep))
     relu, sigmoid = (ax for ax in fig.axes if ax.get_title())
     assert (relu.get_title(), sigmoid.get_title()) == ("activation=relu", "activation=sigmoid")
-    std = table["init.std"].dropna().iloc[0]
-    inits = ["kaiming_normal, nonlinearity=relu", f"normal, init.std={std}"]
+    inits = ["kaiming_normal", "normal"]
     assert [label.get_text() for label in relu.get_xticklabels()] == inits
     assert [label.get_text() for label in relu.get_yticklabels()] == ["2", "4", "8"]
     # log10 of the ratios at the start; the failed and unfinished jobs' cells stay empty.
@@ -272,7 +265,7 @@ def test_seed_report_shows_the_summary_and_its_figures(seed_sweep) -> None:
     ]
     assert len(table_rows(report_md, 1)) == len(SEED_JOBS)  # and a row per job after it
     # No accuracy plot against the seed: the seeds are drawn per setting instead.
-    expected = ["accuracy_over_seeds", "accuracy_vs_depth", "grad_profiles"]
+    expected = ["accuracy", "accuracy_over_seeds", "grad_profiles"]
     assert sorted(p.stem for p in report.glob("*.png")) == expected
     for name in expected:
         assert (report / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
@@ -280,10 +273,10 @@ def test_seed_report_shows_the_summary_and_its_figures(seed_sweep) -> None:
 
 
 def test_accuracy_plot_draws_the_mean_over_seeds(seed_sweep) -> None:
-    table, varied = load_sweep(seed_sweep)
-    (ax,) = plot_accuracy(table, without_seed(table, varied), "depth").axes
+    loaded = load_sweep(seed_sweep)
+    (ax,) = accuracy.draw(loaded).axes
     (line,) = (line for line in ax.get_lines() if line.get_linestyle() == "-")
-    means = table.groupby("depth")[rec.TEST_ACC].mean()
+    means = loaded.table.groupby("depth")[rec.TEST_ACC].mean()
     assert list(line.get_xdata()) == list(means.index)
     assert list(line.get_ydata()) == pytest.approx(list(means))
 
@@ -320,21 +313,22 @@ def test_sweep_over_lr_only_has_no_heatmap_and_a_log_axis(tmp_path) -> None:
         add_job(tmp_path, [f"optimizer.lr={lr}"], finished("trained", acc, 1.0, 2))
     write_report(tmp_path)
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
-    assert pngs == ["accuracy_vs_lr.png", "grad_profiles.png"]
+    assert pngs == ["accuracy.png", "grad_profiles.png"]
     results = pd.read_csv(tmp_path / "report" / "results.csv")
     assert list(results["lr"]) == [0.01, 0.001, 1.0]
-    fig = plot_accuracy(results, {"optimizer.lr": "lr"}, "lr")
-    assert fig.axes[0].get_xscale() == "log"
+    assert accuracy.draw(load_sweep(tmp_path)).axes[0].get_xscale() == "log"
 
 
 def test_columns_hold_resolved_values_and_no_underscore_keys(tmp_path) -> None:
     for scheduler in ("cosine", "step"):
         overrides = [f"scheduler={scheduler}", "trainer.max_epochs=3"]
         add_job(tmp_path, overrides, finished("trained", 0.9, 1.0, 2))
-    table, varied = load_sweep(tmp_path)
-    assert sorted(varied.values()) == ["T_max", "eta_min", "gamma", "scheduler", "step_size"]
-    cosine = table[table["scheduler"] == "cosineannealinglr"].iloc[0]
-    assert cosine["T_max"] == 3  # ${trainer.max_epochs}, resolved
+    loaded = load_sweep(tmp_path)
+    # Each scheduler's own keys (T_max, step_size, ...) follow from the scheduler's choice.
+    assert list(loaded.varied.values()) == ["scheduler"]
+    cosine = loaded.table[loaded.table["scheduler"] == "cosineannealinglr"].iloc[0]
+    assert cosine[CONFIG]["scheduler.T_max"] == 3  # ${trainer.max_epochs}, resolved
+    assert "scheduler._target_" in cosine[CONFIG] and "scheduler._partial_" not in cosine[CONFIG]
 
 
 def test_heatmap_without_a_numeric_key_has_a_row_per_setting(tmp_path) -> None:
@@ -344,8 +338,7 @@ def test_heatmap_without_a_numeric_key_has_a_row_per_setting(tmp_path) -> None:
         ("layernorm", "kaiming_normal", 2.0),
     ):
         add_job(tmp_path, [f"remedy={remedy}", f"init={init}"], finished("trained", 0.9, ratio, 4))
-    table, varied = load_sweep(tmp_path)
-    (ax,) = (ax for ax in plot_grad_ratio_heatmap(table, varied).axes if ax.get_images())
+    (ax,) = (ax for ax in grad_ratio_heatmap.draw(load_sweep(tmp_path)).axes if ax.get_images())
     assert [label.get_text() for label in ax.get_yticklabels()] == [
         "norm=layer, residual=False",
         "norm=none, residual=False",
@@ -409,8 +402,7 @@ def test_phase_diagram_is_written_and_shown_in_the_report(phase_sweep) -> None:
 
 
 def test_phase_diagram_draws_each_jobs_accuracy_and_the_theory_for_its_config(phase_sweep):
-    table, varied = load_sweep(phase_sweep)
-    (ax,) = (ax for ax in plot_phase_diagram(table, varied).axes if ax.get_images())
+    (ax,) = (ax for ax in phase_diagram.draw(load_sweep(phase_sweep)).axes if ax.get_images())
     sigmas = [float(label.get_text()) for label in ax.get_xticklabels()]
     depths = [int(label.get_text()) for label in ax.get_yticklabels()]
     assert sigmas == [0.5, 1.76, 4.0] and depths == [3, 12, 50]
@@ -437,9 +429,9 @@ def test_sharpness_figures_from_a_tiny_sweep_with_the_callback_on(tiny_data, tmp
     values it logged and ending at its record's evidence, beside a dashed line at its 2/lr;
     and the final sharpness against lr."""
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
-    sharpness = ["callbacks=sharpness", "callbacks.sharpness.every_n_steps=2"]
+    overrides = ["callbacks=sharpness", "callbacks.sharpness.every_n_steps=2"]
     records = {
-        lr: trained_job(tmp_path, f"lr{lr}", [*sharpness, f"optimizer.lr={lr}"], tiny_data)
+        lr: trained_job(tmp_path, f"lr{lr}", [*overrides, f"optimizer.lr={lr}"], tiny_data)
         for lr in (0.05, 0.2)
     }
     report_md = write_report(tmp_path).read_text()
@@ -450,8 +442,7 @@ def test_sharpness_figures_from_a_tiny_sweep_with_the_callback_on(tiny_data, tmp
     for lr, record in records.items():
         assert results.loc[lr, rec.SHARPNESS] == pytest.approx(record[rec.SHARPNESS])
 
-    table, varied = load_sweep(tmp_path)
-    (ax,) = plot_sharpness(table, varied, tmp_path).axes
+    (ax,) = sharpness.draw(load_sweep(tmp_path)).axes
     solid = [line for line in ax.lines if line.get_linestyle() == "-"]
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     assert len(solid) == len(dashed) == 2
@@ -484,8 +475,8 @@ def test_backward_profiles_are_drawn_along_each_jobs_axis(profile_sweep) -> None
     sweep, records = profile_sweep
     report_md = (sweep / "report" / "report.md").read_text()
     assert "](backward_profiles.png)" in report_md and "](jacobian_spectra.png)" in report_md
-    table, varied = load_sweep(sweep)
-    layers_start, layers_end, time_start, time_end = plot_backward_profiles(table, varied).axes[:4]
+    figure = backward_profiles.draw(load_sweep(sweep))
+    layers_start, layers_end, time_start, time_end = figure.axes[:4]
     assert layers_start.get_xlabel() == layers_end.get_xlabel() == "layer (0 = input side)"
     assert time_start.get_xlabel() == time_end.get_xlabel() == "time step"
     assert time_start.get_yscale() == "log"
@@ -505,10 +496,89 @@ def test_jacobian_spectra_are_drawn_for_the_jobs_that_measured_them(profile_swee
     """The MLP's quantiles at the start and the end, from the smallest singular value to the
     largest; the RNN, which has no Jacobian callback, draws no line."""
     sweep, records = profile_sweep
-    table, varied = load_sweep(sweep)
-    start, end = plot_jacobian_spectra(table, varied).axes[:2]
+    start, end = jacobian_spectra.draw(load_sweep(sweep)).axes[:2]
     for ax, key in ((start, rec.JACOBIAN_QUANTILES_START), (end, rec.JACOBIAN_QUANTILES)):
         spectrum, zero = ax.lines  # the job's quantiles, and the dotted isometry line
         assert list(spectrum.get_ydata()) == records["mlp"][key]
         assert spectrum.get_xdata()[0] == 0 and spectrum.get_xdata()[-1] == 1
         assert list(zero.get_ydata()) == [0, 0]
+
+
+USER_FIGURE = """
+from matplotlib.figure import Figure
+
+NAME = "{name}"
+CAPTION = "Each job's test accuracy, by a figure vanishlab does not ship."
+
+
+def applies(sweep):
+    return "depth" in sweep.varied.values()
+
+
+def draw(sweep):
+    fig = Figure()
+    fig.subplots().bar(sweep.table["job"], sweep.table["test/acc"].fillna(0))
+    return fig
+"""
+
+
+def user_sweep(tmp_path: Path) -> Path:
+    sweep = tmp_path / "sweep"
+    for depth in (2, 4):
+        add_job(sweep, [f"model.depth={depth}"], finished("trained", 0.9, 1.0, depth))
+    return sweep
+
+
+def shows(sweep: Path, name: str) -> bool:
+    """Whether the report holds figure `name`, with its caption."""
+    report_md = (sweep / "report" / "report.md").read_text()
+    png = sweep / "report" / f"{name}.png"
+    return f"]({name}.png)\n\nEach job's test accuracy" in report_md and png.is_file()
+
+
+def test_a_users_figure_module_appears_in_the_report(tmp_path, monkeypatch) -> None:
+    """A figure defined outside vanishlab, by its import name, and on the command line by its
+    file; where it does not apply (no depth varies), it is left out."""
+    (tmp_path / "my_figure.py").write_text(USER_FIGURE.format(name="my_figure"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = user_sweep(tmp_path)
+    write_report(sweep, figures=["my_figure"])
+    assert shows(sweep, "my_figure")
+    write_report(sweep)
+    assert not shows(sweep, "my_figure")  # not asked for: gone, its png too
+    main([str(sweep), "--figure", str(tmp_path / "my_figure.py")])
+    assert shows(sweep, "my_figure")
+    seeds = tmp_path / "seeds"
+    add_job(seeds, ["seed=1"], finished("trained", 0.9, 1.0, 2))
+    add_job(seeds, ["seed=2"], finished("trained", 0.8, 1.0, 2))
+    write_report(seeds, figures=["my_figure"])
+    assert not shows(seeds, "my_figure")
+
+
+def test_an_installed_packages_figure_comes_through_its_entry_point(tmp_path, monkeypatch):
+    """A package that declares a figure in the `vanishlab.report_figures` group (here a
+    distribution's metadata on sys.path, as pip leaves it) adds it to every report."""
+    (tmp_path / "their_figure.py").write_text(USER_FIGURE.format(name="their_figure"))
+    dist = tmp_path / "their_figures-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: their-figures\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vanishlab.report_figures]\ntheirs = their_figure\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = user_sweep(tmp_path)
+    write_report(sweep)
+    assert shows(sweep, "their_figure")
+
+
+def test_a_figure_module_that_cannot_work_is_refused(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "half_figure.py").write_text("NAME = 'half'\n")
+    (tmp_path / "twin_figure.py").write_text(USER_FIGURE.format(name="loss_curves"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = user_sweep(tmp_path)
+    for module, says in (
+        ("half_figure", "half_figure lacks CAPTION, applies, draw"),
+        ("twin_figure", "two figures are named loss_curves"),
+        ("no_such_figure", "figure module 'no_such_figure' does not import"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(sweep), "--figure", module])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err

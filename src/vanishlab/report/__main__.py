@@ -1,0 +1,3 @@
+from vanishlab.report.write import main
+
+main()
