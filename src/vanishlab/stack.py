@@ -57,6 +57,7 @@ from vanishlab.batched_optim import (
     job_value,
     job_values,
 )
+from vanishlab.dashboard import write_record
 from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
 from vanishlab.divergence import StopOnDivergence
@@ -855,6 +856,7 @@ def fit_and_test_stack(
             evidence = evidence_on_test_split(module, datamodule)
         testing = testing_evidence(own_metrics(tested, i), test_seconds, evidence)
         records.append(job_record(cfgs[i], trained[i], testing))
+        write_record(job_loggers[i], records[i], trainer.global_step)
     return records
 
 
