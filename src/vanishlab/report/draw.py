@@ -53,6 +53,12 @@ def gradient_layout(
     return inits, others, row_key
 
 
+def panels_figure(count: int, panel_width: float, height: float) -> tuple[Figure, list[Axes]]:
+    """A figure of `count` heatmap panels side by side, with room for their colour bar."""
+    fig = Figure(figsize=(count * panel_width + 1, height), layout="constrained")
+    return fig, list(fig.subplots(1, count, squeeze=False)[0])
+
+
 def median_cells(
     jobs: pd.DataFrame, row: str, rows: list, column: str, columns: list, values: str
 ) -> pd.DataFrame:

@@ -226,6 +226,12 @@ def absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def recorded(table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The jobs whose record holds `key` (a job records a profile or a spectrum where the
+    callback that measures it ran)."""
+    return table[~table[key].map(absent)]
+
+
 def labels(table: pd.DataFrame, varied: dict[str, str], keys: Iterable[str]) -> pd.Series:
     """Each job's values of the varied `keys` as one label, e.g. `normal, init.std=1.0, lr=0.1`
     (an option's name stands alone; keys the job does not have are left out)."""

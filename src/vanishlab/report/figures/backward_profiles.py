@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vanishlab import results
 from vanishlab.report.draw import legend_below, palette
-from vanishlab.report.load import Sweep, labels
+from vanishlab.report.load import Sweep, labels, recorded
 
 NAME = "backward_profiles"
 ORDER = 60
@@ -27,20 +26,15 @@ PANELS = {
 }
 
 
-def measured(sweep: Sweep) -> pd.DataFrame:
-    """The jobs that recorded a backward profile."""
-    return sweep.table[sweep.table[results.SIGNAL_AXIS].notna()]
-
-
 def applies(sweep: Sweep) -> bool:
-    return not measured(sweep).empty
+    return not recorded(sweep.table, results.SIGNAL_AXIS).empty
 
 
 def draw(sweep: Sweep) -> Figure:
     """A row per signal axis the sweep has (`results.SIGNAL_AXIS`: time steps, the residual
     stream's blocks, or the hidden layers), a column per `PANELS`, a line per job coloured by
     its setting (a setting's seeds share its colour)."""
-    table = measured(sweep)
+    table = recorded(sweep.table, results.SIGNAL_AXIS)
     table = table.assign(label=labels(table, sweep.settings, sweep.settings))
     axes_names = sorted(table[results.SIGNAL_AXIS].unique())
     colours = palette(table["label"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pandas as pd
 from matplotlib.figure import Figure
 
 from vanishlab import results
 from vanishlab.report.draw import gradient_layout, legend_below, palette
-from vanishlab.report.load import Sweep, labels
+from vanishlab.report.load import Sweep, labels, recorded
 
 NAME = "grad_profiles"
 ORDER = 50
@@ -18,14 +17,8 @@ CAPTION = (
 )
 
 
-def measured(sweep: Sweep) -> pd.DataFrame:
-    """The jobs that recorded a gradient profile."""
-    table = sweep.table
-    return table[table[results.GRAD_NORMS_AT_START].map(lambda norms: isinstance(norms, list))]
-
-
 def applies(sweep: Sweep) -> bool:
-    return not measured(sweep).empty
+    return not recorded(sweep.table, results.GRAD_NORMS_AT_START).empty
 
 
 def draw(sweep: Sweep) -> Figure:
@@ -33,7 +26,7 @@ def draw(sweep: Sweep) -> Figure:
     one (depth: a line's length shows it)."""
     varied = sweep.settings
     inits, others, row_key = gradient_layout(sweep.table, varied)
-    table = measured(sweep)
+    table = recorded(sweep.table, results.GRAD_NORMS_AT_START)
     table = table.assign(
         label=labels(table, varied, [key for key in others if key != row_key]),
         panel=labels(table, varied, inits),

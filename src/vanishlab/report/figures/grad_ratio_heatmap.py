@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vanishlab.report.draw import draw_cells, gradient_layout, median_cells
+from vanishlab.report.draw import draw_cells, gradient_layout, median_cells, panels_figure
 from vanishlab.report.load import Sweep, labels
 
 NAME = "grad_ratio_heatmap"
@@ -27,12 +27,13 @@ RATIOS = {
 }
 
 
-def cells(sweep: Sweep) -> tuple[pd.DataFrame, str] | None:
-    """The jobs with their `log_ratio`, `row`, `init` (column) and `panel`, and the ratio's
-    column; None where the heatmap has nothing to add: no ratio, or a single numeric key,
-    which the accuracy figure shows already. Rows are the numeric varied key with the most
-    values (e.g. depth), with a panel per setting of the other keys (e.g. activation); without
-    a numeric key, a row per setting of the other keys, in one panel."""
+def cells(sweep: Sweep) -> tuple[pd.DataFrame, str, str] | None:
+    """The jobs with their `log_ratio`, `row`, `init` (column) and `panel`, the ratio's column
+    and the rows' key (its column; "" where rows are settings); None where the heatmap has
+    nothing to add: no ratio, or a single numeric key, which the accuracy figure shows already.
+    Rows are the numeric varied key with the most values (e.g. depth), with a panel per setting
+    of the other keys (e.g. activation); without a numeric key, a row per setting of the other
+    keys, in one panel."""
     table, varied = sweep.table, sweep.settings
     inits, others, row_key = gradient_layout(table, varied)
     panel_keys = [key for key in others if key != row_key] if row_key else []
@@ -46,7 +47,7 @@ def cells(sweep: Sweep) -> tuple[pd.DataFrame, str] | None:
     )
     if (not inits and not panel_keys) or table["log_ratio"].isna().all():
         return None
-    return table, column
+    return table, column, varied[row_key] if row_key else ""
 
 
 def applies(sweep: Sweep) -> bool:
@@ -54,26 +55,16 @@ def applies(sweep: Sweep) -> bool:
 
 
 def draw(sweep: Sweep) -> Figure:
-    table, column = cells(sweep)
-    _, _, row_key = gradient_layout(sweep.table, sweep.settings)
+    table, column, row_name = cells(sweep)
     rows, columns = sorted(table["row"].unique()), sorted(table["init"].unique())
     panels = sorted(table["panel"].unique())
     limit = max(1.0, table["log_ratio"].abs().max())
-    fig = Figure(
-        figsize=(len(panels) * (1.2 * len(columns) + 1.5) + 1, 0.45 * len(rows) + 2),
-        layout="constrained",
-    )
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = panels_figure(len(panels), 1.2 * len(columns) + 1.5, 0.45 * len(rows) + 2)
     for ax, panel in zip(axes, panels, strict=True):
         jobs = table[table["panel"] == panel]
-        image = draw_cells(
-            ax,
-            median_cells(jobs, "row", rows, "init", columns, "log_ratio"),
-            "RdBu_r",
-            (-limit, limit),
-            ".1f",
-        )
-        ax.set(xlabel="init", ylabel=sweep.settings[row_key] if row_key else "")
+        ratios = median_cells(jobs, "row", rows, "init", columns, "log_ratio")
+        image = draw_cells(ax, ratios, "RdBu_r", (-limit, limit), ".1f")
+        ax.set(xlabel="init", ylabel=row_name)
         ax.set_title(panel)
     fig.colorbar(image, ax=axes, label=RATIOS[column])
     return fig

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 
 from vanishlab import results
 from vanishlab.report.draw import legend_below, palette
-from vanishlab.report.load import Sweep, labels
+from vanishlab.report.load import Sweep, labels, recorded
 
 NAME = "jacobian_spectra"
 ORDER = 70
@@ -26,21 +25,15 @@ PANELS = {
 }
 
 
-def measured(sweep: Sweep) -> pd.DataFrame:
-    """The jobs that recorded a spectrum."""
-    table = sweep.table
-    return table[table[results.JACOBIAN_QUANTILES].map(lambda q: isinstance(q, list))]
-
-
 def applies(sweep: Sweep) -> bool:
-    return not measured(sweep).empty
+    return not recorded(sweep.table, results.JACOBIAN_QUANTILES).empty
 
 
 def draw(sweep: Sweep) -> Figure:
     """The spectrum in brief (`results.JACOBIAN_QUANTILES`: the log10 singular values'
     quantiles), a panel per `PANELS`, a line per job coloured by its setting, and a dotted line
     at 0: a flat line there is dynamical isometry."""
-    table = measured(sweep)
+    table = recorded(sweep.table, results.JACOBIAN_QUANTILES)
     table = table.assign(label=labels(table, sweep.settings, sweep.settings))
     colours = palette(table["label"])
     fig = Figure(figsize=(10, 4.5), layout="constrained")

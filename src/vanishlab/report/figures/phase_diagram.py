@@ -10,7 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from vanishlab import results, theory
-from vanishlab.report.draw import draw_cells, median_cells
+from vanishlab.report.draw import draw_cells, median_cells, panels_figure
 from vanishlab.report.load import CONFIG, Sweep, absent, labels
 
 NAME = "phase_diagram"
@@ -58,11 +58,7 @@ def draw(sweep: Sweep) -> Figure:
     sigma, depth = sweep.settings[SIGMA_W2], sweep.settings[DEPTH]
     sigmas, depths = sorted(done[sigma].unique()), sorted(done[depth].unique())
     panels = sorted(done["panel"].unique())
-    fig = Figure(
-        figsize=(len(panels) * (0.8 * len(sigmas) + 2) + 1, 0.5 * len(depths) + 2),
-        layout="constrained",
-    )
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = panels_figure(len(panels), 0.8 * len(sigmas) + 2, 0.5 * len(depths) + 2)
     for ax, panel in zip(axes, panels, strict=True):
         jobs = done[done["panel"] == panel]
         cells = median_cells(jobs, depth, depths, sigma, sigmas, results.TEST_ACC)

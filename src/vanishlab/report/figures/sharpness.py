@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 from vanishlab import results
 from vanishlab.report.draw import legend, palette
 from vanishlab.report.events import scalar_curves
-from vanishlab.report.load import LR, Sweep, labels
+from vanishlab.report.load import LR, Sweep, labels, recorded
 
 NAME = "sharpness"
 ORDER = 90
@@ -20,7 +20,7 @@ CAPTION = (
 
 
 def applies(sweep: Sweep) -> bool:
-    return sweep.table[results.SHARPNESS].notna().any()
+    return not recorded(sweep.table, results.SHARPNESS).empty
 
 
 def draw(sweep: Sweep) -> Figure | None:

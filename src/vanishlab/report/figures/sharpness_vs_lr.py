@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 
 from vanishlab import results
 from vanishlab.report.draw import legend, palette
-from vanishlab.report.load import LR, Sweep, outcomes
+from vanishlab.report.load import LR, Sweep, outcomes, recorded
 
 NAME = "sharpness_vs_lr"
 ORDER = 100
@@ -18,18 +17,13 @@ CAPTION = (
 )
 
 
-def measured(sweep: Sweep) -> pd.DataFrame:
-    """The jobs whose record has a sharpness."""
-    return sweep.table.dropna(subset=[results.SHARPNESS])
-
-
 def applies(sweep: Sweep) -> bool:
-    return measured(sweep)[LR].nunique() >= 2
+    return recorded(sweep.table, results.SHARPNESS)[LR].nunique() >= 2
 
 
 def draw(sweep: Sweep) -> Figure:
     """Jobs on or above the curve 2/lr ended at or past gradient descent's stability limit."""
-    done = measured(sweep)
+    done = recorded(sweep.table, results.SHARPNESS)
     outcome = outcomes(done)
     colours = palette(outcome)
     fig = Figure(figsize=(8, 4.5), layout="constrained")
