@@ -37,14 +37,30 @@ from vanishlab.results import (
     TESTED,
     VAL_ACC,
     VERDICT,
+    Status,
+    Verdict,
     job_id,
     job_identity,
+    read_record,
+    write_json,
 )
 from vanishlab.train import build, fit_and_test, instantiate_function, instantiate_model
 
 SWEEP_PRESETS = sorted(
     p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "sweeper" in p.read_text()
 )
+
+
+def test_status_and_verdict_values_are_their_strings_on_disk_and_in_text(tmp_path) -> None:
+    """A record written with the enums is the record written with the strings, byte for byte,
+    and a value read back from disk is its member."""
+    path = tmp_path / "metrics.json"
+    write_json(path, {STATUS: Status.DIVERGED, VERDICT: Verdict.TOO_SHORT})
+    plain = {STATUS: "diverged", VERDICT: "too_short"}
+    assert path.read_text() == json.dumps(plain, indent=2) + "\n"
+    assert read_record(path) == {STATUS: Status.DIVERGED, VERDICT: Verdict.TOO_SHORT}
+    assert read_record(path)[STATUS] in {Status.DIVERGED}
+    assert f"{Status.DIVERGED}, {Verdict.TOO_SHORT}" == "diverged, too_short"
 
 
 # --- no verdict without evidence -------------------------------------------------------------
