@@ -23,7 +23,8 @@ from conftest import (
     same_record,
     worst,
 )
-from vanishlab import ConfigError
+from vanishlab import ConfigError, stack
+from vanishlab.checkpoints import logging_step, read_checkpoint
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.fused import LaunchCount
@@ -311,9 +312,12 @@ def test_the_stacked_launcher_writes_the_records_the_basic_launcher_writes(
 
 
 @pytest.mark.slow
-def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path) -> None:
-    """Killed while its three jobs train as one stack, the sweep run again trains each on
-    alone from its own last checkpoint, and ends with the records of an uninterrupted sweep."""
+def test_a_killed_stack_trains_on_as_one_stack_from_its_jobs_checkpoints(
+    tiny_data, tmp_path
+) -> None:
+    """Killed while its three jobs train as one stack, the sweep run again trains them on as
+    one stack from their own last checkpoints, and ends with the records of an uninterrupted
+    sweep."""
     sweep = [*FAST, "seed=0,1,2", "trainer.max_epochs=6"]
     whole = tmp_path / "whole"
     result = run_cli(
@@ -329,19 +333,66 @@ def test_a_killed_stack_resumes_each_job_from_its_checkpoint(tiny_data, tmp_path
 
     kill_cli_when(every_job_checkpointed, "vanishlab.train", *args, data_dir=tiny_data)
     assert {read_record(p)[STATUS] for p in killed.glob("*/metrics.json")} == {"started"}
+    steps = {read_checkpoint(p)["global_step"] for p in killed.glob("*/checkpoints/last.ckpt")}
 
     result = run_cli("vanishlab.train", *args, data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "runs alone: it trains on from its checkpoint" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    if len(steps) == 1:  # killed between two validations: every job's checkpoint of one step
+        assert "3 jobs to train -> 1 stack (3)" in log, log[-3000:]
+        assert "3 jobs train on as one stack from their checkpoints of step" in log
     for path in whole.glob("*/metrics.json"):
         resumed = read_record(killed / path.parent.name / "metrics.json")
         assert resumed.pop(RESUMED_FROM).endswith("last.ckpt")
         whole_record = read_record(path)
-        # Six epochs, fused then alone: rounding noise grows with training (measured 5.6e-4).
+        # Six epochs, fused, stopped and fused again: rounding noise grows with training.
         assert same_record(resumed, whole_record, rel=1e-3), (
             path.parent.name,
             worst(resumed, whole_record),
         )
+
+
+@KINDS
+def test_a_stopped_stack_trains_on_from_its_jobs_checkpoints_as_if_never_stopped(
+    tiny_data, tmp_path, kind, rel, monkeypatch
+) -> None:
+    """A stack stopped after an epoch and trained on from its jobs' last checkpoints (Adam,
+    a learning rate stepped each epoch) ends as the stack that was never stopped: each job's
+    record and checkpoint (weights, optimizer and scheduler state, callbacks' state)."""
+    if kind is StackedClassifier:  # no batched optimizer: the stack trains job by job
+        monkeypatch.setattr(stack, "BATCHED_OPTIMIZERS", {})
+    extras = ["optimizer=adam", "optimizer.lr=0.001", "scheduler=step", "scheduler.step_size=1"]
+
+    def configs(where: str, epochs: int) -> list:
+        return [
+            compose_config(
+                [*FAST, *extras, f"seed={seed}", f"trainer.max_epochs={epochs}"],
+                tiny_data,
+                tmp_path / where / str(seed),
+            )
+            for seed in range(2)
+        ]
+
+    whole = fit_and_test_stack(configs("whole", 3))
+    fit_and_test_stack(configs("stopped", 1))
+    paths = [tmp_path / "stopped" / str(seed) / "checkpoints" / "last.ckpt" for seed in range(2)]
+    step = logging_step(read_checkpoint(paths[0]))
+    resumed = fit_and_test_stack(configs("stopped", 3), resume_from=paths, resume_step=step)
+    for seed, (record, own) in enumerate(zip(resumed, whole, strict=True)):
+        assert record.pop(RESUMED_FROM) == str(paths[seed])
+        assert same_record(record, own, rel=rel), worst(record, own)
+        after, uninterrupted = (
+            torch.load(tmp_path / where / str(seed) / "checkpoints" / "last.ckpt")
+            for where in ("stopped", "whole")
+        )
+        skipped = {"callbacks", "hyper_parameters"}  # they name the job's own directory
+        assert same(after, uninterrupted, skipped, rel=rel), seed
+        assert after["lr_schedulers"][0]["last_epoch"] == 3
+        # The verdict's evidence; the per-epoch profiles of a run trained on from an epoch's
+        # end differ from an unstopped one's at that epoch, alone as in a stack.
+        flows = (after["callbacks"]["GradientFlow"], uninterrupted["callbacks"]["GradientFlow"])
+        for key in ("at_first_step", "at_last_step"):
+            assert same(*(flow[key] for flow in flows), rel=rel), key
 
 
 def test_a_stacked_jobs_sharpness_is_the_one_it_measures_alone(tiny_data, tmp_path) -> None:

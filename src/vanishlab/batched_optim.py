@@ -424,10 +424,16 @@ def job_value(value: Any, job: int) -> Any:
 
 
 def with_job(values: Any, job: int, value: Any) -> Any:
-    """A copy of the per-job `values` with job `job`'s set to `value` (copies: a scheduler may
-    hold the arrays it was given, as its `initial_lr`)."""
-    if isinstance(values, tuple):
-        return tuple(with_job(v, job, x) for v, x in zip(values, value, strict=True))
-    values = values.copy()
-    values[job] = value
-    return values
+    """The inverse of `job_value`: a copy of `values` with job `job`'s value of each per-job
+    array in it, however nested, set from `value` (what `job_value` gives for that job); what
+    is not per job is `value`'s. Copies: a scheduler may hold the arrays it was given, as its
+    `initial_lr`."""
+    if isinstance(values, np.ndarray):
+        values = values.copy()
+        values[job] = value
+        return values
+    if isinstance(values, dict):
+        return {key: with_job(v, job, value[key]) for key, v in values.items()}
+    if isinstance(values, list | tuple):
+        return type(values)(with_job(v, job, x) for v, x in zip(values, value, strict=True))
+    return value

@@ -34,9 +34,11 @@ import copy
 import dataclasses
 import functools
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -56,7 +58,9 @@ from vanishlab.batched_optim import (
     clip_grad_norm_per_job_,
     job_value,
     job_values,
+    with_job,
 )
+from vanishlab.checkpoints import read_checkpoint
 from vanishlab.dashboard import write_record, write_scalars
 from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
@@ -66,6 +70,7 @@ from vanishlab.module import Classifier, accuracy, logs_this_step, stage_metrics
 from vanishlab.results import (
     JOB_CONFIG,
     JOB_ID,
+    RESUMED_FROM,
     SEED,
     EvidenceSource,
     job_id,
@@ -319,6 +324,9 @@ class StackedClassifier(pl.LightningModule):
         self.jobs = nn.ModuleList(jobs)
         self.job_callbacks = callbacks or [[] for _ in jobs]
         self.job_loggers = loggers or [[] for _ in jobs]
+        # Each job's checkpoint that the stack trains on from (`fit_and_test_stack`), if any:
+        # its optimizer's and scheduler's state go in where the stack makes its own.
+        self.resuming: list[dict[str, Any]] = []
 
     def active(self) -> list[tuple[int, Classifier]]:
         return [(i, job) for i, job in enumerate(self.jobs) if not self.views[i].should_stop]
@@ -419,8 +427,8 @@ class StackedClassifier(pl.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         """Every job on the same batch (the jobs share their evaluation splits). The stack sums
-        their metrics and logs each job's once an epoch (`log_evaluation`): a `self.log` costs
-        about 0.6 ms, which per job, metric and batch would cost more than the forward passes.
+        their metrics and logs each job's once an epoch (`log_evaluation`): a `self.log` per job,
+        metric and batch would cost more than the forward passes.
         The sums are Lightning's own mean, in its order and precision (`value * batch_size`
         summed in float32, divided by the image count), so each job logs what it logs alone.
         Testing also gathers each job's `Predictions`: the test-split evidence a single run
@@ -542,11 +550,38 @@ class StackedClassifier(pl.LightningModule):
 
     def job_scheduler_state(self, state: dict[str, Any], i: int) -> dict[str, Any]:
         """Job `i`'s entries of a scheduler's state: of each per-group list, its group's."""
-        groups = len(self.trainer.optimizers[0].param_groups)
+        jobs = len(self.jobs)  # a parameter group each
         return {
-            key: [value[i]] if isinstance(value, list) and len(value) == groups else value
+            key: [value[i]] if isinstance(value, list) and len(value) == jobs else value
             for key, value in state.items()
         }
+
+    def with_job_scheduler_state(
+        self, state: dict[str, Any], i: int, own: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A scheduler's `state` with job `i`'s entries from `own`, its state alone (the
+        inverse of `job_scheduler_state`)."""
+        jobs = len(self.jobs)
+        return {
+            key: [*value[:i], *own[key], *value[i + 1 :]]
+            if isinstance(value, list) and len(value) == jobs
+            else own[key]
+            for key, value in state.items()
+        }
+
+    def load_job_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, i: int, own: dict[str, Any]
+    ) -> None:
+        """Job `i`'s optimizer state alone (`own`, a single run's) into its parameter group:
+        read by its optimizer alone, which puts each tensor where its parameter is."""
+        job = self.jobs[i]
+        alone = job.make_optimizer(job.parameters())
+        alone.load_state_dict(own)
+        (group,) = alone.param_groups
+        optimizer.param_groups[i].update({k: v for k, v in group.items() if k != "params"})
+        for param in group["params"]:
+            if param in alone.state:
+                optimizer.state[param] = alone.state[param]
 
     def on_train_end(self) -> None:
         self.each("on_train_end")
@@ -555,12 +590,24 @@ class StackedClassifier(pl.LightningModule):
         self.each("on_fit_end", jobs=list(enumerate(self.jobs)))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The stack's optimizer (`stack_optimizer`), and the scheduler every job has."""
+        """The stack's optimizer (`stack_optimizer`), and the scheduler every job has; on from
+        checkpoints (`resuming`), each job's state alone put in, in the order Lightning restores
+        a single run's: the optimizer's after the scheduler is made (which sets `initial_lr`),
+        then the scheduler's."""
         optimizer = self.stack_optimizer()
         make_scheduler = self.jobs[0].make_scheduler
-        if make_scheduler is None:
+        schedule = make_scheduler and lr_scheduler(make_scheduler, optimizer, self.trainer)
+        for i, checkpoint in enumerate(self.resuming):
+            (own,) = checkpoint["optimizer_states"]
+            self.load_job_optimizer_state(optimizer, i, own)
+        if schedule is None:
             return {"optimizer": optimizer}
-        schedule = lr_scheduler(make_scheduler, optimizer, self.trainer)
+        if self.resuming:
+            state = schedule["scheduler"].state_dict()
+            for i, checkpoint in enumerate(self.resuming):
+                (own,) = checkpoint["lr_schedulers"]
+                state = self.with_job_scheduler_state(state, i, own)
+            schedule["scheduler"].load_state_dict(state)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def stack_optimizer(self) -> torch.optim.Optimizer:
@@ -777,6 +824,16 @@ class FusedStack(StackedClassifier):
         """Job `i`'s value of every per-job array in a scheduler's state (`base_lrs`...)."""
         return job_value(state, i)
 
+    def with_job_scheduler_state(
+        self, state: dict[str, Any], i: int, own: dict[str, Any]
+    ) -> dict[str, Any]:
+        return with_job(state, i, own)
+
+    def load_job_optimizer_state(
+        self, optimizer: BatchedOptimizer, i: int, own: dict[str, Any]
+    ) -> None:
+        optimizer.load_job_state_dict(i, own)
+
 
 def losses_by_function(loss_fns: list[Callable]) -> list[tuple[Callable, Tensor]]:
     """The jobs' loss functions, each with the indices of the jobs that use it (equal partials
@@ -822,20 +879,29 @@ def fit_and_test_stack(
     cfgs: list[DictConfig],
     jobs: list[tuple[MNISTDataModule, Classifier]] | None = None,
     stack_callbacks: Sequence[pl.Callback] = (),
+    resume_from: Sequence[Path] = (),
+    resume_step: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train and test the jobs of one stack (`stack_key` equal) as one; return each job's
     record as `train.fit_and_test` returns it for the job alone, with the stack's seconds
-    shared out. `jobs`: the jobs built already
-    (`train.build_seeded`).
+    shared out. `jobs`: the jobs built already (`train.build_seeded`).
 
     Each job gets its own evidence callbacks, checkpoints, learning-rate monitor and loggers
     from its config (`PER_JOB`); the stack's trainer takes the first job's other callbacks (the
     progress bar) and `stack_callbacks` (a timer, a profiler).
+
+    A stack that was stopped (killed, requeued) trains on as one from `resume_from`, each job's
+    own last checkpoint, all of one step, from which their loggers write on (`resume_step`):
+    each job's weights, callbacks' state, data order, optimizer and scheduler state are its
+    own, the loops' state is theirs (`stack_checkpoint`).
     """
     jobs = jobs or [build_seeded(cfg) for cfg in cfgs]
+    checkpoints = [read_checkpoint(path) for path in resume_from]
+    for i, checkpoint in enumerate(checkpoints):  # before the jobs are fused
+        jobs[i][1].load_state_dict(checkpoint["state_dict"])
     job_callbacks, job_loggers, shared = [], [], []
     for cfg in cfgs:
-        callbacks, loggers = instruments(cfg)
+        callbacks, loggers = instruments(cfg, resume_step)
         own = [c for c in callbacks if isinstance(c, PER_JOB)]
         # Checkpoints last, as Lightning orders a trainer's callbacks: they save the others' state.
         job_callbacks.append(sorted(own, key=lambda c: isinstance(c, ModelCheckpoint)))
@@ -852,8 +918,22 @@ def fit_and_test_stack(
         logger=JobLoggers(job_loggers),
         enable_checkpointing=False,  # the jobs have their own
     )
+    for i, checkpoint in enumerate(checkpoints):  # as Lightning restores a trainer's callbacks
+        states = checkpoint.get("callbacks", {})
+        for callback in job_callbacks[i]:
+            if callback.state_key in states:
+                callback.load_state_dict(states[callback.state_key])
+    stack.resuming = checkpoints
+    if checkpoints:
+        log.info(
+            "%d jobs train on as one stack from their checkpoints of step %d",
+            len(checkpoints),
+            checkpoints[0]["global_step"],
+        )
     start = time.perf_counter()
-    trainer.fit(stack, datamodule=data)
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt_path = stack_checkpoint(stack, data, checkpoints, Path(directory))
+        trainer.fit(stack, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - start
     trained = [training_evidence(view, train_seconds / len(cfgs)) for view in stack.views]
     start = time.perf_counter()
@@ -868,9 +948,40 @@ def fit_and_test_stack(
         else:
             evidence = evidence_on_test_split(module, datamodule)
         testing = testing_evidence(own_metrics(tested, i), test_seconds, evidence)
-        records.append(job_record(cfgs[i], trained[i], testing))
+        origin = {RESUMED_FROM: str(resume_from[i])} if resume_from else {}
+        records.append(job_record(cfgs[i], trained[i], testing, origin))
         write_record(job_loggers[i], records[i], trainer.global_step)
     return records
+
+
+def stack_checkpoint(
+    stack: StackedClassifier,
+    data: StackedData,
+    checkpoints: list[dict[str, Any]],
+    directory: Path,
+) -> Path | None:
+    """The checkpoint Lightning restores a stack from, its jobs' `checkpoints` (single runs'
+    of one step) as one: the weights the jobs' modules hold (loaded from theirs), the loops'
+    state (theirs are equal), each job's data order. The optimizer's and scheduler's state are
+    left out: the stack puts each job's in when it makes them (`StackedClassifier.resuming`).
+    None for a stack that starts afresh."""
+    if not checkpoints:
+        return None
+    first = checkpoints[0]
+    path = directory / "stack.ckpt"
+    orders = [c[type(job).__qualname__] for c, job in zip(checkpoints, data.jobs, strict=True)]
+    stacked = {
+        key: first[key] for key in ("epoch", "global_step", "pytorch-lightning_version", "loops")
+    }
+    stacked |= {
+        "state_dict": stack.state_dict(),
+        "callbacks": {},  # the jobs' callbacks are restored from their own (fit_and_test_stack)
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        type(data).__qualname__: {"jobs": orders},
+    }
+    torch.save(stacked, path)
+    return path
 
 
 def implements(callback: pl.Callback, hook: str) -> bool:
@@ -917,8 +1028,8 @@ def own_metrics(metrics: dict[str, Any], job: int) -> dict[str, Any]:
 def why_alone(job: Job) -> str | None:
     """Why `job` cannot train in a stack (it then runs alone, as with the basic launcher)."""
     cfg = job.cfg
-    if job.resume_from is not None:
-        return f"it trains on from its checkpoint {job.resume_from}"
+    if job.stopped:
+        return f"it stopped before its stack did, at its checkpoint {job.resume_from}"
     if not (cfg.get("train", True) and cfg.get("test", True)) or cfg.get("ckpt_path"):
         return "it does not both train and test from scratch"
     if cfg.optimizer._target_ not in STACKABLE_OPTIMIZERS:
@@ -928,13 +1039,14 @@ def why_alone(job: Job) -> str | None:
 
 def stacks(jobs: list[Job], max_stack: int) -> list[list[int]]:
     """The jobs' indices grouped into stacks of at most `max_stack` (`stack_key` equal); a job
-    that cannot stack (`why_alone`) is a stack of one."""
+    that cannot stack (`why_alone`) is a stack of one. Jobs that train on from their
+    checkpoints stack with those of the same step (a stopped stack's jobs) only."""
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         reason = why_alone(job)
         if reason:
             log.info("%s runs alone: %s", job.record_path.parent.name, reason)
-        key = f"alone {i}" if reason else stack_key(job.identity[JOB_CONFIG])
+        key = f"alone {i}" if reason else f"{stack_key(job.identity[JOB_CONFIG])} {job.resume_step}"
         groups.setdefault(key, []).append(i)
     return [
         group[start : start + max_stack]
@@ -961,7 +1073,13 @@ def run_stack(jobs: list[Job]) -> list[float | None]:
     if not stacked:
         return [values[i] for i in range(len(jobs))]
     try:
-        records = fit_and_test_stack([job.cfg for job in stacked], list(ready.values()))
+        resume_from = [job.resume_from for job in stacked if job.resume_from is not None]
+        records = fit_and_test_stack(
+            [job.cfg for job in stacked],
+            list(ready.values()),
+            resume_from=resume_from,
+            resume_step=stacked[0].resume_step,
+        )
     except Exception as err:
         records = [err] * len(stacked)
     ids = [job.identity[JOB_ID] for job in stacked]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import gc
 
 # Importing torch, Lightning and Hydra makes millions of objects that live as long as the process.
-# Python's full collections walked them seven times during these imports (0.7 s here) and once
-# more at exit (1 s): the cost of every run and of every process that runs sweep jobs, all of
-# which import this module. So the collector waits while they are imported, then leaves them out
-# for good (`gc.freeze`, after the imports).
+# Python's full collections walked them several times during these imports and once more at exit
+# (docs/findings/speed.md, start-up): the cost of every run and of every process that runs sweep
+# jobs, all of which import this module. So the collector waits while they are imported, then
+# leaves them out for good (`gc.freeze`, after the imports).
 gc.disable()
 
 import functools
@@ -96,8 +96,8 @@ report_disk_full_in_threads()
 def instantiate_function(node: DictConfig) -> Callable[..., Any]:
     """A `_partial_` config as a plain `functools.partial`.
 
-    Hydra >= 1.3.8 re-authorises a partial's target on every call (about 0.1 ms); the loss runs
-    on every training step, where that would be a tenth of the step of a small MLP.
+    Hydra >= 1.3.8 re-authorises a partial's target on every call; the loss runs on every
+    training step, where that would be a sizeable part of the step of a small MLP.
     """
     fn = instantiate(node)
     return functools.partial(fn.func, *fn.args, **fn.keywords)
@@ -329,6 +329,9 @@ class Job:
     resume_from: Path | None
     resume_step: int | None
     in_sweep: bool
+    # Its checkpoint is of a step before its loops' (a stacked job that stopped, diverged or
+    # early, while its stack trained on): it has nothing left to train.
+    stopped: bool = False
 
     def fit_and_test(self) -> dict[str, Any]:
         return fit_and_test(self.cfg, self.resume_from, self.resume_step)
@@ -399,8 +402,9 @@ def prepare(cfg: DictConfig) -> Job | float | None:
         log.info("seed=null: drew seed %d", cfg.seed)
     resume = newest_readable_checkpoint(output_dir / "checkpoints") if previous else None
     resume_from, resume_step = (resume[0], logging_step(resume[1])) if resume else (None, None)
+    stopped = resume is not None and resume[1]["global_step"] != resume_step
     save_record(record_path, {STATUS: Status.STARTED, SEED: cfg.seed, **identity})
-    return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep)
+    return Job(cfg, record_path, identity, resume_from, resume_step, in_sweep, stopped)
 
 
 # This task trains in stacks: the launchers (`hydra_plugins.vanishlab_launchers`) look for the step
