@@ -59,6 +59,7 @@ from vanishlab.results import (
     VAL_ACC,
     VERDICT,
     Status,
+    at_start,
     option_columns,
 )
 from vanishlab.varied import read_named_keys, varied_keys
@@ -70,9 +71,9 @@ SHOWN_FIRST = (STATUS_COLUMN, VERDICT_COLUMN)
 METRICS = {
     TEST_ACC: TEST_ACC,
     VAL_ACC: VAL_ACC,
-    f"{LOG10}{BACKWARD_FIRST_OVER_LAST}_at_start": BACKWARD_START,
+    LOG10 + at_start(BACKWARD_FIRST_OVER_LAST): BACKWARD_START,
     LOG10 + BACKWARD_FIRST_OVER_LAST: BACKWARD_FIRST_OVER_LAST,
-    f"{LOG10}{FIRST_OVER_LAST}_at_start": START,
+    LOG10 + at_start(FIRST_OVER_LAST): START,
     LOG10 + FIRST_OVER_LAST: FIRST_OVER_LAST,
     LOG10 + TEST_LOSS: TEST_LOSS,
     MAX_SATURATED: MAX_SATURATED,

@@ -172,6 +172,13 @@ class EvidenceSource(Protocol):
     def evidence(self) -> dict[str, Any]: ...
 
 
+def at_start(ratio: str) -> str:
+    """What a table calls `ratio`'s value at the first measured step (`START`,
+    `BACKWARD_START`), beside `ratio` at the last: the report's column and, under `Log10/`,
+    the HParams table's metric."""
+    return f"{ratio}_at_start"
+
+
 def verdict(record: dict[str, Any]) -> Verdict:
     """Name what happened to a run from the evidence in its record (rules: module docstring)."""
     measured = START in record

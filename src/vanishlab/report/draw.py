@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 
-from vanishlab.report.load import numeric_columns
+from vanishlab.report.load import Sweep, labels, numeric_columns, recorded
 
 
 def palette(names: Iterable[str]) -> dict[str, Any]:
@@ -24,6 +24,14 @@ def palette(names: Iterable[str]) -> dict[str, Any]:
         return {name: colormaps["turbo"](i / (len(names) - 1)) for i, name in enumerate(names)}
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {name: cmap(i) for i, name in enumerate(names)}
+
+
+def labelled_jobs(sweep: Sweep, key: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The jobs whose record holds `key`, each labelled by its setting (`label`), and a colour
+    per label (a setting's seeds share it)."""
+    table = recorded(sweep.table, key)
+    table = table.assign(label=labels(table, sweep.settings, sweep.settings))
+    return table, palette(table["label"])
 
 
 def legend(ax: Axes, colours: dict[str, Any]) -> None:

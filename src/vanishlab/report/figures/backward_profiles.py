@@ -6,8 +6,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vanishlab import results
-from vanishlab.report.draw import legend_below, palette
-from vanishlab.report.load import Sweep, labels, recorded
+from vanishlab.report.draw import labelled_jobs, legend_below
+from vanishlab.report.load import Sweep, recorded
 
 NAME = "backward_profiles"
 ORDER = 60
@@ -34,10 +34,8 @@ def draw(sweep: Sweep) -> Figure:
     """A row per signal axis the sweep has (`results.SIGNAL_AXIS`: time steps, the residual
     stream's blocks, or the hidden layers), a column per `PANELS`, a line per job coloured by
     its setting (a setting's seeds share its colour)."""
-    table = recorded(sweep.table, results.SIGNAL_AXIS)
-    table = table.assign(label=labels(table, sweep.settings, sweep.settings))
+    table, colours = labelled_jobs(sweep, results.SIGNAL_AXIS)
     axes_names = sorted(table[results.SIGNAL_AXIS].unique())
-    colours = palette(table["label"])
     fig = Figure(figsize=(10, 3.5 * len(axes_names) + 1), layout="constrained")
     grid = fig.subplots(len(axes_names), len(PANELS), squeeze=False, sharey=True)
     for row, axis in zip(grid, axes_names, strict=True):

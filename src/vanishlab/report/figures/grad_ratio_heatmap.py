@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from vanishlab import results
 from vanishlab.report.draw import draw_cells, gradient_layout, median_cells, panels_figure
 from vanishlab.report.load import Sweep, labels
 
@@ -22,8 +23,10 @@ CAPTION = (
 # The ratio, with its colour bar's label: the backward signal's (what the verdicts read), or in
 # a sweep recorded before it was measured, the weight gradients'.
 RATIOS = {
-    "backward_first_over_last_at_start": "log10(first / last hidden ||dL/dh||) at start",
-    "first_over_last_at_start": "log10(first / last layer grad norm) at start",
+    results.at_start(results.BACKWARD_FIRST_OVER_LAST): (
+        "log10(first / last hidden ||dL/dh||) at start"
+    ),
+    results.at_start(results.FIRST_OVER_LAST): "log10(first / last layer grad norm) at start",
 }
 
 
@@ -37,7 +40,7 @@ def cells(sweep: Sweep) -> tuple[pd.DataFrame, str, str] | None:
     table, varied = sweep.table, sweep.settings
     inits, others, row_key = gradient_layout(table, varied)
     panel_keys = [key for key in others if key != row_key] if row_key else []
-    column = next((c for c in RATIOS if table[c].notna().any()), "first_over_last_at_start")
+    column = next((c for c in RATIOS if table[c].notna().any()), list(RATIOS)[-1])
     ratio = table[column]
     table = table.assign(
         log_ratio=np.log10(ratio.where(np.isfinite(ratio) & (ratio > 0))),

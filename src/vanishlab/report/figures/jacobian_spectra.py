@@ -6,8 +6,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from vanishlab import results
-from vanishlab.report.draw import legend_below, palette
-from vanishlab.report.load import Sweep, labels, recorded
+from vanishlab.report.draw import labelled_jobs, legend_below
+from vanishlab.report.load import Sweep, recorded
 
 NAME = "jacobian_spectra"
 ORDER = 70
@@ -33,9 +33,7 @@ def draw(sweep: Sweep) -> Figure:
     """The spectrum in brief (`results.JACOBIAN_QUANTILES`: the log10 singular values'
     quantiles), a panel per `PANELS`, a line per job coloured by its setting, and a dotted line
     at 0: a flat line there is dynamical isometry."""
-    table = recorded(sweep.table, results.JACOBIAN_QUANTILES)
-    table = table.assign(label=labels(table, sweep.settings, sweep.settings))
-    colours = palette(table["label"])
+    table, colours = labelled_jobs(sweep, results.JACOBIAN_QUANTILES)
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     axes = fig.subplots(1, len(PANELS), sharey=True)
     for ax, (when, key) in zip(axes, PANELS.items(), strict=True):
