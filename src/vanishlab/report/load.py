@@ -20,7 +20,7 @@ again, so sections and figures take them together (`Sweep.settings`, `seed_summa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,11 @@ def recorded(table: pd.DataFrame, key: str) -> pd.DataFrame:
     """The jobs whose record holds `key` (a job records a profile or a spectrum where the
     callback that measures it ran)."""
     return table[~table[key].map(absent)]
+
+
+def when_recorded(key: str) -> Callable[[Sweep], bool]:
+    """The `applies` of a figure of what some job's record holds under `key`."""
+    return lambda sweep: not recorded(sweep.table, key).empty
 
 
 def labels(table: pd.DataFrame, varied: dict[str, str], keys: Iterable[str]) -> pd.Series:

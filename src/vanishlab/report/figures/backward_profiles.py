@@ -7,7 +7,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vanishlab import results
 from vanishlab.report.draw import labelled_jobs, legend_below
-from vanishlab.report.load import Sweep, recorded
+from vanishlab.report.load import Sweep, when_recorded
 
 NAME = "backward_profiles"
 ORDER = 60
@@ -26,8 +26,7 @@ PANELS = {
 }
 
 
-def applies(sweep: Sweep) -> bool:
-    return not recorded(sweep.table, results.SIGNAL_AXIS).empty
+applies = when_recorded(results.SIGNAL_AXIS)
 
 
 def draw(sweep: Sweep) -> Figure:

@@ -6,7 +6,7 @@ from matplotlib.figure import Figure
 
 from vanishlab import results
 from vanishlab.report.draw import gradient_layout, legend_below, palette
-from vanishlab.report.load import Sweep, labels, recorded
+from vanishlab.report.load import Sweep, labels, recorded, when_recorded
 
 NAME = "grad_profiles"
 ORDER = 50
@@ -17,8 +17,7 @@ CAPTION = (
 )
 
 
-def applies(sweep: Sweep) -> bool:
-    return not recorded(sweep.table, results.GRAD_NORMS_AT_START).empty
+applies = when_recorded(results.GRAD_NORMS_AT_START)
 
 
 def draw(sweep: Sweep) -> Figure:

@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 
 from vanishlab import results
 from vanishlab.report.draw import labelled_jobs, legend_below
-from vanishlab.report.load import Sweep, recorded
+from vanishlab.report.load import Sweep, when_recorded
 
 NAME = "jacobian_spectra"
 ORDER = 70
@@ -25,8 +25,7 @@ PANELS = {
 }
 
 
-def applies(sweep: Sweep) -> bool:
-    return not recorded(sweep.table, results.JACOBIAN_QUANTILES).empty
+applies = when_recorded(results.JACOBIAN_QUANTILES)
 
 
 def draw(sweep: Sweep) -> Figure:

@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 from vanishlab import results
 from vanishlab.report.draw import legend, palette
 from vanishlab.report.events import scalar_curves
-from vanishlab.report.load import LR, Sweep, labels, recorded
+from vanishlab.report.load import LR, Sweep, labels, when_recorded
 
 NAME = "sharpness"
 ORDER = 90
@@ -19,8 +19,7 @@ CAPTION = (
 )
 
 
-def applies(sweep: Sweep) -> bool:
-    return not recorded(sweep.table, results.SHARPNESS).empty
+applies = when_recorded(results.SHARPNESS)
 
 
 def draw(sweep: Sweep) -> Figure | None:
