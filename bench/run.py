@@ -30,6 +30,7 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
    their difference over the 112 extra jobs: start-up cancels out, what each job costs to
    compose, prepare, build and record stays
 
+`bench/run.py --stacks` runs lines 6, 6a, 6b, 9 and 10 only (what a change to stacks moves).
 `bench/run.py --gpu [jobs] [steps] [overrides]` (64, 200) prints instead the job-steps per
 second of a fused stack of `jobs` seed MLPs against a single run's (aim 20x on a GPU) and the
 stack's peak GPU memory; without a CUDA device it runs on the CPU and says the GPU figure is
@@ -271,11 +272,8 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     batches = tensor_batches()
     plain, vanishlab, bare, with_flow, without_flow, flow_shares = [], [], [], [], [], []
-    stacked_job, stacked_undiagnosed = [], []
     for _ in range(ROUNDS):
         plain += plain_epochs(batches)
-        stacked_job += stacked_epochs()
-        stacked_undiagnosed += stacked_epochs(*WITHOUT_DIAGNOSTICS)
         timer = vanishlab_epochs()
         vanishlab += timer.batches
         with_flow += timer.whole
@@ -332,9 +330,27 @@ def main() -> None:
     floor = joblib_work / 2 / basic_work
     reference("5a. floor of 5: joblib fit+test / 2 workers / basic fit+test", floor)
 
+    stacked_sweeps(batches)
+    single, stack = peak_memory(1), peak_memory(16)
+    print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
+    report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
+    sharpness_cost()
+    kernel_launches()
+    sweep_overhead()
+
+
+def stacked_sweeps(batches: Batches) -> None:
+    """6, 6a, 6b: the 8-job lr sweep stacked against the basic launcher, and a job's epoch in
+    its stack against the plain loop's, each pair alternated (the host's load hits both alike)."""
+    plain, stacked_job, stacked_undiagnosed = [], [], []
+    for _ in range(ROUNDS):
+        plain += plain_epochs(batches)
+        stacked_job += stacked_epochs()
+        stacked_undiagnosed += stacked_epochs(*WITHOUT_DIAGNOSTICS)
+    plain_s = min(plain)
     lrs = "optimizer.lr=" + ",".join(map(str, LRS))
     basic_walls, stacked_walls = [], []
-    for _ in range(3):  # alternated: the host's load hits both sides alike
+    for _ in range(3):
         with tempfile.TemporaryDirectory() as tmp:
             basic_walls.append(sweep(Path(tmp, "basic"), lrs, BASIC)[0])
             stacked_walls.append(sweep(Path(tmp, "stacked"), lrs, "hydra/launcher=stacked")[0])
@@ -345,13 +361,6 @@ def main() -> None:
     reference(
         "6b. the same without GradientFlow, StopOnDivergence", min(stacked_undiagnosed) / plain_s
     )
-
-    single, stack = peak_memory(1), peak_memory(16)
-    print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
-    report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
-    sharpness_cost()
-    kernel_launches()
-    sweep_overhead()
 
 
 def seed_configs(out: str, jobs: int, *overrides: str) -> list[DictConfig]:
@@ -483,5 +492,9 @@ if __name__ == "__main__":
         train_for_peak_memory(int(sys.argv[2]))
     elif sys.argv[1:2] == ["--gpu"]:  # --gpu [jobs] [steps] [overrides...]
         gpu(*(int(arg) for arg in sys.argv[2:4]), *sys.argv[4:])
+    elif sys.argv[1:2] == ["--stacks"]:  # what stacking changes: lines 6, 6a, 6b, 9 and 10
+        stacked_sweeps(tensor_batches())
+        kernel_launches()
+        sweep_overhead()
     else:
         main()
