@@ -521,8 +521,9 @@ class StackedClassifier(pl.LightningModule):
                 self.job_scheduler_state(config.scheduler.state_dict(), i)
                 for config in trainer.lr_scheduler_configs
             ],
-            "hparams_name": job._hparams_name,
-            "hyper_parameters": dict(job.hparams),
+            # A Classifier's hyperparameters are saved from a dict, which Lightning names None.
+            job.CHECKPOINT_HYPER_PARAMS_NAME: None,
+            job.CHECKPOINT_HYPER_PARAMS_KEY: dict(job.hparams),
             type(self.trainer.datamodule.jobs[i]).__qualname__: (
                 self.trainer.datamodule.jobs[i].state_dict()
             ),
