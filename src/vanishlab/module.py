@@ -21,9 +21,15 @@ def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=1) == targets).float().mean()
 
 
+def stage_names(stage: str) -> list[str]:
+    """What a batch of `stage` logs, in `stage_metrics`' order (a stack logs its jobs' values
+    under them too)."""
+    return [f"{stage}/loss", f"{stage}/acc"]
+
+
 def stage_metrics(stage: str, loss: Tensor, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
     """What a batch logs: `<stage>/loss` and `<stage>/acc`."""
-    return {f"{stage}/loss": loss, f"{stage}/acc": accuracy(outputs, targets)}
+    return dict(zip(stage_names(stage), (loss, accuracy(outputs, targets)), strict=True))
 
 
 def logs_this_step(module: pl.LightningModule) -> bool:

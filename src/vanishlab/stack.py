@@ -37,7 +37,7 @@ import logging
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.fused import FusedNetworks, replace
-from vanishlab.module import Classifier, accuracy, logs_this_step, stage_metrics
+from vanishlab.module import Classifier, accuracy, logs_this_step, stage_names
 from vanishlab.results import (
     JOB_CONFIG,
     JOB_ID,
@@ -384,8 +384,8 @@ class StackedClassifier(pl.LightningModule):
         return batches[i]
 
     def training_step(self, batches: JobBatches, batch_idx: int) -> Tensor:
-        """The running jobs' losses, summed; each job logs as `Classifier.training_step` does,
-        under its index."""
+        """The running jobs' losses, summed; on Lightning's logging steps each job's loss and
+        accuracy go to its loggers (`log_train`)."""
         self.losses = [None] * len(self.jobs)
         logged = {}
         for i, job in self.running:
@@ -393,14 +393,13 @@ class StackedClassifier(pl.LightningModule):
             outputs = job(x)
             self.losses[i] = job.loss_fn(outputs, y)
             if logs_this_step(self):
-                logged[i] = stage_metrics("train", self.losses[i], outputs, y)
+                logged[i] = torch.stack([self.losses[i].detach(), accuracy(outputs, y)])
         if logged:
-            rows = torch.stack([torch.stack(list(m.values())) for m in logged.values()])
-            self.log_train(list(logged), list(next(iter(logged.values()))), rows)
+            self.log_train(list(logged), torch.stack(list(logged.values())))
         return torch.stack([loss for loss in self.losses if loss is not None]).sum()
 
-    def log_train(self, jobs: list[int], names: list[str], rows: Tensor) -> None:
-        """Job `jobs[r]`'s training metrics `rows[r]` (named `names`) to its loggers, as
+    def log_train(self, jobs: Iterable[int], rows: Tensor) -> None:
+        """Job `jobs[r]`'s training loss and accuracy, `rows[r]`, to its loggers, as
         Lightning writes a single run's on-step values (at the step of the batch, with the
         epoch), through one copy to the host for the stack: Lightning's `log` takes one value at
         a time, and its per-value work (a copy, a reduction, a conversion) grew with the jobs."""
@@ -408,7 +407,10 @@ class StackedClassifier(pl.LightningModule):
         for i, row in zip(jobs, rows.tolist(), strict=True):
             if i not in running:
                 continue
-            metrics = {**dict(zip(names, row, strict=True)), "epoch": self.current_epoch}
+            metrics = {
+                **dict(zip(stage_names("train"), row, strict=True)),
+                "epoch": self.current_epoch,
+            }
             write_scalars(self.job_loggers[i], metrics, self.global_step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -721,7 +723,7 @@ class FusedStack(StackedClassifier):
         self.losses = self.job_losses(logits, y)
         if logs_this_step(self):
             rows = torch.stack([self.losses.detach(), vmap(accuracy)(logits, y)], dim=1)
-            self.log_train(range(len(self.jobs)), ["train/loss", "train/acc"], rows)
+            self.log_train(range(len(self.jobs)), rows)
         if len(self.running) == len(self.jobs):
             return self.losses.sum()
         return torch.where(self.running_mask, self.losses, 0).sum()
@@ -744,7 +746,7 @@ class FusedStack(StackedClassifier):
         if stage == "test":
             for i, predictions in enumerate(self.predictions):
                 predictions.update(logits[i])
-        self.names = [f"{stage}/loss", f"{stage}/acc"]
+        self.names = stage_names(stage)
         losses = self.job_losses(logits, targets)
         return torch.stack([losses, vmap(accuracy)(logits, targets)], dim=1)
 
