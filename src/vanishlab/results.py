@@ -128,7 +128,8 @@ JACOBIAN_QUANTILES_START = "evidence/jacobian_log10_singular_value_quantiles_at_
 class Word(str, Enum):
     """A value records and tables hold as plain text: a member is the string itself (it compares,
     hashes and writes to JSON as its value), so records on disk read the same with or without
-    it, and it prints as its value, not as `Status.COMPLETED`."""
+    it, and it prints as its value, not as `Status.COMPLETED` (what Python 3.11's
+    `enum.StrEnum` does; vanishlab runs on 3.10 too)."""
 
     def __str__(self) -> str:
         return str.__str__(self)
@@ -184,17 +185,17 @@ def verdict(record: dict[str, Any]) -> Verdict:
     measured = START in record
     trained = record.get(FULL_EPOCHS, 0) >= 1
     stuck = trained and CLASSES_PREDICTED in record and record[CLASSES_PREDICTED] < record[CLASSES]
-    at_start = record.get(BACKWARD_START, math.nan)
-    at_end = record.get(BACKWARD_FIRST_OVER_LAST, math.nan)
+    ratio_start = record.get(BACKWARD_START, math.nan)
+    ratio_end = record.get(BACKWARD_FIRST_OVER_LAST, math.nan)
     if record[STATUS] == Status.DIVERGED or not math.isfinite(record.get(TEST_LOSS, 0.0)):
         return Verdict.DIVERGED
     if measured and record.get(MAX_DEAD, 0) >= 1:
         return Verdict.DEAD
     if trained and record.get(DEAD_CLASSES, 0) >= 1:
         return Verdict.DEAD
-    if at_start > EXPLODING_ABOVE:
+    if ratio_start > EXPLODING_ABOVE:
         return Verdict.EXPLODING
-    vanished = at_start < VANISHING_BELOW and (at_end < VANISHING_BELOW or stuck)
+    vanished = ratio_start < VANISHING_BELOW and (ratio_end < VANISHING_BELOW or stuck)
     if vanished or (measured and record.get(MAX_SATURATED, 0) >= SATURATED_FROM):
         return Verdict.VANISHING
     if trained:
