@@ -182,3 +182,26 @@ def test_a_fused_step_launches_as_many_kernels_for_many_jobs_as_for_one() -> Non
     one, many = launches(1), launches(32)
     assert one > 10  # the counter sees the step's kernels
     assert many <= one + 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_fused_backward_keeps_every_gradient_as_it_comes(model: str) -> None:
+    """Laid out as their gradients come (`lay_out_as_gradients`), the stacked parameters take
+    their gradients with no copy (autograd copies a gradient of another layout into its
+    parameter's, every step), and still compute what each network computes alone."""
+    cls, keys = MODELS[model]
+    nets = [seeded(cls, seed, **keys) for seed in range(K)]
+    fused = FusedNetworks(nets)
+    x, y = torch.randn(K, BATCH, *SHAPE), torch.randint(0, 10, (K, BATCH))
+    fused.lay_out_as_gradients(x)
+    with LaunchCount() as count:
+        logits = fused(x)
+        torch.stack([F.cross_entropy(logits[k], y[k]) for k in range(K)]).sum().backward()
+    assert count.ops["copy_"] == 0
+    stacked = dict(fused.stacked.named_parameters())
+    for k, net in enumerate(nets):
+        alone(net, x[k], y[k])
+        for name, p in net.named_parameters():
+            close(stacked[name].grad[k], p.grad, name)
+        for name, value in fused.unstack(k).items():
+            close(value, net.state_dict()[name], name)

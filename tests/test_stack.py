@@ -25,6 +25,7 @@ from conftest import (
 )
 from vanishlab import ConfigError, stack
 from vanishlab.checkpoints import logging_step, read_checkpoint
+from vanishlab.data import TensorBatches
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.fused import LaunchCount
@@ -46,6 +47,7 @@ from vanishlab.results import (
 from vanishlab.stack import (
     STACKED_WITH,
     ExceptionsToJobs,
+    FusedBatches,
     FusedStack,
     JobLoggers,
     StackedClassifier,
@@ -446,6 +448,38 @@ def test_a_stack_that_cannot_fuse_trains_job_by_job_and_says_why(tiny_data, tmp_
     assert type(stack) is StackedClassifier and why.startswith("RuntimeError")
     # It trains, job by job, as each would alone.
     trainer().fit(stack, datamodule=StackedData([dm for dm, _ in jobs]))
+
+
+def test_fused_jobs_get_their_own_batches_and_share_one_where_they_draw_the_same() -> None:
+    x, y = torch.randn(10, 3), torch.arange(10)
+
+    def streams(*seeds: int) -> list[TensorBatches]:
+        return [TensorBatches(x, y, 4, torch.Generator().manual_seed(s)) for s in seeds]
+
+    for seeds in [(0, 0, 0), (0, 1, 0)]:
+        fused = list(FusedBatches(streams(*seeds)))
+        own = [list(stream) for stream in streams(*seeds)]
+        assert len(fused) == len(own[0]) == 3
+        for step, (xs, ys) in enumerate(fused):
+            for k in range(len(seeds)):
+                assert torch.equal(xs[k], own[k][step][0])
+                assert torch.equal(ys[k], own[k][step][1])
+            shared = len(set(seeds)) == 1
+            assert (xs.stride(0) == 0) is shared  # gathered once, expanded over the jobs
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "rnn", "vit"])
+def test_every_model_familys_jobs_fuse(tiny_data, tmp_path, model: str) -> None:
+    """Each family's networks run under `vmap`, in training mode (in eval mode attention takes
+    a kernel with no derivative: its stacks had fallen back to job by job)."""
+    jobs = [
+        built(compose_config([*FAST, f"model={model}", *job], tiny_data, tmp_path))
+        for job in JOBS[:2]
+    ]
+    empty = [[] for _ in jobs]
+    stack, why = stacked_module([m for _, m in jobs], empty, empty, jobs[0][0].sample_shape)
+    assert why is None
+    assert isinstance(stack, FusedStack)
 
 
 class EveryValidation(pl.Callback):

@@ -228,7 +228,7 @@ class BatchedSGD(BatchedOptimizer):
     def job_state(self, group: dict[str, Any], state: dict[str, Any], job: int) -> dict:
         if group["momentum"][job] == 0 or not state["has_momentum_buffer"][job]:
             return {}
-        return {"momentum_buffer": state["momentum_buffer"][job].clone()}
+        return {"momentum_buffer": own_copy(state["momentum_buffer"], job)}
 
     def load_job_state(
         self, group: dict[str, Any], param: Tensor, job: int, own: dict[str, Tensor]
@@ -306,11 +306,11 @@ class BatchedAdam(BatchedOptimizer):
             return {}
         own = {
             "step": torch.tensor(float(state["step"][job])),
-            "exp_avg": state["exp_avg"][job].clone(),
-            "exp_avg_sq": state["exp_avg_sq"][job].clone(),
+            "exp_avg": own_copy(state["exp_avg"], job),
+            "exp_avg_sq": own_copy(state["exp_avg_sq"], job),
         }
         if group["amsgrad"][job]:
-            own["max_exp_avg_sq"] = state["max_exp_avg_sq"][job].clone()
+            own["max_exp_avg_sq"] = own_copy(state["max_exp_avg_sq"], job)
         return own
 
     def load_job_state(
@@ -340,7 +340,7 @@ def clip_grad_norm_per_job_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = [torch.linalg.vector_norm(g.reshape(len(g), -1), norm_type, dim=1) for g in grads]
+    norms = [norms_per_job(g, norm_type) for g in grads]
     total_norm = torch.linalg.vector_norm(torch.stack(norms, dim=1), norm_type, dim=1)
     clip_coef = max_norm / (total_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
@@ -353,6 +353,19 @@ def on_device(rows: list, like: Tensor, dtype: torch.dtype | None = None) -> Ten
     """Per-job values computed on the host (`rows`, nested lists of (K,) arrays; torch's
     factors in double precision, or masks) on `like`'s device, in `dtype`, in one copy."""
     return torch.from_numpy(np.asarray(rows)).to(device=like.device, dtype=dtype)
+
+
+def own_copy(stacked: Tensor, job: int) -> Tensor:
+    """Job `job`'s slice of a stacked tensor as a tensor of its own, laid out as torch.optim
+    lays out a parameter's state (a stacked parameter may be laid out as its gradient)."""
+    return stacked[job].clone(memory_format=torch.contiguous_format)
+
+
+def norms_per_job(tensor: Tensor, ord: float = 2.0) -> Tensor:
+    """The norm of each job's slice (dim 0) of `tensor`, in whatever memory layout it has (a
+    reshape would copy a stacked parameter laid out as its gradient, `fused.FusedNetworks`)."""
+    flat = tensor if tensor.ndim > 1 else tensor[:, None]
+    return torch.linalg.vector_norm(flat, ord, dim=tuple(range(1, flat.ndim)))
 
 
 def along_jobs(values: Tensor, like: Tensor) -> Tensor:

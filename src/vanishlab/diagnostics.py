@@ -68,8 +68,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.linalg import vector_norm
 
+from vanishlab.batched_optim import norms_per_job
 from vanishlab.dashboard import (
     ACT_MEAN,
     ACT_STD,
@@ -413,7 +413,7 @@ def job_norms(tensor: Tensor | None, like: Tensor) -> Tensor:
     depend on which callback runs first."""
     if tensor is None:
         return like.new_full((len(like),), math.nan)
-    return vector_norm(tensor.reshape(len(like), -1), dim=1)
+    return norms_per_job(tensor)
 
 
 def max_of_family(metrics: dict[str, float], family: Family) -> float:

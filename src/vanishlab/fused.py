@@ -202,6 +202,27 @@ class FusedNetworks(nn.Module):
             for name, h in measured.items()
         }
 
+    def lay_out_as_gradients(self, x: Tensor) -> None:
+        """Store each stacked parameter in the memory layout its gradient comes in, found by a
+        training step's forward and backward of `x` with the probes' taps: autograd keeps a
+        gradient laid out as its parameter, and copies any other into that layout every step
+        (a batched linear's weight gradient comes transposed). The step leaves no trace: the
+        buffers (running statistics) are put back, and the random stream too. Raises whatever
+        the forward or backward raises."""
+        params, buffers = list(self.parameters()), [b.clone() for b in self.buffers()]
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            taps = self.taps(x)
+            logits, _ = self(x, taps)
+            grads = torch.autograd.grad(logits.sum(), [*params, *taps.values()], allow_unused=True)
+        with torch.no_grad():
+            for buffer, before in zip(self.buffers(), buffers, strict=True):
+                buffer.copy_(before)
+            for param, grad in zip(params, grads, strict=False):
+                # empty_like keeps a dense gradient's strides (any other: contiguous)
+                laid_out = torch.empty_like(param if grad is None else grad).copy_(param)
+                if laid_out.stride() != param.stride():
+                    param.data = laid_out
+
     def unstack(self, k: int) -> dict[str, Tensor]:
         """Job k's state_dict, in its own network's layout (keys and shapes)."""
         return {name: value[k] for name, value in self.stacked.state_dict().items()}

@@ -58,6 +58,7 @@ from vanishlab.batched_optim import (
     clip_grad_norm_per_job_,
     job_value,
     job_values,
+    norms_per_job,
     with_job,
 )
 from vanishlab.checkpoints import read_checkpoint
@@ -169,14 +170,20 @@ class StackedBatches:
 
 class FusedBatches(StackedBatches):
     """The jobs' batches of a step as one `(x, y)`, x `(K, B, ...)`: each job's own indices,
-    from its own order, gathered at once from the training split they share."""
+    from its own order, gathered at once from the training split they share. Jobs that draw
+    the same indices (the same data seed: a sweep over anything else) share one gathered
+    batch, expanded over the jobs (a view, not K copies)."""
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = self.streams[0].x, self.streams[0].y
         orders = (stream.batch_indices() for stream in self.streams)
-        for indices in zip(*orders, strict=True):
-            batch = torch.stack(indices)
-            yield x[batch], y[batch]
+        for first, *others in zip(*orders, strict=True):
+            if all(torch.equal(first, indices) for indices in others):
+                jobs = len(self.streams)
+                yield x[first].expand(jobs, *first.shape, *x.shape[1:]), y[first].expand(jobs, -1)
+            else:
+                batch = torch.stack([first, *others])
+                yield x[batch], y[batch]
 
 
 class StackedData(pl.LightningDataModule):
@@ -508,7 +515,10 @@ class StackedClassifier(pl.LightningModule):
             "epoch": view.current_epoch,
             "global_step": view.global_step,
             "pytorch-lightning_version": pl.__version__,
-            "state_dict": {k: v.clone() for k, v in job.state_dict().items()},
+            "state_dict": {
+                k: v.clone(memory_format=torch.contiguous_format)
+                for k, v in job.state_dict().items()
+            },
             "loops": {
                 name: getattr(trainer, name).state_dict()
                 for name in ("fit_loop", "validate_loop", "test_loop", "predict_loop")
@@ -764,9 +774,7 @@ class FusedStack(StackedClassifier):
 
     def stop_diverged(self, optimizer: BatchedOptimizer) -> None:
         """`StopOnDivergence`'s test for every job at once: loss plus gradient norms finite."""
-        jobs = len(self.jobs)
-        grads = [p.grad.reshape(jobs, -1) for p in self.fused.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g, dim=1) for g in grads]
+        norms = [norms_per_job(p.grad) for p in self.fused.parameters() if p.grad is not None]
         finite = torch.isfinite(torch.stack([self.losses.detach(), *norms]).sum(0)).tolist()
         for i, ok in enumerate(finite):
             if not ok and optimizer.active[i] and i in self.stops:
@@ -857,7 +865,8 @@ def stacked_module(
     """The stack of `jobs` as a `FusedStack`; or, with the reason, as a per-job
     `StackedClassifier` when their optimizer has no batched version or refuses a job's
     settings, their networks do not fuse, or a network's forward or backward does not run
-    under `vmap` (tried, in eval mode, on two blank inputs of `sample_shape`)."""
+    under `vmap` (tried on two blank inputs of `sample_shape`, which lays the stacked
+    parameters out as their gradients come: `FusedNetworks.lay_out_as_gradients`)."""
     optimizer = jobs[0].make_optimizer.func
     if optimizer not in BATCHED_OPTIMIZERS:
         reason = f"optimizer {optimizer.__qualname__} has no batched version"
@@ -867,12 +876,8 @@ def stacked_module(
         BATCHED_OPTIMIZERS[optimizer].for_jobs(
             [torch.empty(len(jobs), 1)], [job.make_optimizer.keywords for job in jobs]
         )
-        blank = torch.zeros(len(jobs), 2, *sample_shape)
-        stack.fused.eval()
-        logits, _ = stack.fused(blank, stack.fused.taps(blank))
-        logits.sum().backward()
-        stack.fused.train()
-        stack.fused.zero_grad(set_to_none=True)
+        stack.fused.lay_out_as_gradients(torch.zeros(len(jobs), 2, *sample_shape))
+        stack.share()
     except Exception as err:  # any model that does not fuse trains job by job
         return StackedClassifier(jobs, callbacks, loggers), f"{type(err).__name__}: {err}"
     return stack, None
