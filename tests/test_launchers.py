@@ -1,8 +1,9 @@
 """vanishlab's launchers under Hydra's own launcher test suites, as Hydra's launcher plugins run
 them: they run whatever task function Hydra hands them, each job in its own directory with its
 own config and return value. (Training in stacks: tests/test_stack.py and tests/test_sweeps.py.)
-A vanishlab sweep composes each job's config once, and one that does not compose stops it
-before any job runs, as Hydra's basic sweeper makes sure.
+A vanishlab sweep composes each job's config once (a large batch in forked workers, each
+config as composing it in the launcher's process makes it), and one that does not compose stops
+it before any job runs, as Hydra's basic sweeper makes sure.
 
 The suites' apps have their own configs; `hydra.searchpath` lets them find vanishlab's launcher
 configs, as it lets a user's app."""
@@ -16,11 +17,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.singleton import Singleton
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+from hydra.types import HydraContext, RunMode
 from hydra.version import VersionBase
+from omegaconf import Container, DictConfig, OmegaConf
+from omegaconf.base import Node
 
 from conftest import FAST, records, sweep
+from hydra_plugins import vanishlab_launchers
+from vanishlab.config import CONFIG_DIR
 
 SEARCHPATH = "hydra.searchpath=[pkg://vanishlab.conf]"
 
@@ -94,3 +102,51 @@ def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(
     assert result.returncode != 0
     assert "no_such_model" in result.stderr
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no job directory
+
+
+def own_flags(node: Node) -> list[dict[str, bool]]:
+    """The flags (struct, readonly, ...) set on each node of a config, depth first."""
+    flags = [dict(node._metadata.flags)]
+    if isinstance(node, Container) and not (node._is_none() or node._is_interpolation()):
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        flags += [f for key in keys for f in own_flags(node._get_node(key))]
+    return flags
+
+
+def comparable(config: DictConfig) -> tuple:
+    """What a job's config is to the jobs: its values, flags and resolver cache."""
+    return OmegaConf.to_yaml(config), own_flags(config), dict(OmegaConf.get_cache(config))
+
+
+def test_a_large_batch_composes_in_forked_workers_as_in_the_launchers_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid = [[f"seed={seed}", f"optimizer.lr={lr}"] for lr in (0.1, 1) for seed in (0, 1)]
+    jobs = [(overrides, 10 + i) for i, overrides in enumerate(grid)]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        overrides = [f"hydra.sweep.dir={tmp_path}"]
+        config = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+        context = HydraContext(config_loader=loader, callbacks=None)
+        here = [vanishlab_launchers.composed(context, config, job, f"id{job[1]}") for job in jobs]
+        composing = tmp_path / "composing_pids.txt"
+        compose = vanishlab_launchers.composed
+
+        def composed_noting_its_process(*args) -> DictConfig:
+            with composing.open("a") as pids:
+                pids.write(f"{os.getpid()}\n")
+            return compose(*args)
+
+        monkeypatch.setattr(vanishlab_launchers, "composed", composed_noting_its_process)
+        monkeypatch.setattr(vanishlab_launchers, "usable_cpus", lambda: 2)  # forks on 1 CPU too
+        forked = vanishlab_launchers.composed_all(context, config, jobs, lambda num: f"id{num}")
+        pids = {int(pid) for pid in composing.read_text().split()}
+        bad = (["model=no_such_model"], 12)
+        with pytest.raises(Exception) as raised_here:
+            compose(context, config, bad, "12")
+        with pytest.raises(type(raised_here.value)) as raised_forked:
+            vanishlab_launchers.composed_all(context, config, [*jobs[:2], bad, jobs[3]])
+    assert pids and os.getpid() not in pids
+    assert [comparable(c) for c in forked] == [comparable(c) for c in here]
+    assert [(c.hydra.job.id, c.hydra.job.num) for c in forked] == [(f"id{n}", n) for _, n in jobs]
+    assert str(raised_forked.value) == str(raised_here.value)

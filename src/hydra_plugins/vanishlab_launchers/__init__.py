@@ -24,10 +24,13 @@ files, TensorBoard events and record, as Hydra's basic launcher would make them.
 """
 
 import contextlib
+import gc
 import logging
+import multiprocessing
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 Numbered = tuple[list[str], int]  # a job of the sweep: its overrides and its number (hydra.job.num)
+
+# Below 2 jobs a worker, starting the worker costs about what it saves.
+JOBS_PER_WORKER = 2
 
 
 class StackedLauncher(BasicLauncher):
@@ -110,6 +116,66 @@ def composed(
     return sweep_config
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on; 1 where it cannot fork safely: Windows has no fork, and
+    on macOS a forked child of a process that ran Apple's frameworks (torch does) may crash
+    (Python spawns there by default), so only Linux composes in workers."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def composed_all(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    jobs: list[Numbered],
+    job_id: Callable[[int], str] = str,
+) -> list[DictConfig]:
+    """Every job's config (`composed`), in the jobs' order. With `JOBS_PER_WORKER` jobs or more
+    for each of 2 CPUs or more, in as many forked workers: they inherit `hydra_context` and
+    `config`, so only a job's overrides and id go to them and only its config comes back.
+    From the first job whose config does not come back (it does not compose; its exception
+    might not survive pickling; a worker died), the jobs are composed here, one by one: a job
+    that does not compose raises here what composing it here raises."""
+    numbered = [(job, job_id(job[1])) for job in jobs]
+    workers = min(usable_cpus(), len(jobs) // JOBS_PER_WORKER)
+    configs: list[DictConfig] = []
+    if workers > 1:
+        fork = multiprocessing.get_context("fork")
+        # Frozen, this process's objects are left alone by a worker's garbage collector, which
+        # would otherwise touch, and so copy, every page of memory the worker shares with it.
+        gc.freeze()
+        try:
+            with ProcessPoolExecutor(
+                workers, fork, initializer=inherit, initargs=(hydra_context, config)
+            ) as pool:
+                futures = [pool.submit(composed_in_worker, job, i) for job, i in numbered]
+                for future in futures:
+                    try:
+                        configs.append(future.result())
+                    except Exception:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        break
+        finally:
+            gc.unfreeze()
+    rest = numbered[len(configs) :]
+    return configs + [composed(hydra_context, config, job, i) for job, i in rest]
+
+
+# In a worker of `composed_all`: the launcher's context and config, inherited through fork.
+_inherited: tuple[HydraContext, DictConfig] | None = None
+
+
+def inherit(hydra_context: HydraContext, config: DictConfig) -> None:
+    """A worker's start (`composed_all`): keep what it composes jobs with."""
+    global _inherited
+    _inherited = hydra_context, config
+
+
+def composed_in_worker(job: Numbered, job_id: str) -> DictConfig:
+    """A job's config, composed in a worker of `composed_all`."""
+    assert _inherited is not None
+    return composed(*_inherited, job, job_id)
+
+
 def run_numbered(
     hydra_context: HydraContext,
     config: DictConfig,
@@ -143,7 +209,10 @@ def prepare_jobs(
     the job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's);
     and, by job number, the log files Hydra opened for it. Every job's config is composed
     before any job is prepared: one that does not compose stops the sweep before anything is
-    written, as Hydra's sweepers check a batch (`composes_batch_first`)."""
+    written, as Hydra's sweepers check a batch (`composes_batch_first`). Composing is most of
+    what a job costs beyond its training, and nothing else runs meanwhile: a batch large enough
+    is composed in forked worker processes, on the CPUs that would otherwise idle
+    (`composed_all`)."""
     from vanishlab import train
 
     log_files: dict[int, list[logging.Handler]] = {}
@@ -158,7 +227,7 @@ def prepare_jobs(
             OmegaConf.resolve(job.cfg)
         return job
 
-    configs = [composed(hydra_context, config, job, job_id(job[1])) for job in jobs]
+    configs = composed_all(hydra_context, config, jobs, job_id)
     returns = [
         run_numbered(hydra_context, config, prepare_resolved, job, sweep_config)
         for job, sweep_config in zip(jobs, configs, strict=True)
