@@ -59,6 +59,9 @@ Numbered = tuple[list[str], int]  # a job of the sweep: its overrides and its nu
 
 # Below 2 jobs a worker, starting the worker costs about what it saves.
 JOBS_PER_WORKER = 2
+# Each worker is a fork of the launcher's process (torch and all): a few are enough to compose
+# a sweep in the time its first stack takes to build, even on a login node of many CPUs.
+MAX_WORKERS = 8
 
 
 class StackedLauncher(BasicLauncher):
@@ -130,32 +133,31 @@ def composed_all(
     job_id: Callable[[int], str] = str,
 ) -> list[DictConfig]:
     """Every job's config (`composed`), in the jobs' order. With `JOBS_PER_WORKER` jobs or more
-    for each of 2 CPUs or more, in as many forked workers: they inherit `hydra_context` and
-    `config`, so only a job's overrides and id go to them and only its config comes back.
+    for each of 2 CPUs or more, in as many forked workers (`MAX_WORKERS` at most): they
+    inherit `hydra_context` and `config`, so only a job's overrides and id go to them and only
+    its config comes back.
     From the first job whose config does not come back (it does not compose; its exception
     might not survive pickling; a worker died), the jobs are composed here, one by one: a job
     that does not compose raises here what composing it here raises."""
     numbered = [(job, job_id(job[1])) for job in jobs]
-    workers = min(usable_cpus(), len(jobs) // JOBS_PER_WORKER)
+    workers = min(usable_cpus(), len(jobs) // JOBS_PER_WORKER, MAX_WORKERS)
     configs: list[DictConfig] = []
     if workers > 1:
         fork = multiprocessing.get_context("fork")
         # Frozen, this process's objects are left alone by a worker's garbage collector, which
         # would otherwise touch, and so copy, every page of memory the worker shares with it.
+        # They stay frozen, as `vanishlab.train` leaves its imports: they live for the sweep.
         gc.freeze()
-        try:
-            with ProcessPoolExecutor(
-                workers, fork, initializer=inherit, initargs=(hydra_context, config)
-            ) as pool:
-                futures = [pool.submit(composed_in_worker, job, i) for job, i in numbered]
-                for future in futures:
-                    try:
-                        configs.append(future.result())
-                    except Exception:
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        break
-        finally:
-            gc.unfreeze()
+        with ProcessPoolExecutor(
+            workers, fork, initializer=inherit, initargs=(hydra_context, config)
+        ) as pool:
+            futures = [pool.submit(composed_in_worker, job, i) for job, i in numbered]
+            for future in futures:
+                try:
+                    configs.append(future.result())
+                except Exception:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    break
     rest = numbered[len(configs) :]
     return configs + [composed(hydra_context, config, job, i) for job, i in rest]
 
