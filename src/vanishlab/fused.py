@@ -172,7 +172,10 @@ class FusedNetworks(nn.Module):
         """One job's forward, as vmap runs it: its slices of the state, batch and taps."""
         self._taps, self._activations = taps, {}
         try:
-            return functional_call(self.stacked, state, (x,)), self._activations
+            # The stacked copy holds a tensor of its own under each name (`__init__`): there
+            # are no tied weights to look for on every call.
+            logits = functional_call(self.stacked, state, (x,), tie_weights=False)
+            return logits, self._activations
         finally:
             self._taps, self._activations = None, {}
 
