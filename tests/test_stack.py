@@ -44,6 +44,7 @@ from vanishlab.results import (
     job_identity,
     read_record,
 )
+from vanishlab.sharpness import Sharpness, top_eigenpairs
 from vanishlab.stack import (
     STACKED_WITH,
     ExceptionsToJobs,
@@ -425,6 +426,30 @@ def test_a_stacked_jobs_sharpness_is_the_one_it_measures_alone(tiny_data, tmp_pa
     assert len({record[SHARPNESS] for record in alone}) == len(JOBS)
     for record, cfg in zip(alone, alone_configs, strict=True):
         assert record[SHARPNESS_TIMES_LR] == pytest.approx(record[SHARPNESS] * cfg.optimizer.lr / 2)
+
+
+def test_a_fused_stack_measures_its_jobs_sharpness_at_once(tiny_data, tmp_path, monkeypatch):
+    """One power iteration for the stack's jobs on each measured step, not one per job; and a
+    stack whose jobs' Sharpness settings differ is refused before it trains."""
+    calls = []
+
+    def counted(module, losses, params, measures):
+        calls.append(len(measures))
+        return top_eigenpairs(module, losses, params, measures)
+
+    monkeypatch.setattr(stack, "top_eigenpairs", counted)
+    jobs = [built(compose_config([*FAST, *job], tiny_data, tmp_path)) for job in JOBS]
+    callbacks = [[Sharpness(every_n_steps=10, batch_size=20)] for _ in jobs]
+    fused, data = stacked(FusedStack, jobs, callbacks)
+    trainer().fit(fused, datamodule=data)
+    assert calls == [len(JOBS)] * 6  # steps 0, 10, ..., 40 and the last, 49
+    assert len({own.last[SHARPNESS] for (own,) in callbacks}) == len(JOBS)
+
+    callbacks[1] = [Sharpness(every_n_steps=5, batch_size=20)]
+    jobs = [built(compose_config([*FAST, *job], tiny_data, tmp_path)) for job in JOBS]
+    fused, data = stacked(FusedStack, jobs, callbacks)
+    with pytest.raises(ConfigError, match=r"each of its 3 jobs needs one Sharpness callback, of"):
+        trainer().fit(fused, datamodule=data)
 
 
 class Unbatchable(MLP):

@@ -32,15 +32,19 @@ from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def hessian_vector_product(loss: Tensor, params: list[nn.Parameter]) -> Callable[[Tensor], Tensor]:
-    """v -> H v for the Hessian of `loss` in `params` (flattened): the gradient's graph is built
-    once, so each product costs one backward pass through it, not a new forward pass."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    gradient = torch.cat([g.reshape(-1) for g in grads])
+def hessian_vector_products(losses: Tensor, params: list[Tensor]) -> Callable[[Tensor], Tensor]:
+    """V -> each job's H_k v_k, for the Hessian of each job's loss (`losses`, (K,)) in its own
+    parameters, with V (K, P): `params` hold the jobs along dim 0 (a fused stack's), or are one
+    job's own (a single run, K = 1). The jobs' parameters are disjoint, so the summed loss's
+    Hessian is block-diagonal and one backward gives every job's product. The gradient's graph
+    is built once: each product costs one backward pass through it, not a new forward pass."""
+    jobs = len(losses)
+    grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
+    gradient = torch.cat([g.reshape(jobs, -1) for g in grads], dim=1)
 
     def product(v: Tensor) -> Tensor:
-        hv = torch.autograd.grad(gradient @ v, params, retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv])
+        hv = torch.autograd.grad((gradient * v).sum(), params, retain_graph=True)
+        return torch.cat([h.reshape(jobs, -1) for h in hv], dim=1)
 
     return product
 
@@ -48,16 +52,21 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter]) -> Callable
 def power_iteration(
     product: Callable[[Tensor], Tensor], start: Tensor, max_iterations: int, tolerance: float
 ) -> tuple[Tensor, Tensor]:
-    """The eigenvalue of largest magnitude of the symmetric map `product`, and its unit
-    eigenvector, from `start`: the Rayleigh quotient, iterated until it changes by less than
-    `tolerance` (relative) or `max_iterations` products are spent."""
-    v = start / vector_norm(start)
-    eigenvalue = v.new_full((), float("nan"))
+    """Each job's eigenvalue of largest magnitude of the symmetric map `product` ((K, P) to
+    (K, P), a block per job), and its unit eigenvector, from `start` (K, P): the Rayleigh
+    quotient, iterated until it changes by less than `tolerance` (relative) or
+    `max_iterations` products are spent. A job whose quotient has settled keeps its values
+    while the others iterate on, so each job gets what it gets alone."""
+    v = start / vector_norm(start, dim=1, keepdim=True)
+    eigenvalue = v.new_full((len(v),), float("nan"))
+    settled = torch.zeros(len(v), dtype=torch.bool, device=v.device)
     for _ in range(max_iterations):
         hv = product(v)
-        previous, eigenvalue = eigenvalue, v @ hv
-        v = hv / vector_norm(hv)
-        if abs(eigenvalue - previous) <= tolerance * abs(eigenvalue):
+        previous, quotient = eigenvalue, (v * hv).sum(1)
+        eigenvalue = torch.where(settled, previous, quotient)
+        v = torch.where(settled[:, None], v, hv / vector_norm(hv, dim=1, keepdim=True))
+        settled |= (eigenvalue - previous).abs() <= tolerance * eigenvalue.abs()
+        if settled.all():
             break
     return eigenvalue, v
 
@@ -113,38 +122,64 @@ class Sharpness(pl.Callback):
         self._last_step = trainer.estimated_stepping_batches - 1
         self._measured_step = -1
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+    def due(self, step: int, batch: tuple[Tensor, Tensor]) -> bool:
+        """Whether step `step` is measured; keeps its fixed batch from the first `batch`."""
         # With gradient accumulation several batches share a step: it is measured once.
-        step = trainer.global_step
         if step == self._measured_step or (step % self.every_n_steps and step != self._last_step):
-            return
+            return False
         self._measured_step = step
         if self.batch is None:
             x, y = batch
             self.batch = (x[: self.batch_size].detach(), y[: self.batch_size].detach())
-        eigenvalue = self.measure(pl_module)
+        return True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.due(trainer.global_step, batch):
+            x, y = (t.to(pl_module.device) for t in self.batch)
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            (eigenvalue,), (self.eigenvector,) = top_eigenpairs(
+                pl_module, lambda: pl_module.loss_fn(pl_module(x), y)[None], params, [self]
+            )
+            self.keep(trainer, pl_module, eigenvalue)
+
+    def start(self, size: int) -> Tensor:
+        """Where the power iteration starts: the last eigenvector, or a draw of the callback's
+        own generator (the global RNG is not drawn from)."""
+        if self.eigenvector is None:
+            self.eigenvector = torch.randn(size, generator=self.generator)
+        return self.eigenvector
+
+    def keep(self, trainer: pl.Trainer, pl_module: pl.LightningModule, eigenvalue: float) -> None:
+        """Log the measured step's figures and keep them as the evidence."""
         lr = learning_rate(trainer, pl_module)
         self.last = {SHARPNESS: eigenvalue, SHARPNESS_TIMES_LR: eigenvalue * lr / 2}
-        write_scalars(trainer.loggers, self.last, step)
+        write_scalars(trainer.loggers, self.last, self._measured_step)
 
-    def measure(self, pl_module: pl.LightningModule) -> float:
-        """The top eigenvalue at the module's current weights, on the fixed batch."""
-        x, y = (t.to(pl_module.device) for t in self.batch)
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        if self.eigenvector is None:
-            size = sum(p.numel() for p in params)
-            self.eigenvector = torch.randn(size, generator=self.generator)
-        start = self.eigenvector.to(device=pl_module.device, dtype=params[0].dtype)
-        buffers = [b.clone() for b in pl_module.buffers()]
-        with torch.enable_grad():
-            product = hessian_vector_product(pl_module.loss_fn(pl_module(x), y), params)
-            eigenvalue, self.eigenvector = power_iteration(
-                product, start, self.max_iterations, self.tolerance
-            )
-        del product  # the graph, which saved the buffers as they were: now they can go back
-        for buffer, saved in zip(pl_module.buffers(), buffers, strict=True):
-            buffer.copy_(saved)
-        return eigenvalue.item()
+
+def top_eigenpairs(
+    module: nn.Module,
+    losses: Callable[[], Tensor],
+    params: list[Tensor],
+    measures: list[Sharpness],
+) -> tuple[list[float], list[Tensor]]:
+    """Each job's top Hessian eigenvalue (`measures[k]`'s settings and start) and eigenvector
+    (on the host), for the jobs' `losses()` (K,) in `params` (`hessian_vector_products`): a
+    single run's (K = 1) or a fused stack's. `module` stays in training mode, so the Hessian is
+    that of the loss the optimizer descends (BatchNorm normalises with the batch's statistics);
+    its buffers (running statistics) are restored after the forward pass."""
+    size = sum(p.numel() for p in params) // len(measures)
+    start = torch.stack([m.start(size) for m in measures]).to(params[0])
+    settings = measures[0]
+    buffers = [b.clone() for b in module.buffers()]
+    with torch.enable_grad():
+        product = hessian_vector_products(losses(), params)
+        eigenvalues, vectors = power_iteration(
+            product, start, settings.max_iterations, settings.tolerance
+        )
+    del product  # the graph, which saved the buffers as they were: now they can go back
+    for buffer, saved in zip(module.buffers(), buffers, strict=True):
+        buffer.copy_(saved)
+    return eigenvalues.tolist(), [v.clone() for v in vectors.cpu()]
 
 
 def learning_rate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:

@@ -77,6 +77,7 @@ from vanishlab.results import (
     job_id,
 )
 from vanishlab.schedulers import lr_scheduler
+from vanishlab.sharpness import Sharpness, top_eigenpairs
 from vanishlab.train import (
     Job,
     build_seeded,
@@ -124,7 +125,9 @@ DRIVEN_HOOKS = (
 MEASURED_BY_FUSED_STACK: dict[type[pl.Callback], tuple[str, ...]] = {
     GradientFlow: ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"),
     StopOnDivergence: ("on_before_backward", "on_before_optimizer_step"),
+    Sharpness: ("on_train_batch_start",),
 }
+SHARPNESS_SETTINGS = ("every_n_steps", "batch_size", "max_iterations", "tolerance")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -704,6 +707,19 @@ class FusedStack(StackedClassifier):
         callbacks = [(i, c) for i, cs in enumerate(self.job_callbacks) for c in cs]
         self.flows = [(i, c) for i, c in callbacks if isinstance(c, GradientFlow)]
         self.stops = {i: c for i, c in callbacks if isinstance(c, StopOnDivergence)}
+        self.sharpness = [(i, c) for i, c in callbacks if isinstance(c, Sharpness)]
+        settings = [
+            (i, *(getattr(c, key) for key in SHARPNESS_SETTINGS)) for i, c in self.sharpness
+        ]
+        jobs = list(range(len(self.jobs)))
+        if settings and ([i for i, *_ in settings] != jobs or len({s[1:] for s in settings}) > 1):
+            raise ConfigError(
+                f"A fused stack measures its jobs' sharpness at once, so each of its "
+                f"{len(jobs)} jobs needs one Sharpness callback, of the same settings; the "
+                f"stack's are {settings} (job, {', '.join(SHARPNESS_SETTINGS)}). Fix: give "
+                f"the stack's jobs the same callbacks config (the stacked launcher stacks only "
+                f"such jobs)."
+            )
         super().on_fit_start()
         self.running_mask = torch.ones(len(self.jobs), dtype=torch.bool, device=self.device)
         self.loss_groups = [(fn, jobs.to(self.device)) for fn, jobs in self.loss_groups]
@@ -720,6 +736,30 @@ class FusedStack(StackedClassifier):
             self.measuring = [(i, f) for i, f in self.flows if not self.views[i].should_stop]
             for i, flow in self.measuring:
                 flow.begin(self.views[i])
+        running = {i for i, _ in self.running}
+        due = [
+            i for i, c in self.sharpness if i in running and c.due(step, self.job_batch(batch, i))
+        ]
+        if due:
+            self.measure_sharpness(due)
+
+    def measure_sharpness(self, due: list[int]) -> None:
+        """Every job's `Sharpness` at once, each on its fixed batch (kept at the first measured
+        step, when every job runs, or restored with it) from its own start
+        (`sharpness.top_eigenpairs` over the stacked parameters); the `due` jobs, those still
+        running, keep and log theirs."""
+        measures = [c for _, c in self.sharpness]
+        x = torch.stack([m.batch[0] for m in measures]).to(self.device)
+        y = torch.stack([m.batch[1] for m in measures]).to(self.device)
+        eigenvalues, vectors = top_eigenpairs(
+            self.fused,
+            lambda: self.job_losses(self.fused(x), y),
+            list(self.fused.parameters()),
+            measures,
+        )
+        for i in due:
+            measures[i].eigenvector = vectors[i]
+            measures[i].keep(self.views[i], self.jobs[i], eigenvalues[i])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Every job's loss on its own batch (x is (K, B, ...)); the running jobs' summed. On a
