@@ -130,7 +130,9 @@ class Sharpness(pl.Callback):
         self._measured_step = step
         if self.batch is None:
             x, y = batch
-            self.batch = (x[: self.batch_size].detach(), y[: self.batch_size].detach())
+            # Copies: a view would keep (and a checkpoint save) the whole batch it slices,
+            # a fused stack's K jobs' batches.
+            self.batch = (x[: self.batch_size].clone(), y[: self.batch_size].clone())
         return True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
