@@ -42,7 +42,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vanishlab import ConfigError
-from vanishlab.nets import Probe
+from vanishlab.nets import Probe, buffers_kept
 
 
 def rnn_tanh_cell(x, hx, w_ih, w_hh, b_ih=None, b_hh=None) -> Tensor:
@@ -212,15 +212,13 @@ class FusedNetworks(nn.Module):
         (a batched linear's weight gradient comes transposed). The step leaves no trace: the
         buffers (running statistics) are put back, and the random stream too. Raises whatever
         the forward or backward raises."""
-        params, buffers = list(self.parameters()), [b.clone() for b in self.buffers()]
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        params = list(self.parameters())
+        with buffers_kept(self), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             taps = self.taps(x)
             logits, _ = self(x, taps)
             grads = torch.autograd.grad(logits.sum(), [*params, *taps.values()], allow_unused=True)
         with torch.no_grad():
-            for buffer, before in zip(self.buffers(), buffers, strict=True):
-                buffer.copy_(before)
-            for param, grad in zip(params, grads, strict=False):
+            for param, grad in zip(params, grads[: len(params)], strict=True):
                 # empty_like keeps a dense gradient's strides (any other: contiguous)
                 laid_out = torch.empty_like(param if grad is None else grad).copy_(param)
                 if laid_out.stride() != param.stride():

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import NoReturn, Protocol
@@ -743,3 +744,16 @@ def init_recurrent(cell: nn.Module, how: str, scale: float, forget_bias: float) 
     nn.init.zeros_(cell.bias_hh)
     if isinstance(cell, nn.LSTMCell):  # gates i, f, g, o
         cell.bias_hh.chunk(4)[1].fill_(forget_bias)
+
+
+@contextmanager
+def buffers_kept(net: nn.Module) -> Iterator[None]:
+    """Put `net`'s buffers (BatchNorm's running statistics) back as they were when the block
+    ends: a measurement that runs a training-mode forward leaves no trace in them."""
+    before = [b.clone() for b in net.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(net.buffers(), before, strict=True):
+                buffer.copy_(value)

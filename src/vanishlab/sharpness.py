@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.linalg import vector_norm
 
 from vanishlab.dashboard import write_scalars
+from vanishlab.nets import buffers_kept
 from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -122,21 +123,30 @@ class Sharpness(pl.Callback):
         self._last_step = trainer.estimated_stepping_batches - 1
         self._measured_step = -1
 
-    def due(self, step: int, batch: tuple[Tensor, Tensor]) -> bool:
-        """Whether step `step` is measured; keeps its fixed batch from the first `batch`."""
-        # With gradient accumulation several batches share a step: it is measured once.
+    @property
+    def settings(self) -> tuple[int, int, int, float]:
+        """What decides when and how it measures (a fused stack's jobs must share them)."""
+        return self.every_n_steps, self.batch_size, self.max_iterations, self.tolerance
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` is measured (once: with gradient accumulation several batches
+        share a step)."""
         if step == self._measured_step or (step % self.every_n_steps and step != self._last_step):
             return False
         self._measured_step = step
-        if self.batch is None:
-            x, y = batch
-            # Copies: a view would keep (and a checkpoint save) the whole batch it slices,
-            # a fused stack's K jobs' batches.
-            self.batch = (x[: self.batch_size].clone(), y[: self.batch_size].clone())
         return True
 
+    def fix_batch(self, batch: tuple[Tensor, Tensor]) -> None:
+        """Keep the first `batch_size` examples of the first measured step's batch: copies, as
+        a view would keep (and a checkpoint save) the whole batch it slices, a fused stack's K
+        jobs' batches."""
+        if self.batch is None:
+            x, y = batch
+            self.batch = (x[: self.batch_size].clone(), y[: self.batch_size].clone())
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.due(trainer.global_step, batch):
+        if self.due(trainer.global_step):
+            self.fix_batch(batch)
             x, y = (t.to(pl_module.device) for t in self.batch)
             params = [p for p in pl_module.parameters() if p.requires_grad]
             (eigenvalue,), (self.eigenvector,) = top_eigenpairs(
@@ -164,24 +174,21 @@ def top_eigenpairs(
     params: list[Tensor],
     measures: list[Sharpness],
 ) -> tuple[list[float], list[Tensor]]:
-    """Each job's top Hessian eigenvalue (`measures[k]`'s settings and start) and eigenvector
-    (on the host), for the jobs' `losses()` (K,) in `params` (`hessian_vector_products`): a
-    single run's (K = 1) or a fused stack's. `module` stays in training mode, so the Hessian is
-    that of the loss the optimizer descends (BatchNorm normalises with the batch's statistics);
-    its buffers (running statistics) are restored after the forward pass."""
+    """Each job's top Hessian eigenvalue (`measures[k]`'s start; the first's iteration
+    settings) and eigenvector, for the jobs' `losses()` (K,) in `params`
+    (`hessian_vector_products`): a single run's (K = 1) or a fused stack's. `module` stays in
+    training mode, so the Hessian is that of the loss the optimizer descends (BatchNorm
+    normalises with the batch's statistics); its buffers (running statistics) are put back."""
     size = sum(p.numel() for p in params) // len(measures)
     start = torch.stack([m.start(size) for m in measures]).to(params[0])
-    settings = measures[0]
-    buffers = [b.clone() for b in module.buffers()]
-    with torch.enable_grad():
+    first = measures[0]
+    with buffers_kept(module), torch.enable_grad():
         product = hessian_vector_products(losses(), params)
         eigenvalues, vectors = power_iteration(
-            product, start, settings.max_iterations, settings.tolerance
+            product, start, first.max_iterations, first.tolerance
         )
-    del product  # the graph, which saved the buffers as they were: now they can go back
-    for buffer, saved in zip(module.buffers(), buffers, strict=True):
-        buffer.copy_(saved)
-    return eigenvalues.tolist(), [v.clone() for v in vectors.cpu()]
+    # Each its own copy: a row of `vectors` would keep (and a checkpoint save) all K.
+    return eigenvalues.tolist(), [v.clone() for v in vectors]
 
 
 def learning_rate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:

@@ -127,7 +127,6 @@ MEASURED_BY_FUSED_STACK: dict[type[pl.Callback], tuple[str, ...]] = {
     StopOnDivergence: ("on_before_backward", "on_before_optimizer_step"),
     Sharpness: ("on_train_batch_start",),
 }
-SHARPNESS_SETTINGS = ("every_n_steps", "batch_size", "max_iterations", "tolerance")
 # Keys a stack's jobs may differ in (besides the optimizer's hyperparameters).
 STACKABLE_KEYS = ("init", "loss", SEED)
 
@@ -173,20 +172,33 @@ class StackedBatches:
 
 class FusedBatches(StackedBatches):
     """The jobs' batches of a step as one `(x, y)`, x `(K, B, ...)`: each job's own indices,
-    from its own order, gathered at once from the training split they share. Jobs that draw
-    the same indices (the same data seed: a sweep over anything else) share one gathered
-    batch, expanded over the jobs (a view, not K copies)."""
+    from its own order, gathered at once from the training split they share. Jobs that will
+    draw the same orders (their generators in the same state: the same data seed, a sweep over
+    anything else) share one gathered batch, expanded over the jobs (a view, not K copies);
+    each job's generator still draws its own, as it would alone."""
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = self.streams[0].x, self.streams[0].y
+        alike = draw_alike(self.streams)  # decided before this pass draws, with no device sync
         orders = (stream.batch_indices() for stream in self.streams)
         for first, *others in zip(*orders, strict=True):
-            if all(torch.equal(first, indices) for indices in others):
-                jobs = len(self.streams)
-                yield x[first].expand(jobs, *first.shape, *x.shape[1:]), y[first].expand(jobs, -1)
+            if alike:
+                shared = x[first], y[first]
+                yield tuple(part.expand(len(self.streams), *part.shape) for part in shared)
             else:
                 batch = torch.stack([first, *others])
                 yield x[batch], y[batch]
+
+
+def draw_alike(streams: list[TensorBatches]) -> bool:
+    """Whether `streams`' next passes draw the same batches: the same batch size and share
+    (rank of world size), and generators in one state (or none: the stored order)."""
+
+    def draws(stream: TensorBatches) -> tuple:
+        state = stream.generator and stream.generator.get_state().numpy().tobytes()
+        return stream.batch_size, stream.rank, stream.world_size, state
+
+    return len({draws(stream) for stream in streams}) == 1
 
 
 class StackedData(pl.LightningDataModule):
@@ -708,17 +720,15 @@ class FusedStack(StackedClassifier):
         self.flows = [(i, c) for i, c in callbacks if isinstance(c, GradientFlow)]
         self.stops = {i: c for i, c in callbacks if isinstance(c, StopOnDivergence)}
         self.sharpness = [(i, c) for i, c in callbacks if isinstance(c, Sharpness)]
-        settings = [
-            (i, *(getattr(c, key) for key in SHARPNESS_SETTINGS)) for i, c in self.sharpness
-        ]
-        jobs = list(range(len(self.jobs)))
-        if settings and ([i for i, *_ in settings] != jobs or len({s[1:] for s in settings}) > 1):
+        settings = {c.settings for _, c in self.sharpness}
+        if self.sharpness and (len(self.sharpness) != len(self.jobs) or len(settings) > 1):
             raise ConfigError(
                 f"A fused stack measures its jobs' sharpness at once, so each of its "
-                f"{len(jobs)} jobs needs one Sharpness callback, of the same settings; the "
-                f"stack's are {settings} (job, {', '.join(SHARPNESS_SETTINGS)}). Fix: give "
-                f"the stack's jobs the same callbacks config (the stacked launcher stacks only "
-                f"such jobs)."
+                f"{len(self.jobs)} jobs needs one Sharpness callback, of the same settings; "
+                f"the stack's are {[(i, c.settings) for i, c in self.sharpness]} (job, "
+                f"(every_n_steps, batch_size, max_iterations, tolerance)). Fix: give the "
+                f"stack's jobs the same callbacks config (the stacked launcher stacks only such "
+                f"jobs)."
             )
         super().on_fit_start()
         self.running_mask = torch.ones(len(self.jobs), dtype=torch.bool, device=self.device)
@@ -736,19 +746,18 @@ class FusedStack(StackedClassifier):
             self.measuring = [(i, f) for i, f in self.flows if not self.views[i].should_stop]
             for i, flow in self.measuring:
                 flow.begin(self.views[i])
-        running = {i for i, _ in self.running}
-        due = [
-            i for i, c in self.sharpness if i in running and c.due(step, self.job_batch(batch, i))
-        ]
-        if due:
-            self.measure_sharpness(due)
+        # Each job's callback marks its step; they share their settings, so all or none is due.
+        if self.sharpness and all([c.due(step) for _, c in self.sharpness]):
+            self.measure_sharpness(batch)
 
-    def measure_sharpness(self, due: list[int]) -> None:
+    def measure_sharpness(self, batch: tuple[Tensor, Tensor]) -> None:
         """Every job's `Sharpness` at once, each on its fixed batch (kept at the first measured
         step, when every job runs, or restored with it) from its own start
-        (`sharpness.top_eigenpairs` over the stacked parameters); the `due` jobs, those still
-        running, keep and log theirs."""
+        (`sharpness.top_eigenpairs` over the stacked parameters); the running jobs keep and
+        log theirs."""
         measures = [c for _, c in self.sharpness]
+        for i, measure in enumerate(measures):
+            measure.fix_batch(self.job_batch(batch, i))
         x = torch.stack([m.batch[0] for m in measures]).to(self.device)
         y = torch.stack([m.batch[1] for m in measures]).to(self.device)
         eigenvalues, vectors = top_eigenpairs(
@@ -757,7 +766,7 @@ class FusedStack(StackedClassifier):
             list(self.fused.parameters()),
             measures,
         )
-        for i in due:
+        for i, _ in self.running:
             measures[i].eigenvector = vectors[i]
             measures[i].keep(self.views[i], self.jobs[i], eigenvalues[i])
 
