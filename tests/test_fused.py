@@ -62,14 +62,14 @@ def test_each_job_computes_what_its_network_computes_alone(model: str) -> None:
     fused = FusedNetworks(nets)
     x, y = torch.randn(K, BATCH, *SHAPE), torch.randint(0, 10, (K, BATCH))
     taps = fused.taps(x)
-    logits, activations = fused(x, taps)
-    losses = [F.cross_entropy(logits[k], y[k]) for k in range(K)]
-    torch.stack(losses).sum().backward()
+    logits, activations, losses = fused(x, taps, loss=(F.cross_entropy, y))
+    losses.sum().backward()
     assert set(taps) == set(activations) == {p.name for p in nets[0].probes()}
     stacked = dict(fused.stacked.named_parameters())
     for k, net in enumerate(nets):
         own_logits, own_taps, own_activations = alone(net, x[k], y[k])
         close(logits[k], own_logits)
+        close(losses[k], F.cross_entropy(own_logits, y[k]))
         for name, p in net.named_parameters():
             close(stacked[name].grad[k], p.grad, name)
         for name, tap in own_taps.items():
@@ -154,11 +154,11 @@ def test_dropout_draws_each_job_its_own_mask() -> None:
     torch.manual_seed(0)
     same = Dropped()
     fused = FusedNetworks([copy.deepcopy(same) for _ in range(K)])  # equal weights
-    dropped = fused(torch.ones(K, 2, 4)) == 0
+    dropped = fused(torch.ones(K, 2, 4)).logits == 0
     assert not torch.equal(dropped[0], dropped[1])
     assert 0.3 < dropped.float().mean() < 0.7
     fused.eval()
-    kept = fused(torch.ones(K, 2, 4))
+    kept = fused(torch.ones(K, 2, 4)).logits
     assert torch.equal(kept[0], kept[1])
 
 
@@ -172,7 +172,7 @@ def launches(jobs: int) -> int:
     fused = FusedNetworks([seeded(MLP, seed) for seed in range(jobs)])
     x, y = torch.randn(jobs, 2, *SHAPE), torch.randint(0, 10, (jobs, 2))
     with LaunchCount() as count:
-        logits = fused(x)
+        logits = fused(x).logits
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         losses.view(jobs, -1).mean(1).sum().backward()
     return sum(count.ops.values())
@@ -195,7 +195,7 @@ def test_a_fused_backward_keeps_every_gradient_as_it_comes(model: str) -> None:
     x, y = torch.randn(K, BATCH, *SHAPE), torch.randint(0, 10, (K, BATCH))
     fused.lay_out_as_gradients(x)
     with LaunchCount() as count:
-        logits = fused(x)
+        logits = fused(x).logits
         torch.stack([F.cross_entropy(logits[k], y[k]) for k in range(K)]).sum().backward()
     assert count.ops["copy_"] == 0
     stacked = dict(fused.stacked.named_parameters())

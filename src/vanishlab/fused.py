@@ -32,7 +32,7 @@ import copy
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,14 @@ def layout(net: nn.Module) -> dict[str, dict[str, str]]:
     }
 
 
+class Outputs(NamedTuple):
+    """A fused forward's results, the jobs along dim 0 of each tensor."""
+
+    logits: Tensor
+    activations: dict[str, Tensor]  # by probe name, with taps (else none)
+    losses: Tensor | None  # (K,), with a loss (else None)
+
+
 class FusedNetworks(nn.Module):
     """`nets` (same structure, `fusion_error`) as one model: `forward(x)` with x (K, B, ...)
     gives each job's logits (K, B, C) on its own batch. Each parameter is one `nn.Parameter`
@@ -148,6 +156,8 @@ class FusedNetworks(nn.Module):
             replace(self.stacked, name, value)
         self._taps: dict[str, Tensor] | None = None  # job k's slices, inside vmap
         self._activations: dict[str, Tensor] = {}
+        # Each probe's measured shape and dtype, by input shape and dtype (`taps`).
+        self._tap_shapes: dict[tuple, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         for probe in self.stacked.probes():
             probe.output.register_forward_hook(partial(self._tap, probe))
 
@@ -156,26 +166,40 @@ class FusedNetworks(nn.Module):
         return {**dict(self.stacked.named_parameters()), **dict(self.stacked.named_buffers())}
 
     def forward(
-        self, x: Tensor, taps: dict[str, Tensor] | None = None
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        self,
+        x: Tensor,
+        taps: dict[str, Tensor] | None = None,
+        loss: tuple[Callable[[Tensor, Tensor], Tensor], Tensor] | None = None,
+    ) -> Outputs:
         """Each job's logits (K, B, C) on its batch x[k]. With `taps` (`taps(x)`): each probe's
-        tap is added to its measured tensor, and the logits come with the probes' activations
-        (K, ...), detached, by probe name."""
-        mapped = (0, 0, None if taps is None else 0)
-        job = vmap(self._job, in_dims=mapped, randomness="different")
-        logits, activations = job(self.state(), x, taps)
-        return logits if taps is None else (logits, activations)
+        tap is added to its measured tensor, and the probes' activations (K, ...) come too,
+        detached, by probe name. With `loss`, a loss function and the targets (K, B): each
+        job's loss (K,) too, computed in the same vmap (a vmap of the loss alone would pay
+        vmap's dispatch again, forward and backward)."""
+        loss_fn, targets = loss or (None, None)
+        mapped = (0, 0, None if taps is None else 0, None if targets is None else 0)
+        job = vmap(partial(self._job, loss_fn), in_dims=mapped, randomness="different")
+        outputs = job(self.state(), x, taps, targets)
+        return Outputs(*outputs) if loss else Outputs(*outputs, None)
 
     def _job(
-        self, state: dict[str, Tensor], x: Tensor, taps: dict[str, Tensor] | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One job's forward, as vmap runs it: its slices of the state, batch and taps."""
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+        state: dict[str, Tensor],
+        x: Tensor,
+        taps: dict[str, Tensor] | None,
+        targets: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        """One job's forward, as vmap runs it: its slices of the state, batch, taps and
+        targets; its logits and activations, and its loss where `loss_fn` is given."""
         self._taps, self._activations = taps, {}
         try:
             # The stacked copy holds a tensor of its own under each name (`__init__`): there
             # are no tied weights to look for on every call.
             logits = functional_call(self.stacked, state, (x,), tie_weights=False)
-            return logits, self._activations
+            if loss_fn is None:
+                return logits, self._activations
+            return logits, self._activations, loss_fn(logits, targets)
         finally:
             self._taps, self._activations = None, {}
 
@@ -190,19 +214,22 @@ class FusedNetworks(nn.Module):
     def taps(self, x: Tensor) -> dict[str, Tensor]:
         """A zero tap per probe for a forward of x, (K, *h.shape) in h's dtype, requiring a
         gradient: after backward, `tap.grad[k]` is job k's dL/dh. The shapes come from one
-        job's forward on the meta device, which computes nothing."""
-        meta = {name: value[0].to("meta") for name, value in self.state().items()}
-        self._taps, self._activations = {}, {}
-        try:
-            functional_call(self.stacked, meta, (x[0].to("meta"),))
-            measured = self._activations
-        finally:
-            self._taps, self._activations = None, {}
+        job's forward on the meta device, which computes nothing, once per input shape."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._tap_shapes:
+            meta = {name: value[0].to("meta") for name, value in self.state().items()}
+            self._taps, self._activations = {}, {}
+            try:
+                functional_call(self.stacked, meta, (x[0].to("meta"),))
+                measured = self._activations
+            finally:
+                self._taps, self._activations = None, {}
+            self._tap_shapes[key] = {name: (h.shape, h.dtype) for name, h in measured.items()}
         return {
             name: torch.zeros(
-                self.num_jobs, *h.shape, dtype=h.dtype, device=x.device, requires_grad=True
+                self.num_jobs, *shape, dtype=dtype, device=x.device, requires_grad=True
             )
-            for name, h in measured.items()
+            for name, (shape, dtype) in self._tap_shapes[key].items()
         }
 
     def lay_out_as_gradients(self, x: Tensor) -> None:
@@ -215,7 +242,7 @@ class FusedNetworks(nn.Module):
         params = list(self.parameters())
         with buffers_kept(self), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             taps = self.taps(x)
-            logits, _ = self(x, taps)
+            logits = self(x, taps).logits
             grads = torch.autograd.grad(logits.sum(), [*params, *taps.values()], allow_unused=True)
         with torch.no_grad():
             for param, grad in zip(params, grads[: len(params)], strict=True):

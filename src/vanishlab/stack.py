@@ -66,7 +66,7 @@ from vanishlab.dashboard import write_record, write_scalars
 from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
 from vanishlab.divergence import StopOnDivergence
-from vanishlab.fused import FusedNetworks, replace
+from vanishlab.fused import FusedNetworks, Outputs, replace
 from vanishlab.module import Classifier, accuracy, logs_this_step, stage_names
 from vanishlab.results import (
     JOB_CONFIG,
@@ -762,7 +762,7 @@ class FusedStack(StackedClassifier):
         y = torch.stack([m.batch[1] for m in measures]).to(self.device)
         eigenvalues, vectors = top_eigenpairs(
             self.fused,
-            lambda: self.job_losses(self.fused(x), y),
+            lambda: self.outputs(x, y).losses,
             list(self.fused.parameters()),
             measures,
         )
@@ -774,12 +774,10 @@ class FusedStack(StackedClassifier):
         """Every job's loss on its own batch (x is (K, B, ...)); the running jobs' summed. On a
         measured step the probes' taps ride along (`FusedNetworks.taps`)."""
         x, y = batch
+        taps = self.fused.taps(x) if self.measuring else None
+        logits, activations, self.losses = self.outputs(x, y, taps)
         if self.measuring:
-            self.taps = self.fused.taps(x)
-            logits, self.activations = self.fused(x, self.taps)
-        else:
-            logits = self.fused(x)
-        self.losses = self.job_losses(logits, y)
+            self.taps, self.activations = taps, activations
         if logs_this_step(self):
             rows = torch.stack([self.losses.detach(), vmap(accuracy)(logits, y)], dim=1)
             self.log_train(range(len(self.jobs)), rows)
@@ -787,26 +785,28 @@ class FusedStack(StackedClassifier):
             return self.losses.sum()
         return torch.where(self.running_mask, self.losses, 0).sum()
 
-    def job_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Each job's loss, (K,): one vmapped call per distinct loss function, over its jobs
-        (`loss_groups`), put back in the jobs' order (`loss_order`)."""
+    def outputs(self, x: Tensor, y: Tensor, taps: dict[str, Tensor] | None = None) -> Outputs:
+        """Every job's logits and loss (K,) on its batch, and its activations with `taps`. The
+        loss is computed in the forward's vmap where the jobs share one loss function, else by
+        one vmapped call per distinct loss over its jobs (`loss_groups`), put back in the jobs'
+        order (`loss_order`)."""
         if len(self.loss_groups) == 1:
             ((fn, _),) = self.loss_groups
-            return vmap(fn)(logits, targets)
-        losses = [vmap(fn)(logits[jobs], targets[jobs]) for fn, jobs in self.loss_groups]
-        return torch.cat(losses)[self.loss_order]
+            return self.fused(x, taps, loss=(fn, y))
+        outputs = self.fused(x, taps)
+        losses = [vmap(fn)(outputs.logits[jobs], y[jobs]) for fn, jobs in self.loss_groups]
+        return outputs._replace(losses=torch.cat(losses)[self.loss_order])
 
     def job_evaluation(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Every job on the same batch, at once."""
         x, y = batch
         jobs = len(self.jobs)
-        logits = self.fused(x.expand(jobs, *x.shape))
         targets = y.expand(jobs, *y.shape)
+        logits, _, losses = self.outputs(x.expand(jobs, *x.shape), targets)
         if stage == "test":
             for i, predictions in enumerate(self.predictions):
                 predictions.update(logits[i])
         self.names = stage_names(stage)
-        losses = self.job_losses(logits, targets)
         return torch.stack([losses, vmap(accuracy)(logits, targets)], dim=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
