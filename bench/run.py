@@ -30,7 +30,7 @@ Needs the real MNIST files (DATA_DIR, default ./data). Ratios, with the targets 
    their difference over the 112 extra jobs: start-up cancels out, what each job costs to
    compose, prepare, build and record stays
 
-`bench/run.py --stacks` runs lines 6, 6a, 6b, 9 and 10 only (what a change to stacks moves).
+`bench/run.py --stacks` runs lines 6, 6a, 6b, 7, 9 and 10 only (what a change to stacks moves).
 `bench/run.py --gpu [jobs] [steps] [overrides]` (64, 200) prints instead the job-steps per
 second of a fused stack of `jobs` seed MLPs against a single run's (aim 20x on a GPU) and the
 stack's peak GPU memory; without a CUDA device it runs on the CPU and says the GPU figure is
@@ -331,9 +331,7 @@ def main() -> None:
     reference("5a. floor of 5: joblib fit+test / 2 workers / basic fit+test", floor)
 
     stacked_sweeps(batches)
-    single, stack = peak_memory(1), peak_memory(16)
-    print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
-    report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
+    stack_memory()
     sharpness_cost()
     kernel_launches()
     sweep_overhead()
@@ -361,6 +359,13 @@ def stacked_sweeps(batches: Batches) -> None:
     reference(
         "6b. the same without GradientFlow, StopOnDivergence", min(stacked_undiagnosed) / plain_s
     )
+
+
+def stack_memory() -> None:
+    """7. A stack's peak memory against its jobs' run one by one."""
+    single, stack = peak_memory(1), peak_memory(16)
+    print(f"peak memory GiB: a single run {single:.2f}, a stack of 16 {stack:.2f}", flush=True)
+    report("7. peak memory: a stack of 16 / 16 single runs", stack / (16 * single), 1.0)
 
 
 def seed_configs(out: str, jobs: int, *overrides: str) -> list[DictConfig]:
@@ -492,8 +497,9 @@ if __name__ == "__main__":
         train_for_peak_memory(int(sys.argv[2]))
     elif sys.argv[1:2] == ["--gpu"]:  # --gpu [jobs] [steps] [overrides...]
         gpu(*(int(arg) for arg in sys.argv[2:4]), *sys.argv[4:])
-    elif sys.argv[1:2] == ["--stacks"]:  # what stacking changes: lines 6, 6a, 6b, 9 and 10
+    elif sys.argv[1:2] == ["--stacks"]:  # what stacking changes: lines 6, 6a, 6b, 7, 9 and 10
         stacked_sweeps(tensor_batches())
+        stack_memory()
         kernel_launches()
         sweep_overhead()
     else:
