@@ -80,6 +80,21 @@ def test_each_job_computes_what_its_network_computes_alone(model: str) -> None:
             close(value, net.state_dict()[name], name)
 
 
+@pytest.mark.parametrize("model", ["mlp", "rnn_tanh", "vit"])
+def test_taps_fit_each_input_shape_they_are_asked_for(model: str) -> None:
+    """The probes' shapes are found once per input shape: a batch of another size (an epoch's
+    last, smaller batch) gets taps of its own shape, and one of the first size the first's."""
+    cls, keys = MODELS[model]
+    fused = FusedNetworks([seeded(cls, seed, **keys) for seed in range(K)])
+    for batch in (BATCH, BATCH + 3, BATCH):
+        x = torch.randn(K, batch, *SHAPE)
+        taps = fused.taps(x)
+        _, activations, _ = fused(x, taps)
+        assert {n: t.shape for n, t in taps.items()} == {
+            n: a.shape for n, a in activations.items()
+        }
+
+
 def test_fused_batchnorm_running_statistics_follow_each_job_over_steps() -> None:
     nets = [seeded(MLP, seed, depth=2, width=8, norm="batch") for seed in range(K)]
     fused = FusedNetworks(nets)
