@@ -90,9 +90,7 @@ def test_taps_fit_each_input_shape_they_are_asked_for(model: str) -> None:
         x = torch.randn(K, batch, *SHAPE)
         taps = fused.taps(x)
         _, activations, _ = fused(x, taps)
-        assert {n: t.shape for n, t in taps.items()} == {
-            n: a.shape for n, a in activations.items()
-        }
+        assert {n: t.shape for n, t in taps.items()} == {n: a.shape for n, a in activations.items()}
 
 
 def test_fused_batchnorm_running_statistics_follow_each_job_over_steps() -> None:
