@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import FAST, run_cli
-from vanishlab.dashboard import GradientFlowFigure, add_histogram
+from vanishlab.dashboard import GradientFlowFigure, add_histograms, histogram_proto
 from vanishlab.hparams import (
     FILE_SUFFIX,
     METRICS,
@@ -162,14 +162,35 @@ def test_writing_again_replaces_the_table(tiny_sweep, tmp_path) -> None:
         assert len(list(directory.glob(f"events.out.tfevents.*{FILE_SUFFIX}"))) == 1
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(200, 784).T,  # a weight laid out as its gradient: strided
+        torch.randn(40_000).relu(),  # many at the least value
+        torch.linspace(-1.0, 1.0, 65),  # values on the bucket limits
+        torch.full((7,), 2.5),  # one value: histc's range widens by 1 each way
+    ],
+    ids=["strided", "relu", "limits", "constant"],
+)
+def test_histograms_bin_as_histc_bins(values: torch.Tensor) -> None:
+    histogram = histogram_proto(values, bins=64)
+    low, high = values.min().item(), values.max().item()
+    assert (histogram.min, histogram.max, histogram.num) == (low, high, values.numel())
+    expected = torch.histc(values.flatten(), 64, min=low, max=high)
+    assert list(histogram.bucket) == expected.tolist()
+
+
 def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) -> None:
     """An overflowing activation or a dropped gradient must not cost a run its histograms."""
     writer = SummaryWriter(str(tmp_path))
     values = torch.tensor([[1.0, math.inf], [-2.0, math.nan], [3.0, 0.5]])
-    add_histogram(writer, "mixed", values, step=1)
-    add_histogram(writer, "finite", values.nan_to_num(0.0, 0.0, 0.0), step=1)
-    add_histogram(writer, "none_finite", torch.full((4,), math.nan), step=1)
-    add_histogram(writer, "cleared", None, step=1)
+    histograms = {
+        "mixed": values,
+        "finite": values.nan_to_num(0.0, 0.0, 0.0),
+        "none_finite": torch.full((4,), math.nan),
+        "cleared": None,
+    }
+    add_histograms(writer, histograms, step=1)
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
     events.Reload()
