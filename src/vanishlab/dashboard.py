@@ -197,6 +197,7 @@ def write_histograms(
         add_histograms(writer, values, step)
 
 
+@rank_zero_only  # as write_scalars: other ranks' TensorBoards are placeholders
 def add_histograms(
     writer: SummaryWriter, values: dict[str, Tensor | None], step: int, bins: int = 64
 ) -> None:
