@@ -14,10 +14,9 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
-from torch.utils.tensorboard import SummaryWriter
 
 from conftest import FAST, run_cli
-from vanishlab.dashboard import GradientFlowFigure, add_histograms, histogram_proto
+from vanishlab.dashboard import GradientFlowFigure, histogram_proto, write_histograms
 from vanishlab.hparams import (
     FILE_SUFFIX,
     METRICS,
@@ -182,7 +181,7 @@ def test_histograms_bin_as_histc_bins(values: torch.Tensor) -> None:
 
 def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) -> None:
     """An overflowing activation or a dropped gradient must not cost a run its histograms."""
-    writer = SummaryWriter(str(tmp_path))
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
     values = torch.tensor([[1.0, math.inf], [-2.0, math.nan], [3.0, 0.5]])
     histograms = {
         "mixed": values,
@@ -190,9 +189,9 @@ def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) 
         "none_finite": torch.full((4,), math.nan),
         "cleared": None,
     }
-    add_histograms(writer, histograms, step=1)
-    writer.close()
-    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    write_histograms([logger], histograms, step=1)
+    logger.experiment.close()
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
     events.Reload()
     assert sorted(events.Tags()["histograms"]) == ["finite", "mixed"]
     (mixed,) = events.Histograms("mixed")

@@ -15,6 +15,7 @@ from torch import nn
 
 from conftest import FAST, compose_config
 from vanishlab.dashboard import LOG10, LOG10_FLOOR
+from vanishlab.diagnostics import row_std
 from vanishlab.divergence import StopOnDivergence
 from vanishlab.hparams import row
 from vanishlab.results import (
@@ -269,3 +270,13 @@ def test_a_new_group_reaches_the_lr_monitor_and_the_hparams_row(tiny_data, tmp_p
     assert rates[-1] < rates[0]
     hparams = row({**record, JOB_CONFIG: job_identity(cfg)})
     assert (hparams["scheduler"], hparams["scheduler.T_max"]) == ("cosineannealinglr", "3")
+
+
+def test_row_std_is_torchs_std_to_float_rounding() -> None:
+    """GradientFlow's act_std in two passes is `Tensor.std(1)` (Bessel-corrected), ReLU
+    activations, a constant row and a row far from 0 included."""
+    torch.manual_seed(0)
+    rows = torch.randn(8, 40_000).relu()
+    rows[1] = 3.0  # constant: 0
+    rows[2] = 1e3 + torch.randn(40_000)  # a large mean that one pass would cancel badly
+    torch.testing.assert_close(row_std(rows), rows.std(1), rtol=1e-6, atol=1e-7)

@@ -175,16 +175,13 @@ def write_layout(loggers: list[Logger]) -> None:
         writer.add_custom_scalars(LAYOUT)
 
 
-def write_histograms(
-    loggers: list[Logger],
-    probes: list[Probe],
-    grads: list[Tensor | None],
-    activations: dict[str, Tensor],
-    step: int,
-) -> None:
-    """Weights, their gradients (`grads`, in `probes`' order: a fused stack's job's slices)
-    and output activations of every probe (`weights/layer_00`, ...)."""
-    values = {
+def probe_histograms(
+    probes: list[Probe], grads: list[Tensor | None], activations: dict[str, Tensor]
+) -> dict[str, Tensor | None]:
+    """What `GradientFlow` shows as histograms, by tag: the weights, their gradients (`grads`,
+    in `probes`' order: a fused stack's job's slices) and the output activations of every probe
+    (`weights/layer_00`, ...)."""
+    return {
         f"{family}/{probe.name}": tensor
         for probe, grad in zip(probes, grads, strict=True)
         for family, tensor in (
@@ -193,28 +190,31 @@ def write_histograms(
             ("activations", activations[probe.name]),
         )
     }
-    for writer in tensorboard_writers(loggers):
-        add_histograms(writer, values, step)
 
 
 @rank_zero_only  # as write_scalars: other ranks' TensorBoards are placeholders
-def add_histograms(
-    writer: SummaryWriter, values: dict[str, Tensor | None], step: int, bins: int = 64
+def write_histograms(
+    loggers: list[Logger], values: dict[str, Tensor | None], step: int, bins: int = 64
 ) -> None:
-    """TensorBoard histograms of `values` by tag, each in `bins` equal buckets, as one event
-    (as `write_scalars` writes scalars: `add_histogram_raw` writes an event per histogram).
+    """TensorBoard histograms of `values` by tag, each in `bins` equal buckets, to every
+    TensorBoard as one event, as `write_scalars` writes scalars (`SummaryWriter`'s
+    `add_histogram_raw` writes an event per histogram); nothing is binned without one.
 
-    Unlike `add_histogram`, which fails on them, non-finite values (an overflowing activation)
-    are left out; so are cleared gradients (`None`, a step that StopOnDivergence dropped).
+    Unlike `SummaryWriter.add_histogram`, which fails on them, non-finite values (an
+    overflowing activation) are left out; so are cleared gradients (`None`, a step that
+    StopOnDivergence dropped).
     """
+    writers = tensorboard_writers(loggers)
+    if not writers:
+        return
     summary = Summary()
     for tag, tensor in values.items():
         histogram = histogram_proto(tensor, bins)
         if histogram is not None:
             summary.value.add(tag=tag, histo=histogram)
     if summary.value:
-        # What every `SummaryWriter.add_*` writes through (it reopens a closed writer).
-        writer._get_file_writer().add_summary(summary, step)
+        for writer in writers:
+            writer._get_file_writer().add_summary(summary, step)  # as in `write_scalars`
 
 
 def histogram_proto(values: Tensor | None, bins: int) -> HistogramProto | None:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from vanishlab import ConfigError, theory
-from vanishlab.dashboard import add_histograms, log10_display, tensorboard_writers, write_scalars
+from vanishlab.dashboard import log10_display, write_histograms, write_scalars
 from vanishlab.nets import Probe
 from vanishlab.results import (
     JACOBIAN_MEAN_SQ,
@@ -257,8 +257,7 @@ class Jacobian(pl.Callback):
             )
         step = trainer.global_step
         write_scalars(trainer.loggers, figures, step)
-        for writer in tensorboard_writers(trainer.loggers):
-            add_histograms(writer, {SINGULAR_VALUES: values.log10()}, step)
+        write_histograms(trainer.loggers, {SINGULAR_VALUES: values.log10()}, step)
         return {**figures, JACOBIAN_QUANTILES: log10_quantiles(values)}
 
     def check_width(self, net: nn.Module, first: int, last: int) -> None:
