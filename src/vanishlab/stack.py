@@ -362,8 +362,10 @@ class StackedClassifier(pl.LightningModule):
         """Call `hook` of the callbacks of `jobs` (default: those still running) with the job's
         view, its module and its own `args(i)`."""
         for i, job in self.running if jobs is None else jobs:
-            for callback in self.hooked[hook][i]:
-                getattr(callback, hook)(self.views[i], job, *args(i))
+            if callbacks := self.hooked[hook][i]:
+                job_args = args(i)
+                for callback in callbacks:
+                    getattr(callback, hook)(self.views[i], job, *job_args)
 
     def drives(self, callback: pl.Callback, hook: str) -> bool:
         """Whether `each` calls `callback`'s `hook` (a fused stack measures some itself)."""
@@ -823,7 +825,8 @@ class FusedStack(StackedClassifier):
 
     def stop_diverged(self, optimizer: BatchedOptimizer) -> None:
         """`StopOnDivergence`'s test for every job at once: loss plus gradient norms finite."""
-        norms = [norms_per_job(p.grad) for p in self.fused.parameters() if p.grad is not None]
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms = [norms_per_job(grad) for grad in grads]
         finite = torch.isfinite(torch.stack([self.losses.detach(), *norms]).sum(0)).tolist()
         for i, ok in enumerate(finite):
             if not ok and optimizer.active[i] and i in self.stops:
