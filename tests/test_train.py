@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 
 from conftest import FAST, compose_config, run_cli
 from vanishlab.data import TensorBatches
@@ -24,7 +25,7 @@ from vanishlab.results import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
-from vanishlab.train import build_seeded, fit_and_test, torch_threads
+from vanishlab.train import build_seeded, build_trainer, fit_and_test, torch_threads
 
 
 @pytest.mark.slow
@@ -101,6 +102,20 @@ def test_same_seed_gives_same_metrics(tiny_data, tmp_path) -> None:
     first = metrics(1, "a")
     assert metrics(1, "b") == first
     assert metrics(2, "c") != first
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bar"),
+    [
+        ([], RichProgressBar),  # the config's own
+        (["++callbacks.progress_bar=null"], None),  # switched off: not Lightning's default either
+        (["++callbacks.progress_bar=null", "+trainer.enable_progress_bar=true"], ProgressBar),
+    ],
+)
+def test_a_progress_bar_switched_off_is_off(overrides, bar, tiny_data, tmp_path) -> None:
+    cfg = compose_config(["data.download=false", *overrides], tiny_data, tmp_path)
+    shown = build_trainer(cfg).progress_bar_callback
+    assert shown is None if bar is None else isinstance(shown, bar)
 
 
 def test_val_size_zero_validates_on_the_test_split(tiny_data, tmp_path) -> None:

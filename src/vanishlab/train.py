@@ -35,7 +35,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.syntax import Syntax
@@ -178,7 +178,12 @@ def instruments(
 
 def make_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The trainer `trainer_cfg` describes, writing its checkpoints atomically
-    (`AtomicCheckpointIO`)."""
+    (`AtomicCheckpointIO`). Lightning gives a trainer without a progress bar callback one of
+    its own; here a config that switched its bar off (`callbacks.progress_bar=null`) has none,
+    unless `trainer.enable_progress_bar` asks for Lightning's."""
+    if "enable_progress_bar" not in trainer_cfg:
+        callbacks = kwargs.get("callbacks") or []
+        kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     return instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
