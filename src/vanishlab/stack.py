@@ -183,11 +183,12 @@ class FusedBatches(StackedBatches):
         orders = (stream.batch_indices() for stream in self.streams)
         for first, *others in zip(*orders, strict=True):
             if alike:
-                shared = x[first], y[first]
+                shared = x.index_select(0, first), y.index_select(0, first)
                 yield tuple(part.expand(len(self.streams), *part.shape) for part in shared)
             else:
                 batch = torch.stack([first, *others])
-                yield x[batch], y[batch]
+                rows = batch.flatten()  # gathered as `TensorBatches` gathers them
+                yield tuple(part.index_select(0, rows).unflatten(0, batch.shape) for part in (x, y))
 
 
 def draw_alike(streams: list[TensorBatches]) -> bool:
