@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from conftest import (
     FAST,
@@ -74,11 +76,27 @@ def comparable(record: dict) -> dict:
 
 
 def scalars_as_tensorboard_shows(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(job_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
+    """The job's scalars as TensorBoard's `EventAccumulator` shows them, its event files read in
+    the order they were begun. TensorBoard reads a directory's files in name order, which is that
+    order but for files begun within one second: their counters compare as text (`.14` before
+    `.6`), so it reads the later first and drops the earlier's steps as out of order. A job here
+    fits in under a second, and its test values go to a second file (Lightning closes its loggers
+    after fitting), so which order TensorBoard took would vary from run to run."""
+    with tempfile.TemporaryDirectory() as ordered:
+        files = sorted(job_dir.glob("events.out.tfevents.*"), key=begun)
+        for i, path in enumerate(files):
+            Path(ordered, f"events.out.tfevents.{i:04d}").symlink_to(path)
+        events = EventAccumulator(ordered, size_guidance={"scalars": 0})
+        events.Reload()
+        return {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]
+        }
+
+
+def begun(event_file: Path) -> float:
+    """When the file's writer wrote its first event."""
+    return next(iter(EventFileLoader(str(event_file)).Load())).wall_time
 
 
 @pytest.mark.slow

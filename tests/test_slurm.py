@@ -59,6 +59,25 @@ def tasks(sweep_dir: Path) -> list[str]:
     return sorted(n for n in names if not any(m.startswith(f"{n}_") for m in names))
 
 
+STILL_GOING = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING", "SUSPENDED")
+
+
+def ended_attempts(task: str, timeout_s: float = 60) -> list[str]:
+    """The states of `task`'s attempts (sacct), once its last has ended, or as they are after
+    `timeout_s`: the launcher returns when the job's result is written, and SLURM marks the task
+    ended a moment later, once its process has exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = subprocess.run(
+            ["sacct", "--duplicates", "--allocations", "--noheader", "--format=State", f"-j{task}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if (states and states[-1] not in STILL_GOING) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
 def test_two_jobs_complete_with_the_threads_they_were_given(tiny_data, tmp_path) -> None:
     result = run_cli(*command(tmp_path, "seed=0,1"), data_dir=tiny_data)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,11 +198,7 @@ def test_a_timed_out_task_is_requeued_and_its_job_completes(tiny_data, tmp_path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (task,) = tasks(tmp_path)
-    attempts = subprocess.run(
-        ["sacct", "--duplicates", "--allocations", "--noheader", "--format=State", f"-j{task}"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    attempts = ended_attempts(task)
     assert attempts[0] == "REQUEUED" and attempts[-1] == "COMPLETED", attempts
     (record,) = records(tmp_path).values()
     assert record[STATUS] == "completed" and record[RESUMED_FROM].endswith("last.ckpt")
