@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
-from conftest import FAST, run_cli
+from conftest import FAST, compose_config, run_cli
 from vanishlab.dashboard import GradientFlowFigure, histogram_proto, write_histograms
 from vanishlab.hparams import (
     FILE_SUFFIX,
@@ -26,7 +26,9 @@ from vanishlab.hparams import (
     write_hparams,
 )
 from vanishlab.results import BACKWARD_START, JOB_CONFIG, START, STATUS, VERDICT, read_record
+from vanishlab.stack import fit_and_test_stack
 from vanishlab.sweep import job_name
+from vanishlab.train import fit_and_test
 
 SHOWN = 5  # hparams and metrics TensorBoard 2.21 shows without a click
 
@@ -237,3 +239,20 @@ def test_the_redrawn_figure_is_what_a_full_render_draws(tmp_path) -> None:
     assert list(last.get_xdata()) == positions
     assert list(last.get_ydata()) == pytest.approx([-5.0, -2.0, 0.0, 1.0])
     assert signal.get_ylim() == layers.get_ylim() == (-16.0, 4.0)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])  # a single run; a fused stack's jobs
+def test_a_jobs_fit_and_test_go_to_one_event_file(jobs: int, tiny_data, tmp_path) -> None:
+    """Lightning closes its loggers after fitting: the test's values went to a second file,
+    which TensorBoard reads first when both were begun in the same second and its counter has
+    more digits, dropping the training's steps (`OneFileTensorBoardLogger`)."""
+    cfgs = [compose_config([*FAST, f"seed={i}"], tiny_data, tmp_path / str(i)) for i in range(jobs)]
+    if jobs == 1:
+        fit_and_test(cfgs[0])
+    else:
+        fit_and_test_stack(cfgs)
+    for i in range(jobs):
+        (events,) = [p for p in (tmp_path / str(i)).glob("events.out.tfevents.*")]
+        loaded = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        loaded.Reload()
+        assert {"train/loss", "val/acc", "test/acc"} <= set(loaded.Tags()["scalars"])

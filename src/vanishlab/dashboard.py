@@ -155,18 +155,45 @@ def write_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -
             logger.experiment.log_image(logger.run_id, image, key=tag, step=step)
 
 
+class OneFileTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, writing a job's fit and test to one event file.
+
+    Lightning finalizes its loggers after fitting and again after testing, and a writer closed
+    after fitting opens a second file for the test's values. TensorBoard reads a run's files in
+    name order (`events.out.tfevents.<second>.<host>.<pid>.<counter>`): two begun in the same
+    second sort by their counters as text (`.14` before `.6`), so after a fit of under a second
+    it could read the test's file first and drop the training's steps as out of order. Here a
+    successful `finalize` flushes the writer and leaves it open, and the job's end closes it
+    (`write_record`); a failure closes it at once."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if status != "success":
+            super().finalize(status)
+            return
+        if self._experiment is not None:
+            self.experiment.flush()
+        self.save()
+
+    def close(self) -> None:
+        """The job has ended: Lightning's own `finalize`, which closes the writer."""
+        super().finalize("success")
+
+
 @rank_zero_only
 def write_record(loggers: list[Logger], record: dict[str, Any], step: int) -> None:
     """The numbers of a job's record, as `record/<key>` at its last `step`, to its W&B and
     MLflow runs, which live apart from the job's directory (TensorBoard reads the record as its
-    HParams row); then the W&B run ends: a stacked job's run is one of several in the process,
-    and would otherwise stay open until the process ends."""
+    HParams row); then the job's runs end: a stacked job's W&B run or TensorBoard writer is one
+    of several in the process, and would otherwise stay open until the process ends."""
     numbers = {f"record/{k}": v for k, v in record.items() if isinstance(v, int | float)}
     for logger in loggers:
         if isinstance(logger, WandbLogger | MLFlowLogger):
             logger.log_metrics(numbers, step)
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
+        if isinstance(logger, OneFileTensorBoardLogger):
+            logger.close()
 
 
 def write_layout(loggers: list[Logger]) -> None:
@@ -233,7 +260,8 @@ def histogram_proto(values: Tensor | None, bins: int) -> HistogramProto | None:
         summary = histogram_summary(values)
     low, high, total, squares = summary
     first, last = (low - 1, high + 1) if low == high else (low, high)  # histc's range then
-    buckets = ((values - first) * (bins / (last - first))).long().clamp_(0, bins - 1)
+    # histc's own order of operations: another order rounds some values into the next bucket
+    buckets = ((values - first) * bins / (last - first)).long().clamp_(0, bins - 1)
     return HistogramProto(
         min=low,
         max=high,
