@@ -244,15 +244,15 @@ def test_the_redrawn_figure_is_what_a_full_render_draws(tmp_path) -> None:
 @pytest.mark.parametrize("jobs", [1, 2])  # a single run; a fused stack's jobs
 def test_a_jobs_fit_and_test_go_to_one_event_file(jobs: int, tiny_data, tmp_path) -> None:
     """Lightning closes its loggers after fitting: the test's values went to a second file,
-    which TensorBoard reads first when both were begun in the same second and its counter has
-    more digits, dropping the training's steps (`OneFileTensorBoardLogger`)."""
+    which TensorBoard's `EventAccumulator` reads first when both were begun in the same second
+    and its counter has more digits, dropping the training's steps (`OneFileTensorBoardLogger`)."""
     cfgs = [compose_config([*FAST, f"seed={i}"], tiny_data, tmp_path / str(i)) for i in range(jobs)]
     if jobs == 1:
         fit_and_test(cfgs[0])
     else:
         fit_and_test_stack(cfgs)
     for i in range(jobs):
-        (events,) = [p for p in (tmp_path / str(i)).glob("events.out.tfevents.*")]
+        (events,) = (tmp_path / str(i)).glob("events.out.tfevents.*")
         loaded = EventAccumulator(str(events), size_guidance={"scalars": 0})
         loaded.Reload()
         assert {"train/loss", "val/acc", "test/acc"} <= set(loaded.Tags()["scalars"])

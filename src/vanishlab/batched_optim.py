@@ -188,28 +188,31 @@ class BatchedSGD(BatchedOptimizer):
         neg_lr, weight_decay, job_momentum = on_device(
             [-group["lr"], group["weight_decay"], momentum], like, like.dtype
         )
-        starts = []  # with momentum: each parameter's (keep, take), by its buffers' state
-        for p in params if with_momentum else ():
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-                # torch's momentum_buffer is None until the job's first step, which sets it to
-                # the gradient itself: new buffer = keep * buffer + take * gradient below
-                state["has_momentum_buffer"] = np.zeros(self.jobs, dtype=bool)
-            started = (momentum != 0) & state["has_momentum_buffer"]
-            keep = np.where(started, momentum, 0.0)
-            take = np.where(started, 1 - group["dampening"], 1.0)
-            starts.append([keep, take])
-        starts = on_device(starts, like, like.dtype) if starts else [None] * len(params)
+        # With momentum, each parameter's (keep, take), by the state of its buffers.
+        momentum_factors = [None] * len(params)
+        if with_momentum:
+            rows = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                    # torch's momentum_buffer is None until the job's first step, which sets
+                    # it to the gradient itself: new buffer = keep * buffer + take * gradient
+                    state["has_momentum_buffer"] = np.zeros(self.jobs, dtype=bool)
+                started = (momentum != 0) & state["has_momentum_buffer"]
+                keep = np.where(started, momentum, 0.0)
+                take = np.where(started, 1 - group["dampening"], 1.0)
+                rows.append([keep, take])
+            momentum_factors = on_device(rows, like, like.dtype)
         every_job = bool(self.active.all())  # no job stopped: nothing to mask
         if not every_job or nesterov.any():
             active, use_nesterov = on_device([self.active, nesterov], like)
-        for p, start in zip(params, starts, strict=True):
+        for p, factors in zip(params, momentum_factors, strict=True):
             grad = p.grad
             if with_decay:
                 grad = torch.addcmul(grad, along_jobs(weight_decay, p), p)
             if with_momentum:
-                keep, take = start
+                keep, take = factors
                 buf = self.state[p]["momentum_buffer"]
                 if every_job:  # in place: the same float operations, no copies
                     new_buf = buf.mul_(along_jobs(keep, p)).addcmul_(grad, along_jobs(take, p))

@@ -159,10 +159,11 @@ class OneFileTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoard logger, writing a job's fit and test to one event file.
 
     Lightning finalizes its loggers after fitting and again after testing, and a writer closed
-    after fitting opens a second file for the test's values. TensorBoard reads a run's files in
-    name order (`events.out.tfevents.<second>.<host>.<pid>.<counter>`): two begun in the same
-    second sort by their counters as text (`.14` before `.6`), so after a fit of under a second
-    it could read the test's file first and drop the training's steps as out of order. Here a
+    after fitting opens a second file for the test's values. TensorBoard's Python loader
+    (`EventAccumulator`) reads a run's files in name order
+    (`events.out.tfevents.<second>.<host>.<pid>.<counter>`): two begun in the same second sort by
+    their counters as text (`.14` before `.6`), so after a fit of under a second it could read
+    the test's file first and drop the training's steps as out of order. Here a
     successful `finalize` flushes the writer and leaves it open, and the job's end closes it
     (`write_record`); a failure closes it at once."""
 

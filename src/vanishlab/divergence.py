@@ -59,14 +59,10 @@ class StopOnDivergence(pl.Callback):
         self._loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
-        # The gradients the optimizer is about to apply (a stacked job's: its own group).
-        grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        total = self._loss + torch.stack([vector_norm(g) for g in grads]).sum()
+        # A stacked job's optimizer is its own group of the stack's.
+        total = (
+            self._loss + torch.stack([vector_norm(g) for g in applied_gradients(optimizer)]).sum()
+        )
         if math.isfinite(total.item()):
             return
         optimizer.zero_grad(set_to_none=True)
@@ -77,3 +73,10 @@ class StopOnDivergence(pl.Callback):
         once, masks the job's update instead of clearing its gradients)."""
         trainer.should_stop = True
         self.diverged_at = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+
+
+def applied_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients `optimizer` is about to apply: its parameters' that have one."""
+    return [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]

@@ -65,7 +65,7 @@ from vanishlab.checkpoints import read_checkpoint
 from vanishlab.dashboard import write_record, write_scalars
 from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
-from vanishlab.divergence import StopOnDivergence
+from vanishlab.divergence import StopOnDivergence, applied_gradients
 from vanishlab.fused import FusedNetworks, Outputs, replace
 from vanishlab.module import Classifier, accuracy, logs_this_step, stage_names
 from vanishlab.results import (
@@ -826,8 +826,7 @@ class FusedStack(StackedClassifier):
 
     def stop_diverged(self, optimizer: BatchedOptimizer) -> None:
         """`StopOnDivergence`'s test for every job at once: loss plus gradient norms finite."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norms = [norms_per_job(grad) for grad in grads]
+        norms = [norms_per_job(grad) for grad in applied_gradients(optimizer)]
         finite = torch.isfinite(torch.stack([self.losses.detach(), *norms]).sum(0)).tolist()
         for i, ok in enumerate(finite):
             if not ok and optimizer.active[i] and i in self.stops:
