@@ -77,11 +77,11 @@ def comparable(record: dict) -> dict:
 
 def scalars_as_tensorboard_shows(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The job's scalars as TensorBoard's `EventAccumulator` shows them, its event files read in
-    the order they were begun. `EventAccumulator` reads a directory's files in name order, which is that
-    order but for files begun within one second, whose names then compare by what follows the
-    second, as text (a counter, `.14` before `.6`; `.hparams` before a host name): it reads the
-    later first and drops the earlier's steps as out of order. Jobs here take about a second, so
-    that would vary from run to run. (A job's fit and test write one file:
+    the order they were begun. `EventAccumulator` reads a directory's files in name order, which
+    is that order but for files begun within one second, whose names then compare by what
+    follows the second, as text (a counter, `.14` before `.6`; `.hparams` before a host
+    name): it reads the later first and drops the earlier's steps as out of order. Jobs here
+    take about a second, so that would vary from run to run. (A job's fit and test write one file:
     `dashboard.OneFileTensorBoardLogger`.)"""
     with tempfile.TemporaryDirectory() as ordered:
         files = sorted(job_dir.glob("events.out.tfevents.*"), key=begun)
