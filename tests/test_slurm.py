@@ -186,8 +186,9 @@ def test_a_timed_out_task_is_requeued_and_its_job_completes(tiny_data, tmp_path)
     """A job that trains for 85 s (Lightning's `max_time`, which its checkpoints keep) and
     checkpoints every 25 epochs (a few seconds), in a task of 2 minutes whose signal comes 45 s
     before its end: its task is requeued, and the job trains on from its last checkpoint to its
-    end. (At 100 s, once in CI, the second attempt ended as a SIGUSR2 reached it: the record was
-    complete, the task FAILED; the job's rest is now well inside the second attempt.)"""
+    end. (SLURM may send the signal up to a minute early: twice in CI it reached the second
+    attempt as it exited, with the job's record complete, and killed it, before a finished task
+    ignored it; `test_a_finished_task_ignores_slurms_signal_as_it_exits`.)"""
     every_25_epochs = ["+callbacks.last_checkpoint.every_n_epochs=25"]
     result = run_cli(
         *command(tmp_path, "seed=0", "trainer.max_epochs=100000", *every_25_epochs),
@@ -202,3 +203,36 @@ def test_a_timed_out_task_is_requeued_and_its_job_completes(tiny_data, tmp_path)
     assert attempts[0] == "REQUEUED" and attempts[-1] == "COMPLETED", attempts
     (record,) = records(tmp_path).values()
     assert record[STATUS] == "completed" and record[RESUMED_FROM].endswith("last.ckpt")
+
+
+def test_a_finished_task_ignores_slurms_signal_as_it_exits(tiny_data, tmp_path) -> None:
+    """SLURM may send its time-limit signal up to a minute before `signal_delay_s` says, so it
+    can reach a task whose jobs are done while its process exits. Sent again and again from the
+    moment the task has written its result until it leaves the queue, it changes nothing: the
+    task's one attempt ends COMPLETED, neither requeued nor killed by the signal."""
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", *command(tmp_path, "seed=0")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATA_DIR": str(tiny_data)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not list(tmp_path.glob(".submitit/*/*_result.pkl")):  # submitit's, once done
+            assert time.time() < deadline and sweep.poll() is None, "the task wrote no result"
+            time.sleep(0.005)
+        (task,) = tasks(tmp_path)
+        signalled = 0
+        while time.time() < deadline:
+            sent = subprocess.run(["scancel", "--signal=USR2", task], capture_output=True)
+            if sent.returncode != 0:  # the task has left the queue
+                break
+            signalled += 1
+        assert sweep.wait(timeout=120) == 0
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert signalled > 0, "the task ended before any signal reached it"
+    assert ended_attempts(task) == ["COMPLETED"]

@@ -15,7 +15,8 @@ files, TensorBoard events and record, as Hydra's basic launcher would make them.
 - it submits one array task per stack (`StackedLauncher`'s stacks, of `max_stack` jobs at most;
   a task that does not train in stacks: one per job);
 - a task that SLURM times out or preempts is requeued (`max_num_timeout` times at most): its jobs
-  train on from their last checkpoints;
+  train on from their last checkpoints; a task whose jobs are done ignores that signal, which
+  SLURM may send up to a minute early (`ignore_timeout_signal`);
 - a task that SLURM ends for good (cancelled, out of memory, its node failed, out of requeues)
   has each of its unfinished jobs recorded as such in its `metrics.json`, and the sweep waits
   for its other tasks, summarises and exits 1, where the plugin's launcher raises at the first
@@ -28,6 +29,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -294,6 +296,18 @@ ConfigStore.instance().store(
 )
 
 
+def ignore_timeout_signal() -> None:
+    """From here on this process ignores the signal SLURM sends a task before its time limit,
+    for which submitit's handler would checkpoint and requeue it: the task's jobs are done.
+    SLURM may send it up to a minute before `signal_delay_s` says (the resolution of its event
+    handling), so it can reach a task that has finished while its interpreter exits; Python
+    then restores the signal's default action, termination, to every signal it handles, and
+    the task would end FAILED with its work done. A signal ignored stays ignored."""
+    import submitit
+
+    signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """One SLURM array task per stack (`max_stack` jobs at most), each running its jobs as
     `StackedLauncher` does; a task that does not train in stacks: one array task per job.
@@ -394,7 +408,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         task_id = submitit.JobEnvironment().job_id
         prepare = prepare_step(self.task_function)
         if prepare is None:
-            return [
+            returns = [
                 run_numbered(
                     self.hydra_context,
                     self.config,
@@ -404,10 +418,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 )
                 for job in jobs
             ]
-        returns, log_files = prepare_jobs(
-            self.hydra_context, self.config, prepare, jobs, lambda _: task_id
-        )
-        train_stacks(returns, log_files, stacked(returns, len(jobs)))
+        else:
+            returns, log_files = prepare_jobs(
+                self.hydra_context, self.config, prepare, jobs, lambda _: task_id
+            )
+            train_stacks(returns, log_files, stacked(returns, len(jobs)))
+        ignore_timeout_signal()
         return returns
 
     def still_queued(self) -> list[str]:
