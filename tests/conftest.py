@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,6 +120,25 @@ def compose_config(overrides: list[str], data_dir: Path, output_dir: Path) -> Di
         )
 
 
+def start_cli(
+    module: str,
+    *args: str,
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    **output: Any,
+) -> subprocess.Popen:
+    """Start `python -m <module> args` as `run_cli` runs it (with `env` added to the environment)
+    in a session of its own, so that a test can kill it with all it started; its output is
+    discarded unless `output` says where it goes (`Popen`'s `stdout`, `stderr`, `text`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATA_DIR": str(data_dir), **(env or {})},
+        start_new_session=True,
+        **(output or {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}),
+    )
+
+
 def kill_cli_when(
     ready: Callable[[], bool],
     module: str,
@@ -129,15 +149,7 @@ def kill_cli_when(
     """Run `python -m <module> args` as `run_cli` does (with `env` added to the environment)
     and kill its whole process group (as a lost node or a kill -9 would) as soon as `ready()`
     holds; it must not end before."""
-    env = {**os.environ, "DATA_DIR": str(data_dir), **(env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_cli(module, *args, data_dir=data_dir, env=env)
     deadline = time.time() + 300
     while not ready():
         assert time.time() < deadline and process.poll() is None, "it ended before the kill"

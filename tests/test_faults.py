@@ -29,6 +29,7 @@ from conftest import (
     kill_cli_when,
     run_cli,
     same,
+    start_cli,
     sweep,
 )
 from vanishlab.checkpoints import AtomicCheckpointIO, read_checkpoint
@@ -271,15 +272,7 @@ def test_a_second_command_into_a_live_sweep_is_refused(tiny_data, tmp_path) -> N
     paragraph naming the first one's process, and writes nothing; once that process is gone
     (killed: its lock goes with it), the next command takes the sweep over and finishes it."""
     args = ["-m", *FAST, "trainer.max_epochs=30", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
-    env = {**os.environ, "DATA_DIR": str(tiny_data)}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "vanishlab.train", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_cli("vanishlab.train", *args, data_dir=tiny_data)
     try:
         deadline = time.time() + 120
         while not list(tmp_path.glob("*/checkpoints/last.ckpt")):

@@ -9,14 +9,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import FAST, REPO_ROOT, records, run_cli
+from conftest import FAST, records, run_cli, start_cli
 from vanishlab.results import (
     EPOCHS,
     ERROR,
@@ -51,18 +49,6 @@ SLURM = [
 
 def command(sweep_dir: Path, *overrides: str) -> list[str]:
     return ["vanishlab.train", "-m", *SLURM, *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}"]
-
-
-def start(args: list[str], data_dir: Path, **output: Any) -> subprocess.Popen:
-    """The command `args` started in a session of its own, so that a test can kill it with all
-    it started; its output discarded unless `output` says where it goes."""
-    return subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATA_DIR": str(data_dir)},
-        start_new_session=True,
-        **(output or {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}),
-    )
 
 
 def tasks(sweep_dir: Path) -> list[str]:
@@ -110,7 +96,9 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tiny_data, tmp_path) 
 
 def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path) -> None:
     args = command(tmp_path, "seed=0,1", "trainer.max_epochs=150", "hydra.launcher.max_stack=1")
-    sweep = start(args, tiny_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = start_cli(
+        *args, data_dir=tiny_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + 300
         while not list(tmp_path.glob("*seed=1*/checkpoints/last.ckpt")):
@@ -140,7 +128,7 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
     is refused with the paragraph naming those tasks, and submits nothing; once they have
     been cancelled, it submits only the jobs that did not finish."""
     args = command(tmp_path, "seed=0,1", "trainer.max_epochs=100", "hydra.launcher.max_stack=1")
-    sweep = start(args, tiny_data)
+    sweep = start_cli(*args, data_dir=tiny_data)
     try:
         deadline = time.time() + 300
         while len(list(tmp_path.glob("*/checkpoints/last.ckpt"))) < 2:
@@ -208,7 +196,7 @@ def test_a_finished_task_ignores_slurms_signal_as_it_exits(tiny_data, tmp_path) 
     can reach a task whose jobs are done while its process exits. Sent again and again from the
     moment the task has written its result until it leaves the queue, it changes nothing: the
     task's one attempt ends COMPLETED, neither requeued nor killed by the signal."""
-    sweep = start(command(tmp_path, "seed=0"), tiny_data)
+    sweep = start_cli(*command(tmp_path, "seed=0"), data_dir=tiny_data)
     try:
         deadline = time.time() + 300
         while not list(tmp_path.glob(".submitit/*/*_result.pkl")):  # submitit's, once done

@@ -177,8 +177,9 @@ class OneFileTensorBoardLogger(TensorBoardLogger):
         self.save()
 
     def close(self) -> None:
-        """The job has ended: Lightning's own `finalize`, which closes the writer."""
-        super().finalize("success")
+        """The job has ended: its writer closes (`finalize` flushed it and saved the hparams)."""
+        if self._experiment is not None:
+            self._experiment.close()
 
 
 @rank_zero_only
