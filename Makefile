@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 train: $(VENV)/.installed  ## the reference experiment (add ARGS="model.depth=8 ...")
 	$(PY) -m vanishlab.train $(ARGS)
 
+# Tests run on every CPU (pytest-xdist), each file's tests in one worker: a file's tests share its
+# fixtures, and the SLURM ones take turns on the one-node cluster. ARGS="-n0" runs them in this process.
 test: $(VENV)/.installed  ## all tests; the real-MNIST ones run when DATA_DIR has MNIST
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed  ## speed ratios against baselines measured in the same run
 	$(PY) bench/run.py $(ARGS)

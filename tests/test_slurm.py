@@ -126,7 +126,9 @@ def test_a_cancelled_job_is_recorded_and_a_rerun_resumes_it(tiny_data, tmp_path)
 def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -> None:
     """The command that submitted a sweep is killed while its tasks run on: running it again
     is refused with the paragraph naming those tasks, and submits nothing; once they have
-    been cancelled, it submits only the jobs that did not finish."""
+    been cancelled, it submits only the jobs that did not finish. The tasks are suspended
+    while the second command runs, so they are still in the queue however long it takes to
+    start (under load, they could otherwise finish first)."""
     args = command(tmp_path, "seed=0,1", "trainer.max_epochs=100", "hydra.launcher.max_stack=1")
     sweep = start_cli(*args, data_dir=tiny_data)
     try:
@@ -140,6 +142,7 @@ def test_a_rerun_never_resubmits_tasks_still_in_the_queue(tiny_data, tmp_path) -
     submitted = tasks(tmp_path)
     assert len(submitted) == 2
     try:
+        subprocess.run(["scontrol", "suspend", submitted[0].split("_")[0]], check=True)
         result = run_cli(*args, data_dir=tiny_data)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "still has SLURM tasks pending or running" in result.stderr
