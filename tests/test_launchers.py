@@ -139,13 +139,19 @@ def test_a_large_batch_composes_in_forked_workers_as_in_the_launchers_process(
 
         monkeypatch.setattr(vanishlab_launchers, "composed", composed_noting_its_process)
         monkeypatch.setattr(vanishlab_launchers, "usable_cpus", lambda: 2)  # forks on 1 CPU too
-        forked = vanishlab_launchers.composed_all(context, config, jobs, lambda num: f"id{num}")
+
+        def composed_all(jobs: list, job_id=str) -> list[DictConfig]:
+            with vanishlab_launchers.forked_workers(context, config, None, len(jobs)) as pool:
+                assert pool is not None
+                return vanishlab_launchers.composed_all(context, config, jobs, job_id, pool)
+
+        forked = composed_all(jobs, lambda num: f"id{num}")
         pids = {int(pid) for pid in composing.read_text().split()}
         bad = (["model=no_such_model"], 12)
         with pytest.raises(Exception) as raised_here:
             compose(context, config, bad, "12")
         with pytest.raises(type(raised_here.value)) as raised_forked:
-            vanishlab_launchers.composed_all(context, config, [*jobs[:2], bad, jobs[3]])
+            composed_all([*jobs[:2], bad, jobs[3]])
     assert pids and os.getpid() not in pids
     assert [comparable(c) for c in forked] == [comparable(c) for c in here]
     assert [(c.hydra.job.id, c.hydra.job.num) for c in forked] == [(f"id{n}", n) for _, n in jobs]

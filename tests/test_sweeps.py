@@ -182,10 +182,11 @@ def test_a_rerun_leaves_a_finished_jobs_hydra_files_as_they_were(tiny_data, tmp_
 
 def test_each_stacked_jobs_log_holds_its_own_lines_and_its_stacks(tiny_data, tmp_path) -> None:
     """A job's train.log has no other job's launch line (`#1 : seed=1 ...`, which the launcher
-    logs between jobs), and what its stack logged as it trained (each job's end)."""
-    result = sweep(tmp_path, tiny_data, "seed=0,1,2")
+    logs between jobs), and what its stack logged as it trained (each job's end); 4 jobs, so
+    that on 2 CPUs or more they are prepared in forked workers."""
+    result = sweep(tmp_path, tiny_data, "seed=0,1,2,3")
     assert result.returncode == 0, result.stderr[-2000:]
-    for seed in range(3):
+    for seed in range(4):
         lines = (tmp_path / f"seed={seed}" / "train.log").read_text().splitlines()
         launches = [line for line in lines if re.search(r"#\d+ : ", line)]
         assert all(f"seed={seed} " in line for line in launches), launches

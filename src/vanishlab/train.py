@@ -255,8 +255,10 @@ def job_record(
 
 
 def build_seeded(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
-    """`build` under the run's seed, its data read: missing or corrupt data fails here, before
-    any trainer exists."""
+    """`build` under the run's seed and its torch threads (`torch_threads`), its data read:
+    missing or corrupt data fails here, before any trainer exists. (The threads are set here,
+    where the job trains: a sweep may have prepared it in another process.)"""
+    torch.set_num_threads(torch_threads(cfg))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.prepare_data()
@@ -398,8 +400,7 @@ def prepare(cfg: DictConfig) -> Job | float | None:
 
     if not in_sweep:  # a sweep job's config is in its .hydra/config.yaml; the log names its keys
         print_config(cfg)
-    torch.set_num_threads(torch_threads(cfg))
-    log.info("torch threads: %d", torch.get_num_threads())
+    log.info("torch threads: %d", torch_threads(cfg))  # as it trains (`build_seeded`)
     if cfg.seed is None:  # draw one (an interrupted job: the one it drew) and keep it
         with open_dict(cfg):
             drawn = previous.get(SEED)

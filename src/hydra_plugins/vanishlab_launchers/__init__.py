@@ -98,8 +98,8 @@ class StackedLauncher(BasicLauncher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs locally, in stacks", len(job_overrides))
         jobs = [(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        returns, log_files = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
-        train_stacks(returns, log_files, stacked(returns, self.max_stack))
+        returns = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
+        train_stacks(self.config, returns, stacked(returns, self.max_stack))
         return returns
 
 
@@ -124,8 +124,52 @@ def composed(
 def usable_cpus() -> int:
     """The CPUs this process may run on; 1 where it cannot fork safely: Windows has no fork, and
     on macOS a forked child of a process that ran Apple's frameworks (torch does) may crash
-    (Python spawns there by default), so only Linux composes in workers."""
+    (Python spawns there by default), so only Linux composes and prepares jobs in workers."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def forked_workers(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    prepare: Callable[[DictConfig], Any] | None,
+    jobs: int,
+) -> ProcessPoolExecutor | contextlib.nullcontext[None]:
+    """Forked worker processes for a batch of `jobs`: one per `JOBS_PER_WORKER` jobs, per CPU
+    (`MAX_WORKERS` at most); none (`None`) below 2. They inherit `hydra_context`, `config` and
+    `prepare` through fork, so only a job's overrides and id, or its config, go to them."""
+    workers = min(usable_cpus(), jobs // JOBS_PER_WORKER, MAX_WORKERS)
+    if workers < 2:
+        return contextlib.nullcontext()
+    # Frozen, this process's objects are left alone by a worker's garbage collector, which
+    # would otherwise touch, and so copy, every page of memory the worker shares with it.
+    # They stay frozen, as `vanishlab.train` leaves its imports: they live for the sweep.
+    gc.freeze()
+    fork = multiprocessing.get_context("fork")
+    return ProcessPoolExecutor(
+        workers, fork, initializer=inherit, initargs=(hydra_context, config, prepare)
+    )
+
+
+def in_order(
+    pool: ProcessPoolExecutor | None,
+    in_worker: Callable[..., Any],
+    here: Callable[..., Any],
+    items: list[tuple],
+) -> list[Any]:
+    """`here(*item)` for each item, in order, computed as `in_worker(*item)` in `pool`'s
+    workers where there is a pool. From the first item whose result does not come back (it
+    raised; its exception or result might not survive pickling; a worker died), the pool is
+    shut down and the items are done here, one by one: one that raises raises here what it
+    raises here."""
+    done: list[Any] = []
+    if pool is not None:
+        try:
+            futures = [pool.submit(in_worker, *item) for item in items]
+            for future in futures:
+                done.append(future.result())
+        except Exception:  # no worker goes on with an item beside this process
+            pool.shutdown(wait=True, cancel_futures=True)
+    return done + [here(*item) for item in items[len(done) :]]
 
 
 def composed_all(
@@ -133,51 +177,44 @@ def composed_all(
     config: DictConfig,
     jobs: list[Numbered],
     job_id: Callable[[int], str] = str,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[DictConfig]:
-    """Every job's config (`composed`), in the jobs' order. With `JOBS_PER_WORKER` jobs or more
-    for each of 2 CPUs or more, in as many forked workers (`MAX_WORKERS` at most): they
-    inherit `hydra_context` and `config`, so only a job's overrides and id go to them and only
-    its config comes back.
-    From the first job whose config does not come back (it does not compose; its exception
-    might not survive pickling; a worker died), the jobs are composed here, one by one: a job
-    that does not compose raises here what composing it here raises."""
+    """Every job's config (`composed`), in the jobs' order, in `pool`'s workers where there is
+    one (`in_order`): a job that does not compose raises what composing it here raises."""
     numbered = [(job, job_id(job[1])) for job in jobs]
-    workers = min(usable_cpus(), len(jobs) // JOBS_PER_WORKER, MAX_WORKERS)
-    configs: list[DictConfig] = []
-    if workers > 1:
-        fork = multiprocessing.get_context("fork")
-        # Frozen, this process's objects are left alone by a worker's garbage collector, which
-        # would otherwise touch, and so copy, every page of memory the worker shares with it.
-        # They stay frozen, as `vanishlab.train` leaves its imports: they live for the sweep.
-        gc.freeze()
-        with ProcessPoolExecutor(
-            workers, fork, initializer=inherit, initargs=(hydra_context, config)
-        ) as pool:
-            futures = [pool.submit(composed_in_worker, job, i) for job, i in numbered]
-            for future in futures:
-                try:
-                    configs.append(future.result())
-                except Exception:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    break
-    rest = numbered[len(configs) :]
-    return configs + [composed(hydra_context, config, job, i) for job, i in rest]
+
+    def here(job: Numbered, name: str) -> DictConfig:
+        return composed(hydra_context, config, job, name)
+
+    return in_order(pool, composed_in_worker, here, numbered)
 
 
-# In a worker of `composed_all`: the launcher's context and config, inherited through fork.
-_inherited: tuple[HydraContext, DictConfig] | None = None
+# In a worker of `forked_workers`: the launcher's context, config and prepare step, inherited
+# through fork.
+_inherited: tuple[HydraContext, DictConfig, Callable[[DictConfig], Any] | None] | None = None
 
 
-def inherit(hydra_context: HydraContext, config: DictConfig) -> None:
-    """A worker's start (`composed_all`): keep what it composes jobs with."""
+def inherit(
+    hydra_context: HydraContext, config: DictConfig, prepare: Callable[[DictConfig], Any] | None
+) -> None:
+    """A worker's start (`forked_workers`): keep what it composes and prepares jobs with."""
     global _inherited
-    _inherited = hydra_context, config
+    _inherited = hydra_context, config, prepare
 
 
 def composed_in_worker(job: Numbered, job_id: str) -> DictConfig:
-    """A job's config, composed in a worker of `composed_all`."""
+    """A job's config, composed in a worker of `forked_workers`."""
     assert _inherited is not None
-    return composed(*_inherited, job, job_id)
+    hydra_context, config, _ = _inherited
+    return composed(hydra_context, config, job, job_id)
+
+
+def prepared_in_worker(job: Numbered, sweep_config: DictConfig) -> JobReturn:
+    """A job prepared (`prepared`) in a worker of `forked_workers`."""
+    assert _inherited is not None
+    hydra_context, config, prepare = _inherited
+    assert prepare is not None
+    return prepared(hydra_context, config, prepare, job, sweep_config)
 
 
 def run_numbered(
@@ -202,41 +239,48 @@ def run_numbered(
     return job_return
 
 
+def prepared(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    prepare: Callable[[DictConfig], Any],
+    job: Numbered,
+    sweep_config: DictConfig,
+) -> JobReturn:
+    """A job through Hydra's `run_job` up to its training (`prepare`); a job ready to train has
+    its config resolved while Hydra's config is the job's own: the job trains later, when
+    `${hydra:runtime.output_dir}` would read another's, maybe in another process."""
+    from vanishlab import train
+
+    def prepare_resolved(cfg: DictConfig) -> Any:
+        job = prepare(cfg)
+        if isinstance(job, train.Job):
+            OmegaConf.resolve(job.cfg)
+        return job
+
+    return run_numbered(hydra_context, config, prepare_resolved, job, sweep_config)
+
+
 def prepare_jobs(
     hydra_context: HydraContext,
     config: DictConfig,
     prepare: Callable[[DictConfig], Any],
     jobs: list[Numbered],
     job_id: Callable[[int], str] = str,
-) -> tuple[list[JobReturn], dict[int, list[logging.Handler]]]:
-    """Each job up to its training (`prepare`, its config then resolved while Hydra's config is
-    the job's own: the job trains later, when `${hydra:runtime.output_dir}` reads another's);
-    and, by job number, the log files Hydra opened for it. Every job's config is composed
-    before any job is prepared: one that does not compose stops the sweep before anything is
-    written, as Hydra's sweepers check a batch (`composes_batch_first`). Composing is most of
-    what a job costs beyond its training, and nothing else runs meanwhile: a batch large enough
-    is composed in forked worker processes, on the CPUs that would otherwise idle
-    (`composed_all`)."""
-    from vanishlab import train
+) -> list[JobReturn]:
+    """Each job up to its training (`prepared`: skipped, failed or ready). Every job's config is
+    composed before any job is prepared: one that does not compose stops the sweep before
+    anything is written, as Hydra's sweepers check a batch (`composes_batch_first`). Composing
+    and preparing are most of what a job costs beyond its training, and nothing else runs
+    meanwhile: a batch large enough does both in forked worker processes, on the CPUs that
+    would otherwise idle (`forked_workers`); each job's own lines go to its log file from
+    there, as from here."""
+    with forked_workers(hydra_context, config, prepare, len(jobs)) as pool:
+        configs = composed_all(hydra_context, config, jobs, job_id, pool)
 
-    log_files: dict[int, list[logging.Handler]] = {}
+        def here(job: Numbered, sweep_config: DictConfig) -> JobReturn:
+            return prepared(hydra_context, config, prepare, job, sweep_config)
 
-    def prepare_resolved(cfg: DictConfig) -> Any:
-        handlers = logging.getLogger().handlers
-        log_files[HydraConfig.get().job.num] = [
-            h for h in handlers if isinstance(h, logging.FileHandler)
-        ]
-        job = prepare(cfg)
-        if isinstance(job, train.Job):
-            OmegaConf.resolve(job.cfg)
-        return job
-
-    configs = composed_all(hydra_context, config, jobs, job_id)
-    returns = [
-        run_numbered(hydra_context, config, prepare_resolved, job, sweep_config)
-        for job, sweep_config in zip(jobs, configs, strict=True)
-    ]
-    return returns, log_files
+        return in_order(pool, prepared_in_worker, here, list(zip(jobs, configs, strict=True)))
 
 
 def stacked(returns: list[JobReturn], max_stack: int) -> list[list[int]]:
@@ -252,19 +296,28 @@ def stacked(returns: list[JobReturn], max_stack: int) -> list[list[int]]:
     return [[ready[i] for i in group] for group in groups]
 
 
-def train_stacks(
-    returns: list[JobReturn], log_files: dict[int, list[logging.Handler]], groups: list[list[int]]
-) -> None:
+def train_stacks(config: DictConfig, returns: list[JobReturn], groups: list[list[int]]) -> None:
     """Train each group of prepared jobs as one stack (`vanishlab.stack.run_stack`), logging
-    into its jobs' log files; each job's return value becomes its own."""
+    into its jobs' log files (`log_files`); each job's return value becomes its own."""
     from vanishlab import stack
 
     for group in groups:
-        files = [h for i in group for h in log_files[returns[i].hydra_cfg.hydra.job.num]]
+        files = [handler for i in group for handler in log_files(config, returns[i])]
         with logging_into(files):
             values = stack.run_stack([returns[i]._return_value for i in group])
         for i, value in zip(group, values, strict=True):
             returns[i].return_value = value
+
+
+def log_files(config: DictConfig, job_return: JobReturn) -> list[logging.Handler]:
+    """The log files of a prepared job, as Hydra's `run_job` opened them (the job's
+    `hydra.job_logging`; a worker may have prepared it); then the launcher's own logging again,
+    which closes them until they are written to."""
+    hydra = job_return.hydra_cfg.hydra
+    configure_log(hydra.job_logging, hydra.verbose)
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return files
 
 
 @contextlib.contextmanager
@@ -355,7 +408,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             returns: list[JobReturn | None] = [None] * len(jobs)
             groups = [[i] for i in range(len(jobs))]
         else:
-            returns, _ = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
+            returns = prepare_jobs(self.hydra_context, self.config, prepare, jobs)
             groups = stacked(returns, self.max_stack)
         tasks = self.submit([[jobs[i] for i in group] for group in groups]) if groups else []
         for group, task in zip(groups, tasks, strict=True):
@@ -419,10 +472,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 for job in jobs
             ]
         else:
-            returns, log_files = prepare_jobs(
+            returns = prepare_jobs(
                 self.hydra_context, self.config, prepare, jobs, lambda _: task_id
             )
-            train_stacks(returns, log_files, stacked(returns, len(jobs)))
+            train_stacks(self.config, returns, stacked(returns, len(jobs)))
         ignore_timeout_signal()
         return returns
 
