@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 train: $(VENV)/.installed  ## the reference experiment (add ARGS="model.depth=8 ...")
 	$(PY) -m vanishlab.train $(ARGS)
 
-# Tests run on every CPU (pytest-xdist), each file's tests in one worker: a file's tests share its
-# fixtures, and the SLURM ones take turns on the one-node cluster. ARGS="-n0" runs them in this process.
+# Tests run on every CPU (pytest-xdist), each file's tests in one worker: a file's tests share
+# its fixtures, and the SLURM ones take turns on the one-node cluster. ARGS="-n0": one process.
 test: $(VENV)/.installed  ## all tests; the real-MNIST ones run when DATA_DIR has MNIST
 	$(PY) -m pytest -n auto --dist loadfile $(ARGS)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from hydra import initialize_config_dir
+from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.singleton import Singleton
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
@@ -140,19 +141,59 @@ def test_a_large_batch_composes_in_forked_workers_as_in_the_launchers_process(
         monkeypatch.setattr(vanishlab_launchers, "composed", composed_noting_its_process)
         monkeypatch.setattr(vanishlab_launchers, "usable_cpus", lambda: 2)  # forks on 1 CPU too
 
-        def composed_all(jobs: list, job_id=str) -> list[DictConfig]:
+        def composed_in_workers(jobs: list, job_id=str) -> list[DictConfig]:
             with vanishlab_launchers.forked_workers(context, config, None, len(jobs)) as pool:
                 assert pool is not None
                 return vanishlab_launchers.composed_all(context, config, jobs, job_id, pool)
 
-        forked = composed_all(jobs, lambda num: f"id{num}")
+        forked = composed_in_workers(jobs, lambda num: f"id{num}")
         pids = {int(pid) for pid in composing.read_text().split()}
         bad = (["model=no_such_model"], 12)
         with pytest.raises(Exception) as raised_here:
             compose(context, config, bad, "12")
         with pytest.raises(type(raised_here.value)) as raised_forked:
-            composed_all([*jobs[:2], bad, jobs[3]])
+            composed_in_workers([*jobs[:2], bad, jobs[3]])
     assert pids and os.getpid() not in pids
     assert [comparable(c) for c in forked] == [comparable(c) for c in here]
     assert [(c.hydra.job.id, c.hydra.job.num) for c in forked] == [(f"id{n}", n) for _, n in jobs]
     assert str(raised_forked.value) == str(raised_here.value)
+
+
+def test_a_large_batch_is_prepared_in_forked_workers_as_in_the_launchers_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prepare_jobs` runs Hydra's `run_job` on the prepare step in the forked workers once
+    every job has composed: the same returns and job directories as in the launcher's process,
+    and the log files the stack logs into are the jobs' own."""
+    jobs = [([f"seed={seed}"], seed) for seed in range(4)]
+    preparing = tmp_path / "preparing_pids.txt"
+
+    def prepare(cfg: DictConfig) -> int:
+        with preparing.open("a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        return cfg.seed
+
+    def prepared(cpus: int) -> tuple[set[int], list]:
+        preparing.unlink(missing_ok=True)
+        monkeypatch.setattr(vanishlab_launchers, "usable_cpus", lambda: cpus)
+        returns = vanishlab_launchers.prepare_jobs(context, config, prepare, jobs)
+        return {int(pid) for pid in preparing.read_text().split()}, returns
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        overrides = [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        config = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+        context = HydraContext(config_loader=loader, callbacks=Callbacks())
+        forked_pids, forked = prepared(cpus=2)
+        here_pids, here = prepared(cpus=1)
+        logs = [vanishlab_launchers.log_files(config, r) for r in forked]
+    assert forked_pids and os.getpid() not in forked_pids and here_pids == {os.getpid()}
+    for returns in forked, here:
+        assert [(r.return_value, r.hydra_cfg.hydra.job.num) for r in returns] == [
+            (s, s) for s in range(4)
+        ]
+    job_dirs = [Path(r.hydra_cfg.hydra.runtime.output_dir) for r in forked]
+    assert all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)
+    assert [[Path(h.baseFilename).parent for h in files] for files in logs] == [
+        [d] for d in job_dirs
+    ]
