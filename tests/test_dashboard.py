@@ -16,7 +16,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from conftest import FAST, compose_config, run_cli
-from vanishlab.dashboard import GradientFlowFigure, histogram_proto, write_histograms
+from vanishlab.dashboard import (
+    GradientFlowFigure,
+    histogram_protos,
+    job_histograms,
+    write_histograms,
+)
 from vanishlab.hparams import (
     FILE_SUFFIX,
     METRICS,
@@ -164,34 +169,39 @@ def test_writing_again_replaces_the_table(tiny_sweep, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "values",
+    "jobs",
     [
-        torch.randn(200, 784).T,  # a weight laid out as its gradient: strided
-        torch.randn(40_000).relu(),  # many at the least value
-        torch.linspace(-1.0, 1.0, 65),  # values on the bucket limits
-        torch.full((7,), 2.5),  # one value: histc's range widens by 1 each way
+        torch.randn(3, 784, 200).transpose(1, 2),  # weights laid out as their gradients: strided
+        torch.randn(3, 40_000).relu(),  # many at the least value
+        torch.stack([torch.linspace(-1.0, 1.0, 65), torch.linspace(0.0, 4.0, 65)]),  # on limits
+        torch.stack([torch.full((7,), 2.5), torch.arange(7.0)]),  # one value: histc widens by 1
     ],
     ids=["strided", "relu", "limits", "constant"],
 )
-def test_histograms_bin_as_histc_bins(values: torch.Tensor) -> None:
-    histogram = histogram_proto(values, bins=64)
-    low, high = values.min().item(), values.max().item()
-    assert (histogram.min, histogram.max, histogram.num) == (low, high, values.numel())
-    expected = torch.histc(values.flatten(), 64, min=low, max=high)
-    assert list(histogram.bucket) == expected.tolist()
+def test_each_jobs_histogram_bins_as_histc_bins_that_job_alone(jobs: torch.Tensor) -> None:
+    """A fused stack bins its jobs at once; each job's buckets must be its own."""
+    histograms = histogram_protos(jobs, bins=64)
+    assert len(histograms) == len(jobs)
+    for values, histogram in zip(jobs, histograms, strict=True):
+        low, high = values.min().item(), values.max().item()
+        assert (histogram.min, histogram.max, histogram.num) == (low, high, values.numel())
+        expected = torch.histc(values.flatten(), 64, min=low, max=high)
+        assert list(histogram.bucket) == expected.tolist()
 
 
 def test_histograms_leave_out_non_finite_values_and_missing_gradients(tmp_path) -> None:
     """An overflowing activation or a dropped gradient must not cost a run its histograms."""
     logger = TensorBoardLogger(str(tmp_path), name="", version="")
     values = torch.tensor([[1.0, math.inf], [-2.0, math.nan], [3.0, 0.5]])
-    histograms = {
-        "mixed": values,
-        "finite": values.nan_to_num(0.0, 0.0, 0.0),
-        "none_finite": torch.full((4,), math.nan),
-        "cleared": None,
-    }
-    write_histograms([logger], histograms, step=1)
+    first, second = job_histograms(  # two jobs: the second's values are finite
+        {
+            "mixed": torch.stack([values, values.nan_to_num(0.0, 0.0, 0.0)]),
+            "none_finite": torch.full((2, 4), math.nan),
+            "cleared": None,
+        }
+    )
+    assert sorted(first) == sorted(second) == ["mixed"]
+    write_histograms([logger], {**first, "finite": second["mixed"]}, step=1)
     logger.experiment.close()
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
     events.Reload()

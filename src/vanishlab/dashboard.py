@@ -205,80 +205,90 @@ def write_layout(loggers: list[Logger]) -> None:
 
 
 def probe_histograms(
-    probes: list[Probe], grads: list[Tensor | None], activations: dict[str, Tensor]
+    probes: list[Probe],
+    weights: list[Tensor],
+    grads: list[Tensor | None],
+    activations: dict[str, Tensor],
 ) -> dict[str, Tensor | None]:
-    """What `GradientFlow` shows as histograms, by tag: the weights, their gradients (`grads`,
-    in `probes`' order: a fused stack's job's slices) and the output activations of every probe
-    (`weights/layer_00`, ...)."""
+    """What `GradientFlow` shows as histograms, by tag, every tensor with the jobs along dim 0:
+    the probes' weights and their gradients (both in `probes`' order) and the output
+    activations of every probe (`weights/layer_00`, ...)."""
     return {
         f"{family}/{probe.name}": tensor
-        for probe, grad in zip(probes, grads, strict=True)
+        for probe, weight, grad in zip(probes, weights, grads, strict=True)
         for family, tensor in (
-            ("weights", probe.weight),
+            ("weights", weight),
             ("grads", grad),
             ("activations", activations[probe.name]),
         )
     }
 
 
+def job_histograms(
+    values: dict[str, Tensor | None], bins: int = 64
+) -> list[dict[str, HistogramProto]]:
+    """Each job's histograms of `values` by tag, every tensor with the jobs along dim 0 (one
+    for a single run, a fused stack's K), binned at once (`histogram_protos`). A tag is left out
+    of a job's where its tensor is None (a gradient StopOnDivergence cleared) or none of the
+    job's values is finite (`SummaryWriter.add_histogram` fails on non-finite values)."""
+    protos = {tag: histogram_protos(t, bins) for tag, t in values.items() if t is not None}
+    jobs = len(next(iter(protos.values()), []))
+    return [{tag: p[k] for tag, p in protos.items() if p[k] is not None} for k in range(jobs)]
+
+
 @rank_zero_only  # as write_scalars: other ranks' TensorBoards are placeholders
 def write_histograms(
-    loggers: list[Logger], values: dict[str, Tensor | None], step: int, bins: int = 64
+    loggers: list[Logger], histograms: dict[str, HistogramProto], step: int
 ) -> None:
-    """TensorBoard histograms of `values` by tag, each in `bins` equal buckets, to every
-    TensorBoard as one event, as `write_scalars` writes scalars (`SummaryWriter`'s
-    `add_histogram_raw` writes an event per histogram); nothing is binned without one.
-
-    Unlike `SummaryWriter.add_histogram`, which fails on them, non-finite values (an
-    overflowing activation) are left out; so are cleared gradients (`None`, a step that
-    StopOnDivergence dropped).
-    """
-    writers = tensorboard_writers(loggers)
-    if not writers:
-        return
+    """`histograms` by tag (`job_histograms`) to every TensorBoard as one event, as
+    `write_scalars` writes scalars (`SummaryWriter`'s `add_histogram_raw` writes an event per
+    histogram)."""
     summary = Summary()
-    for tag, tensor in values.items():
-        histogram = histogram_proto(tensor, bins)
-        if histogram is not None:
-            summary.value.add(tag=tag, histo=histogram)
+    for tag, histogram in histograms.items():
+        summary.value.add(tag=tag, histo=histogram)
     if summary.value:
-        for writer in writers:
+        for writer in tensorboard_writers(loggers):
             writer._get_file_writer().add_summary(summary, step)  # as in `write_scalars`
 
 
-def histogram_proto(values: Tensor | None, bins: int) -> HistogramProto | None:
-    """`values`' finite entries binned on the device into `bins` equal buckets from their least
-    to their greatest (the last bucket holds the greatest), as `torch.histc` bins them, by a
-    `bincount` of each value's bucket, which costs the CPU less than `histc`; None where no
-    value is finite, or there are none."""
-    if values is None:
-        return None
-    values = values.detach().float().flatten()
-    summary = histogram_summary(values)
-    if not all(map(math.isfinite, summary)):  # rare: a copy of the finite values is slow
-        values = values[torch.isfinite(values)]
-        if not len(values):
-            return None
-        summary = histogram_summary(values)
-    low, high, total, squares = summary
-    first, last = (low - 1, high + 1) if low == high else (low, high)  # histc's range then
-    # histc's own order of operations: another order rounds some values into the next bucket
-    buckets = ((values - first) * bins / (last - first)).long().clamp_(0, bins - 1)
-    return HistogramProto(
-        min=low,
-        max=high,
-        num=len(values),
-        sum=total,
-        sum_squares=squares,
-        bucket_limit=torch.linspace(low, high, bins + 1)[1:].tolist(),
-        bucket=torch.bincount(buckets, minlength=bins).tolist(),
+def histogram_protos(rows: Tensor, bins: int) -> list[HistogramProto | None]:
+    """Each job's (dim 0) finite values binned on the device into `bins` equal buckets from
+    their least to their greatest (the last bucket holds the greatest), as `torch.histc` bins
+    them; None for a job with no finite value or none at all. The jobs share the passes over
+    their values, one host-device sync and one `bincount` (of each value's bucket, offset by
+    its job's: it costs the CPU less than `histc`), where one by one each would pay its own."""
+    rows = rows.detach().float().flatten(1)
+    if not rows.shape[1]:
+        return [None] * len(rows)
+    summaries = torch.stack(
+        [*torch.aminmax(rows, dim=1), rows.sum(1), torch.linalg.vecdot(rows, rows)], dim=1
     )
-
-
-def histogram_summary(values: Tensor) -> list[float]:
-    """Min, max, sum and sum of squares, in one host-device sync; all finite if `values` are.
-    (`aminmax` and `dot` read the values once each, and copy nothing.)"""
-    return torch.stack([*torch.aminmax(values), values.sum(), torch.dot(values, values)]).tolist()
+    summary = summaries.tolist()
+    # A job's least and greatest are finite where all its values are (its sum of squares may
+    # still overflow, as TensorBoard's own histogram would).
+    if not all(math.isfinite(v) for row in summary for v in row[:2]):
+        # rare (an overflowing activation): a copy of each job's finite values is slow
+        return [histogram_protos(row[torch.isfinite(row)][None], bins)[0] for row in rows]
+    low, high = summaries[:, 0:1], summaries[:, 1:2]
+    same = low == high  # histc's range is then widened by 1 each way
+    first, last = torch.where(same, low - 1, low), torch.where(same, high + 1, high)
+    # histc's own order of operations, in the values' dtype: another rounds some values into
+    # the next bucket
+    buckets = ((rows - first) * bins / (last - first)).long().clamp_(0, bins - 1)
+    buckets += torch.arange(0, len(rows) * bins, bins, device=rows.device)[:, None]
+    counts = torch.bincount(buckets.flatten(), minlength=len(rows) * bins).view(-1, bins)
+    return [
+        HistogramProto(
+            min=low_k,
+            max=high_k,
+            num=rows.shape[1],
+            sum=total,
+            sum_squares=squares,
+            bucket_limit=torch.linspace(low_k, high_k, bins + 1)[1:].tolist(),
+            bucket=bucket,
+        )
+        for (low_k, high_k, total, squares), bucket in zip(summary, counts.tolist(), strict=True)
+    ]
 
 
 @functools.lru_cache(maxsize=16)

@@ -67,6 +67,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from tensorboard.compat.proto.summary_pb2 import HistogramProto
 from torch import Tensor, nn
 
 from vanishlab.batched_optim import norms_per_job
@@ -83,8 +84,10 @@ from vanishlab.dashboard import (
     WEIGHT_NORM,
     Family,
     gradient_flow_figure,
+    job_histograms,
     log10_display,
     probe_histograms,
+    tensorboard_writers,
     write_histograms,
     write_layout,
     write_scalars,
@@ -202,6 +205,7 @@ class GradientFlow(pl.Callback):
         self.output_relu = self.weighted[self.last].kind == "relu"
         self._profiles_this_epoch: list[list[float]] = []
         self._backward_this_epoch: list[list[float]] = []
+        self._weights_before: list[Tensor] = []
         positions = [axis_position(p.name) for p in self.signal]
         self._figure = gradient_flow_figure(
             len(layers), tuple(positions), self.axis, self.figure_log10_range
@@ -273,7 +277,13 @@ class GradientFlow(pl.Callback):
             [job_norms(g, w) for g, w in zip(grads, weights, strict=True)], dim=1
         )
         self._backward_norms = torch.stack([job_norms(g, weights[0]) for g in tap_grads], dim=1)
-        self._weights_before = [w.detach().clone() for w in weights]
+        # Copied into the same buffers at every measured step: a fresh copy of a large weight
+        # would take new pages from the allocator each time (page faults that cost more than
+        # the copy itself). `measure` takes the update in place in them.
+        if [b.shape for b in self._weights_before] != [w.shape for w in weights]:
+            self._weights_before = [torch.empty_like(w) for w in weights]
+        for before, w in zip(self._weights_before, weights, strict=True):
+            before.copy_(w)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._logging or trainer.global_step == self._step:  # no optimizer step yet
@@ -281,17 +291,18 @@ class GradientFlow(pl.Callback):
         weights = [p.weight.detach()[None] for p in self.weighted]
         activations = {name: a[None] for name, a in self._activations.items()}
         (metrics,) = self.measure(weights, activations)
-        self.keep(trainer, metrics, self._activations, [p.weight.grad for p in self.weighted])
+        grads = [None if p.weight.grad is None else p.weight.grad[None] for p in self.weighted]
+        (histograms,) = self.histograms(trainer, weights, grads, activations)
+        self.keep(trainer, metrics, histograms)
 
     def keep(
         self,
         trainer: pl.Trainer,
         metrics: dict[str, float],
-        activations: dict[str, Tensor],
-        grads: list[Tensor | None],
+        histograms: dict[str, HistogramProto],
     ) -> None:
-        """Write one job's figures of the measured step (`measure`) to its loggers and keep
-        what its record needs; its activations and weight gradients go to the histograms."""
+        """Write one job's figures and histograms of the measured step (`measure`,
+        `histograms`) to its loggers and keep what its record needs."""
         self._logging = False
         write_scalars(trainer.loggers, metrics, self._step)
         profile = [metrics[t] for t in self.layer_tags]
@@ -313,9 +324,22 @@ class GradientFlow(pl.Callback):
             "max_dead_frac": max_of_family(metrics, DEAD_FRAC),
             "max_saturated_frac": max_of_family(metrics, SATURATED_FRAC),
         }
-        if self._histograms:
-            histograms = probe_histograms(self.weighted, grads, activations)
+        if histograms:
             write_histograms(trainer.loggers, histograms, self._step)
+
+    def histograms(
+        self,
+        trainer: pl.Trainer,
+        weights: list[Tensor],
+        grads: list[Tensor | None],
+        activations: dict[str, Tensor],
+    ) -> list[dict[str, HistogramProto]]:
+        """Each job's histograms of the measured step by tag, every tensor with the jobs along
+        dim 0 as in `measure` (the weight gradients in `weighted` order); none where this step
+        draws none (`begin`) or no TensorBoard would show them."""
+        if not (self._histograms and tensorboard_writers(trainer.loggers)):
+            return [{} for _ in weights[0]]
+        return job_histograms(probe_histograms(self.weighted, weights, grads, activations))
 
     def measure(
         self, weights: list[Tensor], activations: dict[str, Tensor]
@@ -327,7 +351,7 @@ class GradientFlow(pl.Callback):
         acts = [activations[p.name].reshape(jobs, -1) for p in self.probes]
         weight_norms = torch.stack([job_norms(w, w) for w in weights], dim=1)
         update_norms = torch.stack(
-            [job_norms(w - b, w) for w, b in zip(weights, self._weights_before, strict=True)],
+            [job_norms(b.sub_(w), w) for w, b in zip(weights, self._weights_before, strict=True)],
             dim=1,
         )
         families: dict[Family, tuple[list[Probe], Tensor]] = {

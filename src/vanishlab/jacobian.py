@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from vanishlab import ConfigError, theory
-from vanishlab.dashboard import log10_display, write_histograms, write_scalars
+from vanishlab.dashboard import job_histograms, log10_display, write_histograms, write_scalars
 from vanishlab.nets import Probe
 from vanishlab.results import (
     JACOBIAN_MEAN_SQ,
@@ -257,7 +257,8 @@ class Jacobian(pl.Callback):
             )
         step = trainer.global_step
         write_scalars(trainer.loggers, figures, step)
-        write_histograms(trainer.loggers, {SINGULAR_VALUES: values.log10()}, step)
+        (histograms,) = job_histograms({SINGULAR_VALUES: values.log10()[None]})
+        write_histograms(trainer.loggers, histograms, step)
         return {**figures, JACOBIAN_QUANTILES: log10_quantiles(values)}
 
     def check_width(self, net: nn.Module, first: int, last: int) -> None:

@@ -180,15 +180,18 @@ class FusedBatches(StackedBatches):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = self.streams[0].x, self.streams[0].y
         alike = draw_alike(self.streams)  # decided before this pass draws, with no device sync
-        orders = (stream.batch_indices() for stream in self.streams)
-        for first, *others in zip(*orders, strict=True):
-            if alike:
-                shared = x.index_select(0, first), y.index_select(0, first)
+        orders = [stream.batch_indices() for stream in self.streams]
+        if alike:
+            for other in orders[1:]:  # its generator draws this pass's order, as alone
+                next(other, None)
+            for batch in orders[0]:
+                shared = x.index_select(0, batch), y.index_select(0, batch)
                 yield tuple(part.expand(len(self.streams), *part.shape) for part in shared)
-            else:
-                batch = torch.stack([first, *others])
-                rows = batch.flatten()  # gathered as `TensorBatches` gathers them
-                yield tuple(part.index_select(0, rows).unflatten(0, batch.shape) for part in (x, y))
+            return
+        for indices in zip(*orders, strict=True):
+            batch = torch.stack(indices)
+            rows = batch.flatten()  # gathered as `TensorBatches` gathers them
+            yield tuple(part.index_select(0, rows).unflatten(0, batch.shape) for part in (x, y))
 
 
 def draw_alike(streams: list[TensorBatches]) -> bool:
@@ -402,11 +405,12 @@ class StackedClassifier(pl.LightningModule):
         self.each("on_train_epoch_start")
 
     def on_train_batch_start(self, batches: JobBatches, batch_idx: int) -> None:
-        self.each("on_train_batch_start", lambda i: (self.job_batch(batches, i), batch_idx))
+        own = self.job_batches(batches)
+        self.each("on_train_batch_start", lambda i: (own[i], batch_idx))
 
-    def job_batch(self, batches: JobBatches, i: int) -> tuple[Tensor, Tensor]:
-        """Job `i`'s batch of this step."""
-        return batches[i]
+    def job_batches(self, batches: JobBatches) -> list[tuple[Tensor, Tensor]]:
+        """Each job's batch of this step, by job."""
+        return batches
 
     def training_step(self, batches: JobBatches, batch_idx: int) -> Tensor:
         """The running jobs' losses, summed; on Lightning's logging steps each job's loss and
@@ -496,7 +500,8 @@ class StackedClassifier(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batches: JobBatches, batch_idx: int) -> None:
         """A job that stopped in this step leaves the stack; it ends its epoch after the next
         validation (`end_stopped`); the stack stops when every job has."""
-        self.each("on_train_batch_end", lambda i: (outputs, self.job_batch(batches, i), batch_idx))
+        own = self.job_batches(batches)
+        self.each("on_train_batch_end", lambda i: (outputs, own[i], batch_idx))
         for i, job in self.running:
             if self.views[i].should_stop:
                 self.views[i].global_step = self.trainer.global_step  # where it ended
@@ -713,9 +718,10 @@ class FusedStack(StackedClassifier):
         measured = (h for kind, h in MEASURED_BY_FUSED_STACK.items() if isinstance(callback, kind))
         return hook not in {h for hooks in measured for h in hooks}
 
-    def job_batch(self, batches: tuple[Tensor, Tensor], i: int) -> tuple[Tensor, Tensor]:
+    def job_batches(self, batches: tuple[Tensor, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Views of each job's slice, two ops for the stack (indexing would take two a job)."""
         x, y = batches
-        return x[i], y[i]
+        return list(zip(x.unbind(), y.unbind(), strict=True))
 
     def on_fit_start(self) -> None:
         self.share()
@@ -759,8 +765,8 @@ class FusedStack(StackedClassifier):
         (`sharpness.top_eigenpairs` over the stacked parameters); the running jobs keep and
         log theirs."""
         measures = [c for _, c in self.sharpness]
-        for i, measure in enumerate(measures):
-            measure.fix_batch(self.job_batch(batch, i))
+        for measure, own in zip(measures, self.job_batches(batch), strict=True):
+            measure.fix_batch(own)
         x = torch.stack([m.batch[0] for m in measures]).to(self.device)
         y = torch.stack([m.batch[1] for m in measures]).to(self.device)
         eigenvalues, vectors = top_eigenpairs(
@@ -844,11 +850,11 @@ class FusedStack(StackedClassifier):
     ) -> None:
         if self.measuring and self.trainer.global_step != self.measured_step:  # step taken
             weights = [w.detach() for w in self.flow_weights]
-            metrics = self.measuring[0][1].measure(weights, self.activations)
+            (lead_job, lead), grads = self.measuring[0], [w.grad for w in self.flow_weights]
+            metrics = lead.measure(weights, self.activations)
+            histograms = lead.histograms(self.views[lead_job], weights, grads, self.activations)
             for i, flow in self.measuring:
-                activations = {name: a[i] for name, a in self.activations.items()}
-                grads = [None if w.grad is None else w.grad[i] for w in self.flow_weights]
-                flow.keep(self.views[i], metrics[i], activations, grads)
+                flow.keep(self.views[i], metrics[i], histograms[i])
             self.measuring, self.activations = [], {}
         super().on_train_batch_end(outputs, batch, batch_idx)
 
