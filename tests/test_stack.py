@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -191,11 +192,27 @@ def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def histograms(log_dir) -> tuple[dict, dict]:
+    """Each tag's histograms: their figures, each over the steps (compared as tensors: a sum
+    near zero is close in units of the largest), and their bucket counts."""
+    events = EventAccumulator(str(log_dir), size_guidance={"histograms": 0})
+    events.Reload()
+    figures, buckets = {}, {}
+    for tag in events.Tags()["histograms"]:
+        kept = [(e.step, e.histogram_value) for e in events.Histograms(tag)]
+        figures[tag] = {
+            name: torch.tensor([getattr(h, name) for _, h in kept], dtype=torch.float64)
+            for name in ("min", "max", "num", "sum", "sum_squares")
+        } | {"step": [step for step, _ in kept]}
+        buckets[tag] = [list(h.bucket) for _, h in kept]
+    return figures, buckets
+
+
 @KINDS
 def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, rel) -> None:
     """Train, validation and test metrics, the gradient-flow figures and the learning rate (its
     own, scheduled) reach each job's own TensorBoard, at the steps and with the values a single
-    run writes."""
+    run writes; so do its histograms (a fused stack bins its jobs at once)."""
     schedule = ["scheduler=step", "scheduler.step_size=1", "trainer.max_epochs=2"]
     configs = [compose_config([*FAST, *job, *schedule], tiny_data, tmp_path) for job in JOBS]
 
@@ -219,7 +236,8 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, 
         )
         run.fit(module, datamodule=datamodule)
         run.test(module, datamodule=datamodule, verbose=False)
-        alone.append(scalars(tmp_path / "alone" / str(i)))
+        where = tmp_path / "alone" / str(i)
+        alone.append((scalars(where), histograms(where)))
 
     jobs = [built(cfg) for cfg in configs]
     job_loggers = [loggers(tmp_path / "stacked" / str(i)) for i in range(len(jobs))]
@@ -234,10 +252,16 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, 
     )
     run.fit(stack, datamodule=data)
     run.test(stack, datamodule=data, verbose=False)
-    for i, (cfg, expected) in enumerate(zip(configs, alone, strict=True)):
+    for i, (cfg, (expected, (figures, buckets))) in enumerate(zip(configs, alone, strict=True)):
         lr = cfg.optimizer.lr
         assert [rate for _, rate in expected["lr-SGD"]] == pytest.approx([lr, lr * 0.1])
         assert same(scalars(tmp_path / "stacked" / str(i)), expected, rel=rel)
+        own_figures, own_buckets = histograms(tmp_path / "stacked" / str(i))
+        assert len(figures) == 9 and same(own_figures, figures, rel=rel)
+        assert own_buckets.keys() == buckets.keys()
+        for tag, counts in buckets.items():  # a value on a bucket's edge may round across it
+            moved = np.abs(np.subtract(own_buckets[tag], counts)).sum(axis=1)
+            assert moved.max() <= (0 if rel == 0 else 4), tag
 
 
 def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:

@@ -268,8 +268,8 @@ def histogram_protos(values: Tensor, bins: int) -> list[HistogramProto | None]:
     rows = job_rows(values.detach().float())
     if not rows.shape[1]:
         return [None] * len(rows)
-    # (`aminmax` along a dim is many times slower than `amin` and `amax` on the CPU)
     squares = torch.linalg.vecdot(rows, rows)
+    # (`aminmax` along a dim is many times slower than `amin` and `amax` on the CPU)
     summaries = torch.stack([rows.amin(1), rows.amax(1), rows.sum(1), squares], dim=1)
     summary = summaries.tolist()
     # A job's least and greatest are finite where all its values are (its sum of squares may
@@ -280,9 +280,8 @@ def histogram_protos(values: Tensor, bins: int) -> list[HistogramProto | None]:
     low, high = summaries[:, 0:1], summaries[:, 1:2]
     same = low == high  # histc's range is then widened by 1 each way
     first, last = torch.where(same, low - 1, low), torch.where(same, high + 1, high)
-    # histc's own order of operations, in the values' dtype: another rounds some values into
-    # the next bucket
-    # (in place, past the first: every new large tensor costs the allocator fresh pages)
+    # histc's own order of operations, in the values' dtype (another rounds some values into
+    # the next bucket), in place past the first: each new large tensor costs fresh pages
     buckets = (rows - first).mul_(bins).div_(last - first).int().clamp_(0, bins - 1)
     buckets += torch.arange(0, len(rows) * bins, bins, device=rows.device, dtype=torch.int)[:, None]
     counts = torch.bincount(buckets.flatten(), minlength=len(rows) * bins).view(-1, bins)

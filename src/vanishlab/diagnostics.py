@@ -336,8 +336,9 @@ class GradientFlow(pl.Callback):
     ) -> list[dict[str, HistogramProto]]:
         """Each job's histograms of the measured step by tag, every tensor with the jobs along
         dim 0 as in `measure` (the weight gradients in `weighted` order); none where this step
-        draws none (`begin`) or no TensorBoard would show them."""
-        if not (self._histograms and tensorboard_writers(trainer.loggers)):
+        draws none (`begin`) or no TensorBoard would show them (none, or another rank's)."""
+        shown = trainer.is_global_zero and tensorboard_writers(trainer.loggers)
+        if not (self._histograms and shown):
             return [{} for _ in weights[0]]
         return job_histograms(probe_histograms(self.weighted, weights, grads, activations))
 
