@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from matplotlib import colormaps
 from matplotlib.axes import Axes
@@ -128,6 +129,12 @@ def log10_display(values: Tensor) -> Tensor:
 
 def tensorboard_writers(loggers: list[Logger]) -> list[SummaryWriter]:
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def shows_histograms(trainer: pl.Trainer) -> bool:
+    """Whether histograms binned now would reach a TensorBoard: this rank has one (other
+    ranks' are placeholders, `write_histograms` writes on rank 0 only). Bin nothing otherwise."""
+    return trainer.is_global_zero and bool(tensorboard_writers(trainer.loggers))
 
 
 @rank_zero_only  # as Lightning's loggers write: other ranks' TensorBoards are placeholders

@@ -87,7 +87,7 @@ from vanishlab.dashboard import (
     job_histograms,
     log10_display,
     probe_histograms,
-    tensorboard_writers,
+    shows_histograms,
     write_histograms,
     write_layout,
     write_scalars,
@@ -337,8 +337,7 @@ class GradientFlow(pl.Callback):
         """Each job's histograms of the measured step by tag, every tensor with the jobs along
         dim 0 as in `measure` (the weight gradients in `weighted` order); none where this step
         draws none (`begin`) or no TensorBoard would show them (none, or another rank's)."""
-        shown = trainer.is_global_zero and tensorboard_writers(trainer.loggers)
-        if not (self._histograms and shown):
+        if not (self._histograms and shows_histograms(trainer)):
             return [{} for _ in weights[0]]
         return job_histograms(probe_histograms(self.weighted, weights, grads, activations))
 

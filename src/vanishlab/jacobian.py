@@ -52,7 +52,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from vanishlab import ConfigError, theory
-from vanishlab.dashboard import job_histograms, log10_display, write_histograms, write_scalars
+from vanishlab.dashboard import (
+    job_histograms,
+    log10_display,
+    shows_histograms,
+    write_histograms,
+    write_scalars,
+)
 from vanishlab.nets import Probe
 from vanishlab.results import (
     JACOBIAN_MEAN_SQ,
@@ -257,8 +263,9 @@ class Jacobian(pl.Callback):
             )
         step = trainer.global_step
         write_scalars(trainer.loggers, figures, step)
-        (histograms,) = job_histograms({SINGULAR_VALUES: values.log10()[None]})
-        write_histograms(trainer.loggers, histograms, step)
+        if shows_histograms(trainer):
+            (histograms,) = job_histograms({SINGULAR_VALUES: values.log10()[None]})
+            write_histograms(trainer.loggers, histograms, step)
         return {**figures, JACOBIAN_QUANTILES: log10_quantiles(values)}
 
     def check_width(self, net: nn.Module, first: int, last: int) -> None:
