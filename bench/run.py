@@ -214,7 +214,7 @@ def plain_epochs(batches: Batches, epochs: int = EPOCHS) -> list[float]:
         start = time.perf_counter()
         for x, y in batches():
             optimizer.zero_grad()
-            loss_fn(net(x), y).backward()
+            loss_fn(net(x), y).mean().backward()
             optimizer.step()
         seconds.append(time.perf_counter() - start)
     return seconds[1:]

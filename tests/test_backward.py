@@ -18,7 +18,7 @@ from vanishlab.dashboard import LAYOUT, LOG10, LOG10_FAMILIES
 from vanishlab.data import TensorBatches
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.init import initialise, xavier_normal
-from vanishlab.losses import cross_entropy
+from vanishlab.losses import cross_entropy, mean_loss
 from vanishlab.module import Classifier
 from vanishlab.nets import MLP
 from vanishlab.results import (
@@ -76,7 +76,7 @@ def test_backward_signal_is_dl_dh_exactly_and_the_taps_change_nothing() -> None:
     torch.manual_seed(0)
     net = MLP(input_shape=(1, 4, 4), num_classes=3, depth=3, width=8, norm="layer")
     x, y = batch(32, (1, 4, 4), 3)
-    expected = probe_gradients(copy.deepcopy(net), lambda out: cross_entropy(out, y), x)
+    expected = probe_gradients(copy.deepcopy(net), lambda out: mean_loss(cross_entropy, out, y), x)
     untapped = copy.deepcopy(net)
 
     (figures,) = measured(one_step(net, x, y, GradientFlow(every_n_steps=1)))
@@ -156,7 +156,7 @@ def test_accumulated_steps_read_the_backward_signal_of_their_last_batch(
     datamodule.prepare_data()
     datamodule.setup("fit")
     x, y = list(datamodule.train_dataloader())[1]
-    expected = probe_gradients(module.net, lambda out: module.loss_fn(out, y) / 2, x)
+    expected = probe_gradients(module.net, lambda out: mean_loss(module.loss_fn, out, y) / 2, x)
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     events.Reload()
     first = events.Scalars("backward/layer_00")[0]

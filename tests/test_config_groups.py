@@ -9,6 +9,7 @@ import torch
 from conftest import FAST, compose_config
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR
+from vanishlab.losses import mean_loss
 from vanishlab.train import build, build_trainer
 
 GROUPS = sorted(
@@ -34,6 +35,6 @@ def test_option_composes_and_builds(group, option, request, tmp_path) -> None:
     datamodule.prepare_data()
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
-    loss = module.loss_fn(module(x), y)
+    loss = mean_loss(module.loss_fn, module(x), y)
     assert torch.isfinite(loss) and loss.ndim == 0
     build_trainer(cfg)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from vanishlab import ConfigError
 from vanishlab.diagnostics import GradientFlow
 from vanishlab.fused import FusedNetworks, LaunchCount
+from vanishlab.losses import cross_entropy, mean_loss
 from vanishlab.nets import CNN, MLP, RNN, Probe, ViT
 
 K, BATCH, SHAPE = 3, 4, (1, 28, 28)
@@ -62,7 +63,8 @@ def test_each_job_computes_what_its_network_computes_alone(model: str) -> None:
     fused = FusedNetworks(nets)
     x, y = torch.randn(K, BATCH, *SHAPE), torch.randint(0, 10, (K, BATCH))
     taps = fused.taps(x)
-    logits, activations, losses = fused(x, taps, loss=(F.cross_entropy, y))
+    logits, activations, _ = fused(x, taps)
+    losses = mean_loss(cross_entropy, logits, y)
     losses.sum().backward()
     assert set(taps) == set(activations) == {p.name for p in nets[0].probes()}
     stacked = dict(fused.stacked.named_parameters())
@@ -185,9 +187,7 @@ def launches(jobs: int) -> int:
     fused = FusedNetworks([seeded(MLP, seed) for seed in range(jobs)])
     x, y = torch.randn(jobs, 2, *SHAPE), torch.randint(0, 10, (jobs, 2))
     with LaunchCount() as count:
-        logits = fused(x).logits
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        losses.view(jobs, -1).mean(1).sum().backward()
+        mean_loss(cross_entropy, fused(x).logits, y).sum().backward()
     return sum(count.ops.values())
 
 

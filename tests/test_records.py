@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from conftest import FAST, compose_config, run_cli
 from vanishlab import ConfigError
 from vanishlab.config import CONFIG_DIR, check_config, check_sweepable
+from vanishlab.losses import mean_loss
 from vanishlab.results import (
     EPOCHS,
     FIRST_OVER_LAST,
@@ -122,7 +123,7 @@ def test_accumulated_gradient_is_measured_at_the_step_that_applies_it(tiny_data,
     datamodule.prepare_data()
     datamodule.setup("fit")
     for x, y in list(datamodule.train_dataloader())[:2]:
-        (module.loss_fn(module(x), y) / 2).backward()
+        (mean_loss(module.loss_fn, module(x), y) / 2).backward()
     expected = module.net.probes()[0].layer.weight.grad.norm().item()
 
     events = read_scalars(tmp_path, "grad_norm/layer_00")
@@ -263,7 +264,7 @@ def test_every_job_of_every_preset_is_valid_and_builds(experiment, preset_data, 
         with torch.device("meta"):
             net = instantiate_model(cfg.model, input_shape=shape, num_classes=classes)
             outputs = net(torch.empty(4, *shape))
-            loss = loss_fn(outputs, torch.zeros(4, dtype=torch.long))
+            loss = mean_loss(loss_fn, outputs, torch.zeros(4, dtype=torch.long))
         instantiate(cfg.optimizer)(net.parameters())
         assert outputs.shape == (4, classes) and loss.shape == (), overrides
         loss.backward()

@@ -126,7 +126,7 @@ class Outputs(NamedTuple):
 
     logits: Tensor
     activations: dict[str, Tensor]  # by probe name, with taps (else none)
-    losses: Tensor | None  # (K,), with a loss (else None)
+    losses: Tensor | None = None  # (K,), where the caller takes them (`stack.FusedStack`)
 
 
 class FusedNetworks(nn.Module):
@@ -165,41 +165,26 @@ class FusedNetworks(nn.Module):
         """The stacked parameters and buffers by their name in the single network."""
         return {**dict(self.stacked.named_parameters()), **dict(self.stacked.named_buffers())}
 
-    def forward(
-        self,
-        x: Tensor,
-        taps: dict[str, Tensor] | None = None,
-        loss: tuple[Callable[[Tensor, Tensor], Tensor], Tensor] | None = None,
-    ) -> Outputs:
+    def forward(self, x: Tensor, taps: dict[str, Tensor] | None = None) -> Outputs:
         """Each job's logits (K, B, C) on its batch x[k]. With `taps` (`taps(x)`): each probe's
         tap is added to its measured tensor, and the probes' activations (K, ...) come too,
-        detached, by probe name. With `loss`, a loss function and the targets (K, B): each
-        job's loss (K,) too, computed in the same vmap (a vmap of the loss alone would pay
-        vmap's dispatch again, forward and backward)."""
-        loss_fn, targets = loss or (None, None)
-        mapped = (0, 0, None if taps is None else 0, None if targets is None else 0)
-        job = vmap(partial(self._job, loss_fn), in_dims=mapped, randomness="different")
-        outputs = job(self.state(), x, taps, targets)
-        return Outputs(*outputs) if loss else Outputs(*outputs, None)
+        detached, by probe name. The losses are left to the caller: a loss is taken over the K
+        jobs' samples in one call outside the vmap (`losses.mean_loss`), where a vmapped loss
+        would pay vmap's dispatch of its every op, forward and backward."""
+        job = vmap(self._job, in_dims=(0, 0, None if taps is None else 0), randomness="different")
+        return Outputs(*job(self.state(), x, taps))
 
     def _job(
-        self,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-        state: dict[str, Tensor],
-        x: Tensor,
-        taps: dict[str, Tensor] | None,
-        targets: Tensor | None,
-    ) -> tuple[Tensor, ...]:
-        """One job's forward, as vmap runs it: its slices of the state, batch, taps and
-        targets; its logits and activations, and its loss where `loss_fn` is given."""
+        self, state: dict[str, Tensor], x: Tensor, taps: dict[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One job's forward, as vmap runs it: its slices of the state, batch and taps; its
+        logits and activations."""
         self._taps, self._activations = taps, {}
         try:
             # The stacked copy holds a tensor of its own under each name (`__init__`): there
             # are no tied weights to look for on every call.
             logits = functional_call(self.stacked, state, (x,), tie_weights=False)
-            if loss_fn is None:
-                return logits, self._activations
-            return logits, self._activations, loss_fn(logits, targets)
+            return logits, self._activations
         finally:
             self._taps, self._activations = None, {}
 

@@ -10,15 +10,17 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from vanishlab.losses import LossFn, mean_loss
 from vanishlab.schedulers import lr_scheduler
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = functools.partial  # a `scheduler` option: `schedulers.lr_scheduler` reads it
 
 
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
-    return (outputs.argmax(dim=1) == targets).float().mean()
+    """The share of correct predictions over the batch: a scalar for a run's outputs
+    `(B, classes)`, each job's `(K,)` for a stack's `(K, B, classes)`."""
+    return (outputs.argmax(dim=-1) == targets).float().mean(-1)
 
 
 def stage_names(stage: str) -> list[str]:
@@ -71,7 +73,7 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         outputs = self.net(x)
-        loss = self.loss_fn(outputs, y)
+        loss = mean_loss(self.loss_fn, outputs, y)
         if logs_this_step(self):
             self.log_dict(stage_metrics("train", loss, outputs, y), batch_size=len(y))
         return loss
@@ -93,7 +95,7 @@ class Classifier(pl.LightningModule):
         gathers its jobs' test-split evidence from them)."""
         x, y = batch
         outputs = self.net(x)
-        return stage_metrics(stage, self.loss_fn(outputs, y), outputs, y), outputs
+        return stage_metrics(stage, mean_loss(self.loss_fn, outputs, y), outputs, y), outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer, and the scheduler stepped as its config's `interval` says

@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from torch.linalg import vector_norm
 
 from vanishlab.dashboard import write_scalars
+from vanishlab.losses import mean_loss
 from vanishlab.nets import buffers_kept
 from vanishlab.results import SHARPNESS, SHARPNESS_TIMES_LR
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def hessian_vector_products(losses: Tensor, params: list[Tensor]) -> Callable[[Tensor], Tensor]:
@@ -149,9 +148,11 @@ class Sharpness(pl.Callback):
             self.fix_batch(batch)
             x, y = (t.to(pl_module.device) for t in self.batch)
             params = [p for p in pl_module.parameters() if p.requires_grad]
-            (eigenvalue,), (self.eigenvector,) = top_eigenpairs(
-                pl_module, lambda: pl_module.loss_fn(pl_module(x), y)[None], params, [self]
-            )
+
+            def loss() -> Tensor:
+                return mean_loss(pl_module.loss_fn, pl_module(x), y)[None]
+
+            (eigenvalue,), (self.eigenvector,) = top_eigenpairs(pl_module, loss, params, [self])
             self.keep(trainer, pl_module, eigenvalue)
 
     def start(self, size: int) -> Tensor:

@@ -48,7 +48,6 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
-from torch.func import vmap
 
 from vanishlab import ConfigError
 from vanishlab.batched_optim import (
@@ -67,6 +66,7 @@ from vanishlab.data import MNISTDataModule, TensorBatches
 from vanishlab.diagnostics import GradientFlow, Predictions, evidence_on_test_split
 from vanishlab.divergence import StopOnDivergence, applied_gradients
 from vanishlab.fused import FusedNetworks, Outputs, replace
+from vanishlab.losses import mean_loss
 from vanishlab.module import Classifier, accuracy, logs_this_step, stage_names
 from vanishlab.results import (
     JOB_CONFIG,
@@ -420,7 +420,7 @@ class StackedClassifier(pl.LightningModule):
         for i, job in self.running:
             x, y = batches[i]
             outputs = job(x)
-            self.losses[i] = job.loss_fn(outputs, y)
+            self.losses[i] = mean_loss(job.loss_fn, outputs, y)
             if logs_this_step(self):
                 logged[i] = torch.stack([self.losses[i].detach(), accuracy(outputs, y)])
         if logged:
@@ -788,22 +788,22 @@ class FusedStack(StackedClassifier):
         if self.measuring:
             self.taps, self.activations = taps, activations
         if logs_this_step(self):
-            rows = torch.stack([self.losses.detach(), vmap(accuracy)(logits, y)], dim=1)
+            rows = torch.stack([self.losses.detach(), accuracy(logits, y)], dim=1)
             self.log_train(range(len(self.jobs)), rows)
         if len(self.running) == len(self.jobs):
             return self.losses.sum()
         return torch.where(self.running_mask, self.losses, 0).sum()
 
     def outputs(self, x: Tensor, y: Tensor, taps: dict[str, Tensor] | None = None) -> Outputs:
-        """Every job's logits and loss (K,) on its batch, and its activations with `taps`. The
-        loss is computed in the forward's vmap where the jobs share one loss function, else by
-        one vmapped call per distinct loss over its jobs (`loss_groups`), put back in the jobs'
-        order (`loss_order`)."""
+        """Every job's logits, and its activations with `taps`, from one forward; its loss (K,)
+        on its batch from one call per distinct loss (`loss_groups`) over its jobs' samples
+        (`losses.mean_loss`), put back in the jobs' order (`loss_order`)."""
+        outputs = self.fused(x, taps)
         if len(self.loss_groups) == 1:
             ((fn, _),) = self.loss_groups
-            return self.fused(x, taps, loss=(fn, y))
-        outputs = self.fused(x, taps)
-        losses = [vmap(fn)(outputs.logits[jobs], y[jobs]) for fn, jobs in self.loss_groups]
+            return outputs._replace(losses=mean_loss(fn, outputs.logits, y))
+        logits = outputs.logits
+        losses = [mean_loss(fn, logits[jobs], y[jobs]) for fn, jobs in self.loss_groups]
         return outputs._replace(losses=torch.cat(losses)[self.loss_order])
 
     def job_evaluation(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
@@ -816,7 +816,7 @@ class FusedStack(StackedClassifier):
             for i, predictions in enumerate(self.predictions):
                 predictions.update(logits[i])
         self.names = stage_names(stage)
-        return torch.stack([losses, vmap(accuracy)(logits, targets)], dim=1)
+        return torch.stack([losses, accuracy(logits, targets)], dim=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The jobs' other callbacks; the measured step's gradients (before clipping, as alone);

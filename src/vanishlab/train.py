@@ -53,6 +53,7 @@ from vanishlab.dashboard import write_record
 from vanishlab.data import MNISTDataModule
 from vanishlab.diagnostics import evidence_on_test_split
 from vanishlab.init import initialise
+from vanishlab.losses import mean_loss
 from vanishlab.module import Classifier, ValidationMetrics
 from vanishlab.nets import Network, check_probes
 from vanishlab.results import (
@@ -118,9 +119,13 @@ def build(cfg: DictConfig) -> tuple[MNISTDataModule, Classifier]:
     net = instantiate_model(cfg.model, **shapes)
     initialise(net, instantiate(cfg.init))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    loss_fn = instantiate_function(cfg.loss)
+    # A loss that does not return per-sample values fails here, with its paragraph, not later.
+    blank = torch.zeros(2, datamodule.num_classes), torch.zeros(2, dtype=torch.long)
+    mean_loss(loss_fn, *blank)
     module = Classifier(
         net,
-        instantiate_function(cfg.loss),
+        loss_fn,
         instantiate(cfg.optimizer),
         scheduler,
         composed_config(cfg),  # in its checkpoints: eval rebuilds the run from it
