@@ -278,6 +278,9 @@ def test_a_second_command_into_a_live_sweep_is_refused(tiny_data, tmp_path) -> N
         while not list(tmp_path.glob("*/checkpoints/last.ckpt")):
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.05)
+        # Paused, it is still sweeping (it keeps its lock) however soon it would have finished:
+        # on a fast host its 30 epochs could end before the second command has started.
+        os.killpg(first.pid, signal.SIGSTOP)
         # What a second command would write first: the sweep's and its jobs' configs.
         configs = [tmp_path / "multirun.yaml", *tmp_path.glob("*/.hydra/*.yaml")]
         before = {p: p.stat().st_mtime_ns for p in configs}
