@@ -259,9 +259,15 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, 
         own_figures, own_buckets = histograms(tmp_path / "stacked" / str(i))
         assert len(figures) == 9 and same(own_figures, figures, rel=rel)
         assert own_buckets.keys() == buckets.keys()
-        for tag, counts in buckets.items():  # a value on a bucket's edge may round across it
-            moved = np.abs(np.subtract(own_buckets[tag], counts)).sum(axis=1)
-            assert moved.max() <= (0 if rel == 0 else 4), tag
+        for tag, counts in buckets.items():
+            # A value within the tolerance of a bucket's edge may round across it (each such
+            # value moves a count out of one bucket into the next): at most the share of the
+            # range that the tolerance spans beside the edges, rel * bins of the values (some
+            # values at least). How many do depends on the CPU's kernels.
+            counts = np.array(counts)
+            crossed = np.abs(np.subtract(own_buckets[tag], counts)).sum(axis=1) / 2
+            allowed = np.maximum(2, np.ceil(rel * counts.shape[1] * counts.sum(axis=1)))
+            assert (crossed <= (0 if rel == 0 else allowed)).all(), (tag, crossed, allowed)
 
 
 def test_a_stacked_jobs_record_is_the_one_it_gets_alone(tiny_data, tmp_path) -> None:
