@@ -262,8 +262,8 @@ def test_each_job_writes_the_scalars_it_writes_alone(tiny_data, tmp_path, kind, 
         for tag, counts in buckets.items():
             # A value within the tolerance of a bucket's edge may round across it (each such
             # value moves a count out of one bucket into the next): at most the share of the
-            # range that the tolerance spans beside the edges, rel * bins of the values (some
-            # values at least). How many do depends on the CPU's kernels.
+            # range that the tolerance spans beside the edges, rel * bins of the values (two at
+            # least, the 4 counts allowed before). How many do depends on the CPU's kernels.
             counts = np.array(counts)
             crossed = np.abs(np.subtract(own_buckets[tag], counts)).sum(axis=1) / 2
             allowed = np.maximum(2, np.ceil(rel * counts.shape[1] * counts.sum(axis=1)))
